@@ -1,0 +1,170 @@
+"""The one place that decides where and in which precision the model runs.
+
+Everything else asks the model for its device; nothing else probes the hardware.
+The rules, and why:
+
+* CUDA first, then Apple's MPS, then the CPU.
+* On CUDA, bf16 autocast where the GPU supports it (Ampere and newer): same range as
+  fp32, so no loss scaling is needed. Older GPUs get fp16 autocast with a GradScaler,
+  because fp16's narrow range underflows small gradients.
+* On the CPU, fp32. Many CPUs emulate bf16 and run it tens of times slower than fp32;
+  the user can still ask for bf16 explicitly where the CPU has native support.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+# (minimum accelerator memory in GiB, name, d_model, n_layer, n_head), largest first.
+PRESETS = [
+    (24.0, "large", 1024, 12, 16),
+    (12.0, "medium", 768, 8, 12),
+    (8.0, "standard", 512, 6, 8),
+    (0.0, "compact", 256, 4, 4),
+]
+PRESET_NAMES = [p[1] for p in PRESETS]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where tensors live and how the forward pass is cast."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None means plain fp32
+    use_grad_scaler: bool
+    reason: str
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def precision(self) -> str:
+        return "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", "")
+
+    def autocast(self):
+        """Context manager for the forward pass (a no-op in fp32)."""
+        return torch.autocast(
+            device_type=self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        )
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def detect_runtime(device: str | None = None, precision: str | None = None) -> Runtime:
+    """Pick device and precision. ``device``/``precision`` force a choice ("cpu", "bf16")."""
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no CUDA GPU is visible; use --device cpu")
+
+    if precision not in (None, "auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if precision in (None, "auto"):
+        if dev.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return Runtime(dev, torch.bfloat16, False, "CUDA GPU with bf16 support: bf16 autocast")
+            return Runtime(dev, torch.float16, True, "CUDA GPU without bf16: fp16 autocast with loss scaling")
+        return Runtime(dev, None, False, f"{dev.type.upper()}: fp32 (reduced precision is slow or unsafe here)")
+    if precision == "fp32":
+        return Runtime(dev, None, False, "fp32 as requested")
+    if precision == "bf16":
+        if dev.type == "cpu" and not cpu_has_native_bf16():
+            raise ValueError("this CPU has no native bf16 and would run it many times slower; use fp32")
+        return Runtime(dev, torch.bfloat16, False, "bf16 autocast as requested")
+    if dev.type == "cpu":
+        raise ValueError("fp16 is not supported on the CPU; use fp32")
+    return Runtime(dev, torch.float16, dev.type == "cuda", "fp16 autocast as requested")
+
+
+def accelerator_memory_gib(runtime: Runtime) -> float | None:
+    if runtime.device.type == "cuda":
+        index = runtime.device.index or 0
+        return torch.cuda.get_device_properties(index).total_memory / 2**30
+    return None
+
+
+def pick_preset(runtime: Runtime) -> tuple[str, int, int, int]:
+    """The seed's hardware scaling: the largest preset the accelerator's memory fits."""
+    mem = accelerator_memory_gib(runtime)
+    if mem is None:  # CPU and MPS: the compact model is what trains in reasonable time
+        return PRESETS[-1][1:]
+    for min_mem, name, d_model, n_layer, n_head in PRESETS:
+        if mem >= min_mem:
+            return name, d_model, n_layer, n_head
+    return PRESETS[-1][1:]
+
+
+def preset_by_name(name: str) -> tuple[str, int, int, int]:
+    for _, pname, d_model, n_layer, n_head in PRESETS:
+        if pname == name:
+            return pname, d_model, n_layer, n_head
+    raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+
+
+def default_batch_size(runtime: Runtime, d_model: int, max_seq_len: int) -> int:
+    """A micro-batch that keeps the device busy without running out of memory.
+
+    On the CPU a small fixed batch is fastest per token seen. On a GPU the activation
+    memory grows roughly with batch * seq_len * d_model * layers; this rule of thumb
+    leaves head-room for the optimizer and the allocator.
+    """
+    mem = accelerator_memory_gib(runtime)
+    if mem is None:
+        return 8
+    budget_tokens = mem * 2**30 * 0.35 / (d_model * 4 * 40)  # ~40 activations of d_model per token per layer-ish
+    batch = max(1, int(budget_tokens // max_seq_len))
+    # round down to a power of two, a friendly size for the kernels
+    return min(256, 1 << (batch.bit_length() - 1))
+
+
+def configure_cpu_threads() -> None:
+    """Use the physical cores we are allowed; oversubscription slows matmuls a lot."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:
+        allowed = os.cpu_count() or 1
+    if torch.get_num_threads() > allowed:
+        torch.set_num_threads(allowed)
+
+
+def total_ram_gib() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def system_summary(runtime: Runtime) -> list[tuple[str, str]]:
+    """Rows for the System Information screen."""
+    rows = [("Device", str(runtime.device)), ("Precision", f"{runtime.precision} ({runtime.reason})")]
+    if runtime.device.type == "cuda":
+        props = torch.cuda.get_device_properties(runtime.device.index or 0)
+        rows.append(("GPU", props.name))
+        rows.append(("GPU memory", f"{props.total_memory / 2**30:.1f} GiB"))
+    rows.append(("CPU", platform.processor() or platform.machine()))
+    rows.append(("CPU cores", f"{os.cpu_count()} (torch uses {torch.get_num_threads()} threads)"))
+    ram = total_ram_gib()
+    if ram is not None:
+        rows.append(("RAM", f"{ram:.1f} GiB"))
+    rows.append(("Python", platform.python_version()))
+    rows.append(("PyTorch", torch.__version__))
+    return rows

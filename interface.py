@@ -1,0 +1,579 @@
+"""custom-llm's console: menus that train a model and talk to it.
+
+    python interface.py [--model-dir DIR] [--tokenizer bpe|sentencepiece] [size options]
+
+The interface only parses input, calls the engine (``trainer``, ``response_generator``)
+and formats results. Input and output are injected (``App(input_fn, output_fn)``), so
+tests drive it without patching builtins.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import hardware
+from data import open_source, source_from_text
+from display import human_bytes, human_count, loss_chart, rows_table
+from model import GPT, ModelConfig
+from model_folder import ModelFolder
+from response_generator import ChatSession, GenerationConfig, ResponseGenerator
+from tokenizer import normalize_kind, tokenizer_kind_in
+from trainer import StopFlag, Trainer
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "custom_llm"
+DEFAULT_EPOCHS = 3
+MAX_EPOCHS = 10_000
+END_OF_TEXT_INPUT = "END"
+
+MAIN_MENU = ("Main Menu", ["Training", "Response", "System Information", "Exit"])
+TRAINING_MENU = ("Training Menu", ["Train from File", "Train from Input", "Continue Training",
+                                   "Training Status", "Back to Main Menu"])
+RESPONSE_MENU = ("Response Menu", ["Q&A", "Chat", "Text Generation", "Model Information",
+                                   "Back to Main Menu"])
+CHAT_HELP = """Chat commands:
+  /reset        forget the conversation so far
+  /temp X       set the temperature (0 = always the most likely token)
+  /len N        set the longest reply, in tokens
+  /topk N       sample only from the N most likely tokens (0 = off)
+  /seed N       make replies repeatable (/seed off to undo)
+  /help         this list
+  /exit         back to the Response Menu"""
+
+
+class EndOfInput(Exception):
+    """The user closed standard input (Ctrl+D): leave the program cleanly."""
+
+
+class Cancelled(Exception):
+    """Ctrl+C at a prompt: abandon the current action."""
+
+
+def parse_whole_number(text: str, low: int, high: int, what: str) -> int:
+    """'12' -> 12. Only ASCII digits count (int() would also take '١')."""
+    text = text.strip()
+    if not (text.isascii() and text.lstrip("-").isdigit()):
+        raise ValueError(f"{what} must be a whole number from {low} to {high} (got {text!r})")
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be from {low} to {high} (got {value})")
+    return value
+
+
+class App:
+    def __init__(self, args: argparse.Namespace, input_fn: Callable[[str], str] = input,
+                 output_fn: Callable[[str], None] = print) -> None:
+        self.args = args
+        self._input = input_fn
+        self.out = output_fn
+        self.model_dir = Path(args.model_dir).expanduser()
+        self.tokenizer_kind = args.tokenizer
+        self._runtime: hardware.Runtime | None = None
+        self.generator: ResponseGenerator | None = None
+        self.gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                        top_k=args.top_k, top_p=args.top_p,
+                                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+    # -- input helpers ---------------------------------------------------------------------
+    def ask(self, prompt: str) -> str:
+        try:
+            return self._input(prompt)
+        except EOFError:
+            raise EndOfInput from None
+        except KeyboardInterrupt:
+            self.out("")
+            raise Cancelled from None
+
+    def choose(self, menu: tuple[str, list[str]]) -> int:
+        """Show a menu until a valid number is entered; returns it (1-based)."""
+        title, options = menu
+        while True:
+            self.out(f"\n=== {title} ===")
+            for i, option in enumerate(options, 1):
+                self.out(f"  {i}. {option}")
+            answer = self.ask(f"Choose 1-{len(options)}: ")
+            try:
+                return parse_whole_number(answer, 1, len(options), "the choice")
+            except ValueError as exc:
+                self.out(f"Invalid choice: {exc}.")
+
+    def ask_number(self, prompt: str, default: int, low: int, high: int, what: str) -> int:
+        while True:
+            answer = self.ask(f"{prompt} [default: {default}]: ").strip()
+            if not answer:
+                return default
+            try:
+                return parse_whole_number(answer, low, high, what)
+            except ValueError as exc:
+                self.out(f"Invalid number: {exc}.")
+
+    def ask_yes_no(self, prompt: str, default: bool = True) -> bool:
+        hint = "Y/n" if default else "y/N"
+        while True:
+            answer = self.ask(f"{prompt} [{hint}]: ").strip().lower()
+            if not answer:
+                return default
+            if answer in ("y", "yes"):
+                return True
+            if answer in ("n", "no"):
+                return False
+            self.out("Please answer y or n.")
+
+    @property
+    def runtime(self) -> hardware.Runtime:
+        if self._runtime is None:
+            self._runtime = hardware.detect_runtime(self.args.device, self.args.precision)
+        return self._runtime
+
+    # -- start-up --------------------------------------------------------------------------
+    def choose_tokenizer(self) -> None:
+        existing = tokenizer_kind_in(self.model_dir) if ModelFolder(self.model_dir).has_model() else None
+        if existing:
+            if self.tokenizer_kind and normalize_kind(self.tokenizer_kind) != existing:
+                self.out(f"Note: {self.model_dir} already holds a {existing} model; using its tokenizer.")
+            else:
+                self.out(f"Model folder {self.model_dir} holds a {existing} model.")
+            self.tokenizer_kind = existing
+            return
+        if self.tokenizer_kind:
+            self.tokenizer_kind = normalize_kind(self.tokenizer_kind)
+            return
+        while True:
+            answer = self.ask("Choose tokenizer (bpe/sentencepiece) [default: bpe]: ")
+            try:
+                self.tokenizer_kind = normalize_kind(answer)
+                return
+            except ValueError as exc:
+                self.out(f"{exc}.")
+
+    def run(self) -> int:
+        self.out("custom-llm: train your own language model, then talk to it.")
+        self.out(f"Device: {self.runtime.device} ({self.runtime.reason}). Model folder: {self.model_dir}")
+        try:
+            self.choose_tokenizer()
+            while True:
+                try:
+                    choice = self.choose(MAIN_MENU)
+                    if choice == 1:
+                        self.training_menu()
+                    elif choice == 2:
+                        self.response_menu()
+                    elif choice == 3:
+                        self.system_information()
+                    else:
+                        break
+                except Cancelled:
+                    self.out("(cancelled)")
+        except (EndOfInput, Cancelled):
+            self.out("")
+        self.out("Goodbye.")
+        return 0
+
+    # -- training ---------------------------------------------------------------------------
+    def make_trainer(self) -> Trainer:
+        a = self.args
+        trainer = Trainer(
+            str(self.model_dir), self.tokenizer_kind or "bpe",
+            model_overrides={"d_model": a.d_model, "n_layer": a.n_layer, "n_head": a.n_head,
+                             "max_seq_len": a.context, "dropout": a.dropout},
+            train_overrides={"learning_rate": a.lr, "batch_size": a.batch_size, "vocab_size": a.vocab_size,
+                             "checkpoint_every": a.checkpoint_every, "max_minutes": a.max_minutes,
+                             "seed": a.train_seed},
+            runtime=self.runtime, preset=a.preset)
+        return trainer
+
+    def training_menu(self) -> None:
+        while True:
+            choice = self.choose(TRAINING_MENU)
+            try:
+                if choice == 1:
+                    self.train_from_file()
+                elif choice == 2:
+                    self.train_from_input()
+                elif choice == 3:
+                    self.continue_training()
+                elif choice == 4:
+                    self.training_status()
+                else:
+                    return
+            except Cancelled:
+                self.out("(cancelled)")
+            except (ValueError, FileNotFoundError, FloatingPointError, OSError) as exc:
+                self.out(f"Error: {exc}")
+
+    def read_typed_text(self) -> str:
+        self.out(f"Type or paste your text. Finish with a line that holds only {END_OF_TEXT_INPUT}.")
+        lines = []
+        while True:
+            try:
+                line = self.ask("")
+            except EndOfInput:
+                if not lines:
+                    raise
+                break
+            if line.strip() == END_OF_TEXT_INPUT:
+                break
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    def train_from_file(self) -> None:
+        spec = self.ask("File or folder path (press Enter for the built-in corpus): ")
+        source = open_source(spec)
+        self.out(f"Data: {source.name} ({human_bytes(source.n_bytes)})")
+        for note in source.notes:
+            self.out(f"Note: {note}")
+        self.run_training(source)
+
+    def train_from_input(self) -> None:
+        source = source_from_text(self.read_typed_text())
+        self.run_training(source)
+
+    def continue_training(self) -> None:
+        if not ModelFolder(self.model_dir).has_model():
+            self.out("There is no model to continue yet; use Train from File or Train from Input first.")
+            return
+        trainer = self.make_trainer()
+        run = trainer.interrupted_run()
+        if run is not None:
+            where = f"epoch {run['epoch'] + 1}/{run['epochs']}, step {run['run_step']}/{run['total_steps']}"
+            if self.ask_yes_no(f"Resume the interrupted run on {run['name']} ({where})?"):
+                self.drive(trainer, lambda on_event, stop: trainer.resume(on_event, stop))
+                return
+        spec = self.ask("New data: file or folder path (or press Enter to type text): ")
+        source = open_source(spec) if spec.strip() else source_from_text(self.read_typed_text())
+        for note in source.notes:
+            self.out(f"Note: {note}")
+        self.out("The model keeps its vocabulary; new words are spelled with existing tokens.")
+        self.run_training(source, trainer)
+
+    def run_training(self, source, trainer: Trainer | None = None) -> None:
+        epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
+        trainer = trainer or self.make_trainer()
+        self.drive(trainer, lambda on_event, stop: trainer.train(source, epochs, on_event, stop))
+
+    def drive(self, trainer: Trainer, start: Callable) -> None:
+        """Run a training call with a progress bar; Ctrl+C saves and returns to the menu."""
+        for note in trainer.notes:
+            self.out(f"Note: {note}")
+        trainer.notes.clear()
+        progress = TrainingProgress(self.out)
+        self.generator = None  # the weights are about to change
+        try:
+            result = start(progress, StopFlag())
+        except KeyboardInterrupt:
+            progress.close()
+            self.out("Stopped at once; the last checkpoint on disk is intact.")
+            return
+        finally:
+            progress.close()
+        for note in trainer.notes:
+            self.out(f"Note: {note}")
+        trainer.notes.clear()
+        if result.stopped_early:
+            self.out(f"Training stopped ({result.stopped_early}) at step {result.global_step}; "
+                     "checkpoint saved. Choose Continue Training to resume.")
+        else:
+            self.out(f"Training complete: {result.steps} steps this run, {result.global_step} in total. "
+                     f"Model saved in {self.model_dir}")
+
+    def training_status(self) -> None:
+        folder = ModelFolder(self.model_dir)
+        if not folder.has_model():
+            self.out("No model yet: train one first.")
+            return
+        status = self.make_trainer().status()
+        last = status["last_eval"]
+        rows = [("Model folder", str(self.model_dir)),
+                ("Tokenizer", status["tokenizer"]),
+                ("Steps", f"{status['steps']:,}"),
+                ("Tokens seen", f"{status['tokens_seen']:,}"),
+                ("Epochs completed", str(status["epochs"]))]
+        if last:
+            rows.append(("Last validation", f"loss {last['val_loss']:.4f} | perplexity {last['perplexity']:.2f} "
+                                            f"| {last['bpb']:.4f} bits/byte (step {last['step']})"))
+            rows.append(("Best validation loss", f"{status['best_val_loss']:.4f}"))
+        else:
+            rows.append(("Validation", "none yet (runs at the end of each epoch)"))
+        for run in status["runs"][-5:]:
+            rows.append(("Trained on", f"{run['name']} ({run['tokens']:,} tokens, {run['epochs']} epochs)"))
+        self.out("\n=== Training Status ===")
+        self.out(rows_table(rows))
+        self.out("\nTraining loss by step:")
+        self.out(loss_chart(status["losses"]))
+
+    # -- response ----------------------------------------------------------------------------
+    def load_generator(self) -> bool:
+        if self.generator is not None:
+            return True
+        if not ModelFolder(self.model_dir).has_model():
+            self.out(f"No trained model in {self.model_dir}. Train one first: Main Menu -> 1 (Training).")
+            return False
+        self.generator = ResponseGenerator(str(self.model_dir), self.runtime)
+        return True
+
+    def response_menu(self) -> None:
+        try:
+            if not self.load_generator():
+                return
+        except (ValueError, FileNotFoundError) as exc:
+            self.out(f"Error: cannot load the model: {exc}")
+            return
+        while True:
+            choice = self.choose(RESPONSE_MENU)
+            try:
+                if choice == 1:
+                    self.question_answer()
+                elif choice == 2:
+                    self.chat()
+                elif choice == 3:
+                    self.text_generation()
+                elif choice == 4:
+                    self.model_information()
+                else:
+                    return
+            except Cancelled:
+                self.out("(cancelled)")
+            except ValueError as exc:
+                self.out(f"Error: {exc}")
+
+    def show_stream(self, prefix: str, pieces) -> None:
+        """Print pieces as they arrive; Ctrl+C ends this answer only."""
+        write = getattr(self.out, "write_partial", None)
+        collected = []
+        try:
+            for piece in pieces:
+                if write:
+                    write(piece if collected else prefix + piece)
+                collected.append(piece)
+        except KeyboardInterrupt:
+            collected.append(" [stopped]")
+        finally:
+            if hasattr(pieces, "close"):
+                pieces.close()
+        if write:
+            write("\n")
+        else:
+            self.out(prefix + "".join(collected))
+        for notice in self.generator.notices:
+            self.out(f"Note: {notice}")
+
+    def question_answer(self) -> None:
+        self.out("Q&A: ask one question at a time. Press Enter on an empty line to go back.")
+        while True:
+            question = self.ask("Question: ")
+            if not question.strip():
+                return
+            self.show_stream("Answer: ", self.generator.answer(question, self.gen_cfg))
+
+    def text_generation(self) -> None:
+        self.out("Text generation: the model continues your prompt. Empty line to go back.")
+        while True:
+            prompt = self.ask("Prompt: ")
+            if not prompt.strip():
+                return
+            self.show_stream(prompt, self.generator.complete(prompt, self.gen_cfg))
+
+    def chat(self) -> None:
+        session = ChatSession(self.generator, self.gen_cfg)
+        self.out("Chat: the model remembers the conversation. /help for commands, /exit to leave.")
+        while True:
+            message = self.ask("You: ").strip()
+            if not message:
+                self.out("(type a message, or /exit to leave)")
+                continue
+            if message.startswith("/"):
+                if not self.chat_command(session, message):
+                    return
+                continue
+            self.show_stream("AI: ", session.send(message))
+
+    def chat_command(self, session: ChatSession, command: str) -> bool:
+        """Apply a /command; returns False when the chat should end."""
+        name, _, value = command.partition(" ")
+        name, value = name.lower(), value.strip()
+        settings = session.cfg.to_dict()
+        try:
+            if name in ("/exit", "/quit", "/back"):
+                return False
+            if name == "/reset":
+                session.reset()
+                self.out("(conversation cleared)")
+            elif name == "/help":
+                self.out(CHAT_HELP)
+            elif name in ("/temp", "/temperature"):
+                settings["temperature"] = float(value)
+            elif name in ("/len", "/length"):
+                settings["max_new_tokens"] = parse_whole_number(value, 1, 100_000, "the length")
+            elif name == "/topk":
+                settings["top_k"] = parse_whole_number(value, 0, 1_000_000, "top-k")
+            elif name == "/seed":
+                settings["seed"] = None if value == "off" else parse_whole_number(value, 0, 2**31, "the seed")
+            else:
+                self.out(f"Unknown command {name}; /help lists them.")
+                return True
+            session.cfg = GenerationConfig.from_dict(settings)
+            self.gen_cfg = session.cfg
+            if name not in ("/reset", "/help"):
+                self.out(f"(temperature {session.cfg.temperature}, length {session.cfg.max_new_tokens}, "
+                         f"top-k {session.cfg.top_k}, seed {session.cfg.seed})")
+        except ValueError as exc:
+            self.out(f"Invalid value: {exc}")
+        return True
+
+    def model_information(self) -> None:
+        info = self.generator.info()
+        self.out("\n=== Model Information ===")
+        self.out(rows_table([
+            ("Parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
+            ("Vocabulary size", f"{info['vocab_size']:,} ({info['tokenizer']})"),
+            ("Architecture", f"{info['layers']} layers, {info['heads']} heads, d_model {info['d_model']}"),
+            ("Context", f"{info['context']} tokens"),
+            ("Memory (fp32 weights)", f"{info['memory_mb']:.1f} MB"),
+            ("Training steps", f"{info['training_steps']:,}"),
+            ("Device", info["device"]),
+        ]))
+
+    # -- system -------------------------------------------------------------------------------
+    def system_information(self) -> None:
+        self.out("\n=== System Information ===")
+        self.out("Hardware:")
+        self.out(rows_table(hardware.system_summary(self.runtime)))
+        folder = ModelFolder(self.model_dir)
+        self.out(f"\nModel folder: {self.model_dir}")
+        if not folder.has_model():
+            self.out("  (no trained model yet)")
+            return
+        try:
+            meta = folder.read_meta()
+            config = ModelConfig.from_dict(meta["model"])
+        except ValueError as exc:
+            self.out(f"  cannot read config.json: {exc}")
+            return
+        n_params = count_parameters(config)
+        steps = meta.get("progress", {}).get("step", 0)
+        self.out(rows_table([
+            ("Parameters", f"{n_params:,} ({human_count(n_params)})"),
+            ("Vocabulary", f"{config.vocab_size:,} ({meta['tokenizer']})"),
+            ("Layers / heads", f"{config.n_layer} / {config.n_head} (d_model {config.d_model})"),
+            ("Context", f"{config.max_seq_len} tokens"),
+            ("Size in memory", human_bytes(n_params * 4) + " (fp32)"),
+            ("Training steps", f"{steps:,}"),
+        ]))
+        self.out("Files:")
+        files = sorted(p for p in self.model_dir.rglob("*") if p.is_file())
+        self.out(rows_table([(str(p.relative_to(self.model_dir)), human_bytes(p.stat().st_size)) for p in files]))
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Exact parameter count without allocating weights (built on the meta device)."""
+    import torch
+
+    with torch.device("meta"):
+        return GPT(config).num_params()
+
+
+class TrainingProgress:
+    """Receives the trainer's events and draws a tqdm bar per epoch."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self.out = out
+        self.bar = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        from tqdm import tqdm
+
+        if kind == "tokenizer":
+            self.out(f"Training a {info['kind']} tokenizer (up to {info['vocab_size']:,} tokens)...")
+        elif kind == "tokenizing":
+            self.out(f"Tokenizing {info['source']}...")
+        elif kind == "resume":
+            self.out(f"Resuming the interrupted run on {info['name']} at epoch {info['epoch'] + 1}/"
+                     f"{info['epochs']}, step {info['run_step']}/{info['total_steps']}.")
+        elif kind == "start":
+            run = info["run"]
+            self.out(f"Training {human_count(info['params'])} parameters on {info['device']} "
+                     f"({info['precision']}): {info['train_tokens']:,} training tokens, "
+                     f"{run['epochs']} epoch(s), batch {run['batch_size']} x {run['seq_len']} tokens. "
+                     "Ctrl+C saves and stops.")
+        elif kind == "epoch_start":
+            self.close()
+            self.bar = tqdm(total=info["n_batches"], initial=info["batch"], file=sys.stderr,
+                            desc=f"Epoch {info['epoch'] + 1}/{info['epochs']}", mininterval=0.5,
+                            dynamic_ncols=True, leave=True)
+        elif kind == "step" and self.bar is not None:
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", step=info["step"],
+                                 tok_s=f"{info['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+        elif kind == "eval":
+            self.close()
+            self.out(f"Validation after epoch {info['epoch']}: loss {info['val_loss']:.4f} | "
+                     f"perplexity {info['perplexity']:.2f} | {info['bpb']:.4f} bits/byte")
+
+
+class ConsoleOutput:
+    """print() plus a way to stream partial lines (used for generated text)."""
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    @staticmethod
+    def write_partial(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="interface.py", description="Train your own GPT-style model and talk to it.")
+    p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="model folder (default: %(default)s)")
+    p.add_argument("--tokenizer", choices=["bpe", "sentencepiece"], help="skip the tokenizer question")
+    g = p.add_argument_group("model size (new models only; default: chosen from the hardware)")
+    g.add_argument("--preset", choices=hardware.PRESET_NAMES, help="a size preset")
+    g.add_argument("--d-model", type=int)
+    g.add_argument("--n-layer", type=int)
+    g.add_argument("--n-head", type=int)
+    g.add_argument("--context", type=int, help="context length in tokens (default 256)")
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--vocab-size", type=int, help="requested vocabulary size (default 8000)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="default answer to the epochs question")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    t.add_argument("--max-minutes", type=float, help="stop a training run after this many minutes")
+    t.add_argument("--train-seed", type=int, help="seed for initialisation and data order")
+    t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    s = p.add_argument_group("generation")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--repetition-penalty", type=float, default=1.1)
+    s.add_argument("--seed", type=int, help="seed for sampling (repeatable answers)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    return p
+
+
+def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
+         output_fn: Callable[[str], None] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    hardware.configure_cpu_threads()
+    out = output_fn or ConsoleOutput()
+    try:
+        app = App(args, input_fn, out)
+        return app.run()
+    except ValueError as exc:  # bad command-line values (e.g. an impossible precision)
+        out(f"Error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

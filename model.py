@@ -1,0 +1,258 @@
+"""The GPT-style decoder: configuration, layers, KV cache and vocabulary resizing.
+
+Module names follow GPT-2 (``wte``, ``wpe``, ``h``, ``ln_f``, ``lm_head``, ``c_attn``,
+``c_proj``, ``c_fc``) so the weights map one-to-one onto the familiar layout.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Guard rails for configs read from disk: a hostile or corrupt config.json must not
+# make us allocate absurd amounts of memory before anything else is checked.
+MAX_PARAMS = 20_000_000_000
+MAX_VOCAB = 1_000_000
+MAX_SEQ_LEN = 65_536
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    max_seq_len: int = 256
+    d_model: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    d_ff: int = 0  # 0 means 4 * d_model, the GPT-2 ratio
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.d_ff == 0 and isinstance(self.d_model, int):
+            self.d_ff = 4 * self.d_model
+        problems = []
+        for name in ("vocab_size", "max_seq_len", "d_model", "n_layer", "n_head", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer (got {value!r})")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout!r})")
+        if not problems:
+            if self.d_model % self.n_head:
+                problems.append(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+            if self.vocab_size > MAX_VOCAB:
+                problems.append(f"vocab_size {self.vocab_size} exceeds {MAX_VOCAB}")
+            if self.max_seq_len > MAX_SEQ_LEN:
+                problems.append(f"max_seq_len {self.max_seq_len} exceeds {MAX_SEQ_LEN}")
+            if self.n_params_estimate() > MAX_PARAMS:
+                problems.append(f"the model would have ~{self.n_params_estimate():,} parameters; too large")
+        if problems:
+            raise ValueError("invalid model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def n_params_estimate(self) -> int:
+        per_layer = 4 * self.d_model * self.d_model + 2 * self.d_model * self.d_ff
+        return self.n_layer * per_layer + (self.vocab_size + self.max_seq_len) * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError("model config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding.
+
+    Shape per layer: (B, n_head, max_seq_len, head_dim). ``pos`` counts the tokens
+    already stored. Learned positions cannot roll over, so the cache refuses to grow
+    past ``max_seq_len``; the caller crops the context and prefills a fresh cache.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device, dtype=torch.float32) -> None:
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.max_seq_len, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_seq_len = config.max_seq_len
+        self.pos = 0
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def room(self) -> int:
+        return self.max_seq_len - self.pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, H, T, D) and return all keys/values so far."""
+        t = k.shape[2]
+        end = self.pos + t
+        self.kv[layer, 0, :, :, self.pos:end] = k
+        self.kv[layer, 1, :, :, self.pos:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.d_model, config.d_model)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        mask, causal = None, True
+        if kv_cache is not None:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+            if T == 1:
+                causal = False  # one new query may see every cached key
+            elif start > 0:
+                # T new queries after `start` cached keys: query i sees keys <= start + i.
+                causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.d_model, config.d_ff)
+        self.c_proj = nn.Linear(config.d_ff, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Weight tying: the output projection reuses the input embedding. Fewer
+        # parameters, and rare tokens learn from both directions.
+        self.lm_head.weight = self.wte.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialise every tensor as GPT-2 does.
+
+        Linear and embedding weights ~ N(0, 0.02); biases 0; LayerNorm weight 1, bias 0.
+        The projections that write into the residual stream (``c_proj``) are scaled
+        by 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in name or name.startswith("ln_"):
+                nn.init.ones_(p)
+            elif name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def num_params(self) -> int:
+        """Parameter count; the tied head is counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for every position, and the mean loss if targets are given.
+
+        With a ``kv_cache``, ``idx`` holds only the new tokens; their positions continue
+        from ``kv_cache.pos``, and the cache advances by T afterwards.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"cannot attend to {start + T} tokens; the context is {self.config.max_seq_len}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on matrices and embeddings only; never on biases or norms."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def resize_vocab(self, new_size: int, new_rows: torch.Tensor | None = None) -> None:
+        """Grow (or keep) the vocabulary; every existing row stays bit-for-bit the same.
+
+        ``new_rows`` (new_size - old_size, d_model) initialises the added rows; by
+        default they start at the mean of the existing embeddings, a neutral guess.
+        """
+        old = self.wte.weight
+        old_size = old.shape[0]
+        if new_size < old_size:
+            raise ValueError(f"cannot shrink the vocabulary from {old_size} to {new_size}")
+        if new_size == old_size:
+            return
+        if new_rows is None:
+            new_rows = old.mean(dim=0, keepdim=True).expand(new_size - old_size, -1)
+        if new_rows.shape != (new_size - old_size, old.shape[1]):
+            raise ValueError(f"new_rows has shape {tuple(new_rows.shape)}, expected "
+                             f"{(new_size - old_size, old.shape[1])}")
+        emb = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
+        emb.weight.copy_(torch.cat([old, new_rows.to(old)], dim=0))
+        self.wte = emb
+        self.lm_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = self.wte.weight  # keep the tie
+        self.config.vocab_size = new_size

@@ -1,0 +1,125 @@
+"""The model folder: what lives in it, and how to read it back safely.
+
+One folder is one model. Its files:
+
+    config.json          format version, model config, tokenizer kind, training settings
+    model.pth            weights only (what Response Mode loads)
+    checkpoint.pth       full training state (weights, optimizer, schedule, data position, RNG)
+    tokenizer.json       the BPE tokenizer          } one of the two, as
+    tokenizer.model      the SentencePiece model    } tokenizer_type.txt says
+    tokenizer_type.txt   "bpe" or "sentencepiece"
+    history.json         every step's loss and learning rate, every validation
+    cache/               token ids of the training data, keyed by content and tokenizer
+
+Nothing here ever unpickles code: tensors load with ``weights_only=True`` and the
+config is validated before any tensor is allocated.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import storage
+from model import GPT, ModelConfig
+from tokenizer import BaseTokenizer, load_tokenizer, normalize_kind
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.pth"
+CHECKPOINT_FILE = "checkpoint.pth"
+HISTORY_FILE = "history.json"
+CACHE_DIR = "cache"
+
+
+class ModelFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.path / CACHE_DIR
+
+    def has_model(self) -> bool:
+        return self.config_path.exists() and self.file(WEIGHTS_FILE).exists()
+
+    def check_writable(self) -> None:
+        """Fail early, before training starts, if the folder cannot hold a model."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"{self.path} is a file, not a folder; choose another --model-dir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ValueError(f"cannot write to the model folder {self.path}: {exc.strerror}") from exc
+        storage.remove_stale_temp_files(self.path)
+
+    # -- metadata -------------------------------------------------------------------
+    def read_meta(self) -> dict:
+        meta = storage.read_json(self.config_path)
+        if not isinstance(meta, dict):
+            raise ValueError(f"{self.config_path} must hold a JSON object")
+        version = meta.get("format_version")
+        if not isinstance(version, int):
+            raise ValueError(f"{self.config_path} has no format_version; it was not written by this tool")
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{self.path} was written by a newer version (format {version}, "
+                             f"this program reads up to {FORMAT_VERSION}); upgrade custom-llm")
+        normalize_kind(str(meta.get("tokenizer", "")))
+        ModelConfig.from_dict(meta.get("model"))  # validates before anything is allocated
+        return meta
+
+    def write_meta(self, meta: dict) -> None:
+        meta = dict(meta, format_version=FORMAT_VERSION)
+        storage.write_json(self.config_path, meta)
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.read_meta()["model"])
+
+    def read_history(self) -> dict:
+        path = self.file(HISTORY_FILE)
+        if not path.exists():
+            return {"steps": [], "evals": [], "runs": []}
+        history = storage.read_json(path)
+        for key in ("steps", "evals", "runs"):
+            history.setdefault(key, [])
+        return history
+
+    # -- loading -----------------------------------------------------------------------
+    def load_tokenizer(self) -> BaseTokenizer:
+        return load_tokenizer(self.path)
+
+    def load_model(self, device: torch.device | str = "cpu") -> tuple[GPT, BaseTokenizer, dict]:
+        """The trained model in eval mode, its tokenizer and metadata, all cross-checked."""
+        if not self.has_model():
+            raise FileNotFoundError(f"no trained model in {self.path}; train one first (Training menu)")
+        meta = self.read_meta()
+        config = ModelConfig.from_dict(meta["model"])
+        tok = self.load_tokenizer()
+        if tok.kind != meta["tokenizer"]:
+            raise ValueError(f"config.json says {meta['tokenizer']} but the folder holds a {tok.kind} tokenizer")
+        if tok.vocab_size != config.vocab_size:
+            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model expects "
+                             f"{config.vocab_size}; the folder is inconsistent (restore it or retrain)")
+        state = storage.load_torch(self.file(WEIGHTS_FILE))
+        model = GPT(config)
+        load_state(model, state, self.file(WEIGHTS_FILE))
+        return model.to(device).eval(), tok, meta
+
+
+def load_state(model: GPT, state: dict, source: Path) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} does not hold a state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{source} does not match config.json: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,313 @@
+"""Text generation: sampling, streaming, and the three ways to talk to a model.
+
+Q&A, chat and completion differ only in the prompt they build and the strings that
+end an answer; all three stream through the same token generator, which uses a
+preallocated KV cache so each new token costs one position of compute.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator
+
+import torch
+
+import hardware
+from model import KVCache
+from model_folder import ModelFolder
+from tokenizer import BaseTokenizer
+
+log = logging.getLogger(__name__)
+
+REPETITION_WINDOW = 64  # how many recent tokens the repetition penalty looks at
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 means greedy
+    top_k: int = 50  # 0 disables
+    top_p: float = 0.95  # 1.0 disables
+    repetition_penalty: float = 1.1  # 1.0 disables
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= 100_000:
+            problems.append("max_new_tokens must be a whole number from 1 to 100000")
+        if not 0.0 <= self.temperature <= 5.0:
+            problems.append("temperature must be between 0 and 5")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append("top_k must be 0 (off) or a positive whole number")
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append("top_p must be in (0, 1]")
+        if not 1.0 <= self.repetition_penalty <= 10.0:
+            problems.append("repetition_penalty must be between 1 and 10")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make recently used tokens less likely (divide positive logits, multiply negative)."""
+    if penalty == 1.0 or recent.numel() == 0:
+        return logits
+    logits = logits.clone()
+    picked = logits[recent]
+    logits[recent] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0) -> int:
+    """Pick the next id from 1-D ``logits``. Temperature 0 is greedy.
+
+    With top-k set, only the k best logits are sorted (``topk``), never the whole
+    vocabulary; top-p then keeps the smallest prefix of those whose mass reaches p.
+    """
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.numel():
+        values, ids = torch.topk(logits, top_k)  # sorted, largest first
+    else:
+        values, ids = torch.sort(logits, descending=True)
+    if top_p < 1.0:
+        probs = torch.softmax(values, dim=-1)
+        # Keep a token if the mass before it is still below p (the first always stays).
+        keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
+        values, ids = values[keep], ids[keep]
+    probs = torch.softmax(values, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return int(ids[choice])
+
+
+class TextStreamer:
+    """Turns a stream of ids into a stream of text, safely.
+
+    Holds back (a) a trailing incomplete UTF-8 sequence, which decodes as U+FFFD
+    until its last byte arrives, and (b) any tail that could be the start of a stop
+    string, so a stop string never leaks to the screen.
+    """
+
+    def __init__(self, tokenizer: BaseTokenizer, stop_strings: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+        self.stopped = False
+
+    def _held_back(self, text: str) -> int:
+        hold = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that is now safe to show."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        for stop in self.stop_strings:
+            at = text.find(stop, max(0, self.emitted - len(stop)))
+            if at != -1:
+                self.stopped = True
+                out = text[self.emitted:at] if at > self.emitted else ""
+                self.emitted = max(self.emitted, at)
+                return out
+        end = len(text)
+        while end > self.emitted and text[end - 1] == "\ufffd":
+            end -= 1
+        end -= self._held_back(text[:end])
+        if end <= self.emitted:
+            return ""
+        out = text[self.emitted:end]
+        self.emitted = end
+        return out
+
+    def flush(self) -> str:
+        """Whatever is left once generation ends (a held-back prefix was not a stop)."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        out = text[self.emitted:]
+        self.emitted = len(text)
+        return out
+
+
+def render_conversation(turns: list[tuple[str, str | None]]) -> str:
+    """The one chat format: 'User: ...' and 'AI: ...' lines; the last reply may be open.
+
+    >>> render_conversation([("hi", "hello"), ("how are you?", None)])
+    'User: hi\\nAI: hello\\nUser: how are you?\\nAI:'
+    """
+    lines = []
+    for user, reply in turns:
+        lines.append(f"User: {user}")
+        lines.append("AI:" if reply is None else f"AI: {reply}")
+    return "\n".join(lines)
+
+
+def strip_leading_space(pieces: Iterator[str]) -> Iterator[str]:
+    """Drop the whitespace a model emits right after 'Answer:' or 'AI:'."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+            started = True
+        yield piece
+
+
+CHAT_STOPS = ("\nUser:", "\nAI:")
+QA_STOPS = ("\nQuestion:", "\n\n")
+
+
+class ResponseGenerator:
+    """A trained model loaded for inference, in eval mode."""
+
+    def __init__(self, model_dir: str, runtime: hardware.Runtime | None = None) -> None:
+        self.runtime = runtime or hardware.detect_runtime()
+        self.folder = ModelFolder(model_dir)
+        self.model, self.tokenizer, self.meta = self.folder.load_model(self.runtime.device)
+        self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_seq_len
+
+    def info(self) -> dict:
+        cfg = self.model.config
+        n = self.model.num_params()
+        return {"parameters": n, "vocab_size": cfg.vocab_size, "layers": cfg.n_layer, "heads": cfg.n_head,
+                "d_model": cfg.d_model, "context": cfg.max_seq_len, "tokenizer": self.tokenizer.kind,
+                "memory_mb": n * 4 / 2**20, "training_steps": self.meta.get("progress", {}).get("step", 0),
+                "device": str(self.runtime.device)}
+
+    # -- the token loop --------------------------------------------------------------------
+    def prompt_budget(self, max_new_tokens: int) -> int:
+        """How many prompt tokens fit while leaving room to answer (at least half the window)."""
+        return max(1, self.context - min(max_new_tokens, self.context // 2))
+
+    def fit_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        budget = self.prompt_budget(max_new_tokens)
+        if len(ids) > budget:
+            self.notices.append(f"the prompt has {len(ids)} tokens; only the last {budget} fit the "
+                                f"{self.context}-token context, so the start was cut")
+            ids = ids[-budget:]
+        return ids or [self.tokenizer.eot_id]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[int], cfg: GenerationConfig, use_cache: bool = True) -> Iterator[int]:
+        """Yield new ids until end-of-text or ``max_new_tokens``.
+
+        ``use_cache=False`` recomputes the whole context every step: the slow,
+        obviously-correct reference that the cached path is tested against.
+        When the context fills up, the oldest tokens are cropped (learned positions
+        cannot roll) and the cache is refilled from the kept half.
+        """
+        model, device = self.model, self.runtime.device
+        gen = torch.Generator(device=device)
+        if cfg.seed is not None:
+            gen.manual_seed(cfg.seed)
+        else:
+            gen.seed()
+        tokens = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
+        cache = KVCache(model.config, 1, device) if use_cache else None
+        pending = tokens  # ids the model has not seen yet
+        for _ in range(cfg.max_new_tokens):
+            if cache is not None and cache.pos + len(pending) > self.context:
+                tokens = tokens[-(self.context // 2):]
+                cache.reset()
+                pending = tokens
+            if cache is None:
+                pending = tokens[-self.context:]
+            x = torch.tensor([pending], dtype=torch.long, device=device)
+            with self.runtime.autocast():
+                logits, _ = model(x, kv_cache=cache)
+            logits = logits[0, -1].float()
+            recent = torch.tensor(tokens[-REPETITION_WINDOW:], device=device)
+            logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
+            next_id = sample_next_token(logits, gen, cfg.temperature, cfg.top_k, cfg.top_p)
+            if next_id == self.tokenizer.eot_id:
+                return
+            yield next_id
+            tokens.append(next_id)
+            pending = [next_id]
+
+    def stream(self, prompt: str, cfg: GenerationConfig, stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
+        """Yield the completion of ``prompt`` as text pieces, as soon as they are safe to show."""
+        self.notices = []
+        ids = self.fit_prompt(self.tokenizer.encode(prompt), cfg.max_new_tokens)
+        streamer = TextStreamer(self.tokenizer, stop_strings)
+        for token_id in self.generate_ids(ids, cfg):
+            piece = streamer.push(token_id)
+            if piece:
+                yield piece
+            if streamer.stopped:
+                return
+        tail = streamer.flush()
+        if tail:
+            yield tail
+
+    # -- the three modes -----------------------------------------------------------------------
+    def answer(self, question: str, cfg: GenerationConfig) -> Iterator[str]:
+        question = question.strip()
+        if not question:
+            raise ValueError("the question is empty; type a question")
+        return strip_leading_space(self.stream(f"Question: {question}\nAnswer:", cfg, QA_STOPS))
+
+    def complete(self, prompt: str, cfg: GenerationConfig) -> Iterator[str]:
+        """Continue ``prompt``; an empty prompt samples freely from the start of a document."""
+        return self.stream(prompt, cfg)
+
+
+class ChatSession:
+    """A multi-turn conversation whose oldest turns are dropped when the window is full."""
+
+    def __init__(self, generator: ResponseGenerator, cfg: GenerationConfig) -> None:
+        self.generator = generator
+        self.cfg = cfg
+        self.turns: list[tuple[str, str]] = []
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def _prompt(self, message: str) -> tuple[str, int]:
+        """The rendered conversation that fits the window, and how many turns were dropped."""
+        tok, budget = self.generator.tokenizer, self.generator.prompt_budget(self.cfg.max_new_tokens)
+        kept = list(self.turns)
+        dropped = 0
+        while True:
+            text = render_conversation(kept + [(message, None)])
+            if len(tok.encode(text)) <= budget or not kept:
+                return text, dropped
+            kept.pop(0)
+            dropped += 1
+
+    def send(self, message: str) -> Iterator[str]:
+        message = message.strip()
+        if not message:
+            raise ValueError("the message is empty; type something, or /help")
+        prompt, dropped = self._prompt(message)
+        if dropped:
+            self.turns = self.turns[dropped:]
+        pieces: list[str] = []
+        for piece in strip_leading_space(self.generator.stream(prompt, self.cfg, CHAT_STOPS)):
+            pieces.append(piece)
+            yield piece
+        if dropped:
+            self.generator.notices.append(f"the {dropped} oldest turn(s) no longer fit the context and were dropped")
+        self.turns.append((message, "".join(pieces).strip()))

@@ -1,0 +1,105 @@
+"""Crash-safe file writes for the model folder.
+
+Every file the application writes goes through here: the bytes land in a temporary
+file in the same folder, are flushed and fsynced, and only then replace the real
+name with ``os.replace``. A reader therefore sees either the old file or the new
+one, never half of each, even if the process is killed or the machine loses power.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+TEMP_PREFIX = ".tmp-"
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself lives in the directory entry; fsync the folder so it survives
+    # a power cut. Some platforms (Windows) cannot open a directory: skip there.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(f)`` on a temp file beside ``path`` and move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Whatever went wrong (disk full, Ctrl+C), the old file is untouched.
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, turning a syntax error into a message that names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); restore it or remove the folder") from exc
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load tensors without executing code: ``weights_only`` refuses arbitrary pickles."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises several types for a bad or hostile file
+        raise ValueError(f"cannot load {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> int:
+    """Delete temp files left behind by a killed writer; returns how many."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.glob(TEMP_PREFIX + "*"):
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed

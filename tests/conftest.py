@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny configs, seeded tiny models and sample texts on disk.
+
+Every model here is small enough (d_model 32-64, 1-2 layers) that a test trains
+in seconds on two CPU cores. Model folders always live under ``tmp_path``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from model import GPT, ModelConfig  # noqa: E402
+
+# A few paragraphs of varied English, repeated with small changes so BPE finds merges.
+_PARAGRAPHS = [
+    "The river ran past the old mill, and the miller counted sacks of grain by lamplight.",
+    "In spring the orchard filled with blossom; bees worked from dawn until the evening bell.",
+    "A careful student reads the question twice, writes the answer once, and checks it again.",
+    "Trains left the station every hour, carrying letters, tools and travellers to the coast.",
+    "When the storm came, the fishermen pulled their boats high on the shingle and waited.",
+]
+SAMPLE_TEXT = "\n\n".join(f"{p} (part {i})" for i in range(12) for p in _PARAGRAPHS) + "\n"
+
+TINY_MODEL = dict(d_model=32, n_layer=1, n_head=2, max_seq_len=32)
+TINY_TRAIN = dict(vocab_size=320, batch_size=4, checkpoint_every=10, eval_batches=4)
+TINY_CLI = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32",
+            "--vocab-size", "320", "--batch-size", "4", "--seed", "7"]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return ModelConfig(vocab_size=97, max_seq_len=24, d_model=32, n_layer=2, n_head=2, dropout=0.0)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> GPT:
+    torch.manual_seed(1234)
+    return GPT(tiny_config).eval()
+
+
+@pytest.fixture
+def sample_file(tmp_path) -> Path:
+    path = tmp_path / "sample.txt"
+    path.write_text(SAMPLE_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    return tmp_path / "model"

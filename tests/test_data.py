@@ -1,0 +1,109 @@
+"""Reading user data: files, folders, odd encodings, bad input, caching, windows."""
+import codecs
+
+import numpy as np
+import pytest
+
+from data import BUILTIN_NAME, TokenDataset, open_source, source_from_text, tokenize_source
+from tokenizer import EOT_ID, train_tokenizer
+
+from conftest import SAMPLE_TEXT
+
+
+def test_empty_answer_means_builtin_corpus():
+    src = open_source("")
+    assert src.name == BUILTIN_NAME
+    assert src.n_bytes > 300_000  # real text, not a stub
+    assert any("if" in t for t in src.texts)
+
+
+def test_folder_reads_txt_and_md_recursively(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("alpha text", encoding="utf-8")
+    (tmp_path / "sub" / "b.md").write_text("# beta", encoding="utf-8")
+    (tmp_path / "c.py").write_text("ignored = True", encoding="utf-8")
+    src = open_source(str(tmp_path))
+    assert [p.name for p in src.paths] == ["a.txt", "b.md"]
+    docs = ["".join(d) for d in src.documents()]
+    assert docs == ["alpha text", "# beta"]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such file or folder"),
+    (lambda p: p.write_bytes(b""), "empty"),
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100)), "PNG image"),
+    (lambda p: p.write_bytes(b"abc\x00\x01\x02def"), "binary"),
+])
+def test_bad_files_get_clear_messages(tmp_path, make, message):
+    path = tmp_path / "input.txt"
+    make(path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        open_source(str(path))
+
+
+def test_folder_without_text_files(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    with pytest.raises(ValueError, match="no .txt or .md files"):
+        open_source(str(tmp_path))
+
+
+def test_whitespace_only_file_has_no_text(tmp_path, model_dir):
+    path = tmp_path / "blank.txt"
+    path.write_text("   \n\n\t \n", encoding="utf-8")
+    tok = train_tokenizer("bpe", [SAMPLE_TEXT], 300)
+    with pytest.raises(ValueError, match="no text"):
+        tokenize_source(open_source(str(path)), tok, model_dir / "cache")
+
+
+def test_utf16_and_latin1_are_decoded(tmp_path):
+    utf16 = tmp_path / "u16.txt"
+    utf16.write_bytes(codecs.BOM_UTF16_LE + "héllo wörld".encode("utf-16-le"))
+    src = open_source(str(utf16))
+    assert "".join(next(src.documents())) == "héllo wörld"
+    assert "UTF-16" in src.notes[0]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("café crème".encode("latin-1"))
+    src = open_source(str(latin))
+    assert "".join(next(src.documents())) == "café crème"
+    assert "Latin-1" in src.notes[0]
+
+
+def test_typed_text_must_not_be_empty():
+    with pytest.raises(ValueError, match="empty"):
+        source_from_text("  \n ")
+
+
+def test_tokens_are_cached_and_documents_joined(tmp_path):
+    tok = train_tokenizer("bpe", [SAMPLE_TEXT], 300)
+    src = source_from_text("first document")
+    src.texts.append("second document")
+    ids = tokenize_source(src, tok, tmp_path)
+    assert list(ids).count(EOT_ID) == 2 and ids[-1] == EOT_ID
+    files = list(tmp_path.glob("*.bin"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = tokenize_source(src, tok, tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime  # read back, not re-tokenized
+    assert np.array_equal(np.asarray(again), np.asarray(ids))
+    assert tok.decode(ids) == "first documentsecond document"
+
+
+def test_windows_split_and_shift():
+    tokens = np.arange(1000, dtype=np.uint16)
+    ds = TokenDataset(tokens, seq_len=32, val_fraction=0.05)
+    assert len(ds.val) == 50 and len(ds.train) == 950
+    plan = ds.epoch_plan(seed=1, epoch=0, batch_size=4)
+    x, y = ds.train_batch(plan, 0)
+    assert x.shape == (4, 32) and bool((y == x + 1).all())
+    assert int(x.max()) < 950  # never reads validation tokens
+    assert ds.epoch_plan(1, 0, 4).order.tolist() == plan.order.tolist()  # reproducible
+    assert ds.epoch_plan(1, 1, 4).order.tolist() != plan.order.tolist()  # reshuffled per epoch
+    val = list(ds.val_batches(8))
+    assert all(int(vx.min()) >= 950 for vx, _ in val)
+
+
+def test_short_text_gets_a_shorter_window_or_a_clear_error():
+    ds = TokenDataset(np.arange(40, dtype=np.uint16), seq_len=256)
+    assert ds.shortened and ds.seq_len == 19 and ds.n_windows >= 1
+    with pytest.raises(ValueError, match="too short"):
+        TokenDataset(np.arange(10, dtype=np.uint16), seq_len=256)

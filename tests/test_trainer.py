@@ -1,0 +1,124 @@
+"""Training: it learns, it checkpoints safely, and it resumes exactly."""
+import json
+import math
+
+import pytest
+import torch
+
+from data import source_from_text
+from trainer import StopFlag, TrainConfig, Trainer, lr_at
+
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+
+def make_trainer(folder, kind="bpe", **train):
+    return Trainer(str(folder), kind, model_overrides=TINY_MODEL, train_overrides={**TINY_TRAIN, **train})
+
+
+def record(losses, stop_at=None, flag=None, crash_at=None):
+    def on_event(kind, info):
+        if kind != "step":
+            return
+        losses[info["step"]] = info["loss"]
+        if stop_at is not None and info["step"] == stop_at:
+            flag.set("interrupted")
+        if crash_at is not None and info["step"] == crash_at:
+            raise RuntimeError("simulated crash")
+    return on_event
+
+
+def test_overfits_a_short_text(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    trainer = Trainer(str(tmp_path / "m"), "bpe", model_overrides={**TINY_MODEL, "dropout": 0.0},
+                      train_overrides={**TINY_TRAIN, "learning_rate": 3e-3, "warmup_steps": 5})
+    losses = {}
+    trainer.train(source_from_text(text), epochs=30, on_event=record(losses))
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < 0.25 * first, (first, last)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, 200, cfg) for s in range(200)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=1e-3)
+    short = [lr_at(s, 20, cfg) for s in range(20)]  # warm-up capped at a tenth of the run
+    assert short[1] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_stopped_run_resumes_with_identical_losses(tmp_path, kind):
+    src = source_from_text(SAMPLE_TEXT)
+    straight = {}
+    make_trainer(tmp_path / "a", kind).train(src, 2, record(straight))
+
+    first = {}
+    flag = StopFlag()
+    result = make_trainer(tmp_path / "b", kind).train(src, 2, record(first, stop_at=7, flag=flag), flag)
+    assert result.stopped_early == "interrupted" and result.global_step == 7
+
+    resumed = {}
+    again = make_trainer(tmp_path / "b", kind)  # a fresh process would build a new Trainer
+    assert again.interrupted_run()["run_step"] == 7
+    result = again.train(src, 2, record(resumed))
+    assert result.resumed and not result.stopped_early
+    assert min(resumed) == 8
+    assert {**first, **resumed} == straight  # exactly equal floats, step for step
+
+
+def test_crash_loses_only_steps_since_last_checkpoint(tmp_path):
+    src = source_from_text(SAMPLE_TEXT)
+    straight = {}
+    make_trainer(tmp_path / "a").train(src, 2, record(straight))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(tmp_path / "b").train(src, 2, record({}, crash_at=13))
+    resumed = {}
+    make_trainer(tmp_path / "b").resume(record(resumed))
+    assert min(resumed) == 11  # the checkpoint at step 10 survived
+    assert all(resumed[s] == straight[s] for s in resumed)
+
+
+def test_model_folder_is_complete_and_loads_weights_only(tmp_path):
+    folder = tmp_path / "m"
+    make_trainer(folder).train(source_from_text(SAMPLE_TEXT), 1)
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.pth", "checkpoint.pth", "tokenizer.json", "tokenizer_type.txt",
+            "history.json", "cache"} <= names
+    assert not [n for n in names if n.startswith(".tmp-")]
+    meta = json.loads((folder / "config.json").read_text())
+    assert meta["format_version"] == 1 and meta["tokenizer"] == "bpe"
+    assert meta["model"]["d_model"] == 32 and meta["training"]["vocab_size"] == 320
+    state = torch.load(folder / "checkpoint.pth", weights_only=True)
+    assert {"model", "optimizer", "scaler", "state", "rng"} <= set(state)
+    assert state["state"]["run"]["finished"] is True
+
+
+def test_continue_on_new_data_keeps_step_count_and_optimizer(tmp_path):
+    folder = tmp_path / "m"
+    first = make_trainer(folder).train(source_from_text(SAMPLE_TEXT), 1)
+    trainer = make_trainer(folder)
+    trainer.load()
+    moments = trainer.optimizer.state_dict()["state"]
+    assert moments and all(float(s["step"]) == first.global_step for s in moments.values())
+    more = trainer.train(source_from_text("Completely new material about ships and harbours. " * 30), 1)
+    assert not more.resumed
+    assert more.global_step == first.global_step + more.steps
+    status = make_trainer(folder).status()
+    assert status["steps"] == more.global_step and len(status["runs"]) == 2
+    assert math.isfinite(status["last_eval"]["bpb"])
+
+
+def test_existing_model_keeps_its_tokenizer_and_size(tmp_path):
+    folder = tmp_path / "m"
+    make_trainer(folder, "sentencepiece").train(source_from_text(SAMPLE_TEXT), 1)
+    again = Trainer(str(folder), "bpe", model_overrides={"d_model": 64})
+    assert again.tokenizer_kind == "sentencepiece"
+    assert any("sentencepiece" in n for n in again.notes)
+    assert any("size settings are kept" in n for n in again.notes)
+
+
+@pytest.mark.parametrize("epochs", [0, -1, "3", 10**9, True])
+def test_bad_epochs_are_refused(tmp_path, epochs):
+    with pytest.raises(ValueError, match="epochs"):
+        make_trainer(tmp_path / "m").train(source_from_text(SAMPLE_TEXT), epochs)

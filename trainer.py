@@ -1,0 +1,483 @@
+"""Training: build or load a model folder, run epochs, checkpoint, resume exactly.
+
+The ``Trainer`` owns one model folder. ``train(source, epochs)`` either starts a new
+run on that data or, when the folder holds an interrupted run on the same data,
+resumes it exactly: same data order, same learning-rate schedule, same RNG state.
+Progress is reported through a callback, so the interface decides the wording.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import hardware
+import storage
+from data import Source, TokenDataset, load_cached_tokens, remove_stale_caches, tokenize_source
+from model import GPT, ModelConfig
+from model_folder import CHECKPOINT_FILE, HISTORY_FILE, WEIGHTS_FILE, ModelFolder, load_state
+from tokenizer import (BaseTokenizer, normalize_kind, supported_vocab_size, tokenizer_kind_in,
+                       train_tokenizer)
+
+log = logging.getLogger(__name__)
+
+Event = Callable[[str, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    warmup_steps: int = 100  # capped at a tenth of a run, so short runs still decay
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 0  # 0: chosen from the device
+    val_fraction: float = 0.05
+    checkpoint_every: int = 100
+    eval_batches: int = 50
+    vocab_size: int = 8000  # requested; lowered when the data cannot support it
+    seed: int = 1337
+    max_minutes: float = 0.0  # 0: no time limit
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive = ("learning_rate", "checkpoint_every", "eval_batches", "vocab_size")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be positive (got {getattr(self, name)!r})")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append("min_lr_ratio must be in [0, 1]")
+        if not 0 < self.val_fraction < 0.5:
+            problems.append("val_fraction must be in (0, 0.5)")
+        for name in ("warmup_steps", "batch_size", "weight_decay", "grad_clip", "max_minutes", "seed"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate for ``step`` (0-based) of a run: linear warm-up, then cosine decay."""
+    warmup = min(cfg.warmup_steps, max(1, total_steps // 10))
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    min_lr = cfg.learning_rate * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def estimate_loss(model: GPT, dataset: TokenDataset, runtime: hardware.Runtime, batch_size: int,
+                  token_bytes: np.ndarray, max_batches: int | None = None) -> dict:
+    """Validation loss (nats/token), perplexity and bits per byte; restores train mode.
+
+    Bits per byte divide the total loss by the bytes of text the targets stand for,
+    which makes models with different tokenizers comparable.
+    """
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    token_bytes_t = torch.from_numpy(token_bytes)
+    try:
+        for x, y in dataset.val_batches(batch_size, max_batches):
+            with runtime.autocast():
+                logits, _ = model(x.to(runtime.device))
+            nats = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), y.to(runtime.device).reshape(-1), reduction="sum")
+            total_nats += nats.item()
+            total_tokens += y.numel()
+            total_bytes += int(token_bytes_t[y].sum())
+    finally:
+        model.train(was_training)
+    loss = total_nats / max(1, total_tokens)
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "bpb": total_nats / math.log(2) / max(1, total_bytes), "val_tokens": total_tokens}
+
+
+class StopFlag:
+    """Set by Ctrl+C or SIGTERM; the loop finishes its step, saves, and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        self.requested = True
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def graceful_interrupts(flag: StopFlag):
+    """First Ctrl+C/SIGTERM asks the loop to stop after the current step; a second
+    Ctrl+C stops at once (the last checkpoint on disk is still whole)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set("interrupted" if signum == signal.SIGINT else "terminated")
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimizer steps taken in this call
+    global_step: int
+    stopped_early: str  # "" when the run finished; else why it stopped
+    final_eval: dict | None
+    resumed: bool
+
+
+class Trainer:
+    """Builds or loads the model in ``model_dir`` and trains it."""
+
+    def __init__(self, model_dir: str, tokenizer_kind: str = "bpe", model_overrides: dict | None = None,
+                 train_overrides: dict | None = None, runtime: hardware.Runtime | None = None,
+                 preset: str | None = None) -> None:
+        self.folder = ModelFolder(model_dir)
+        self.runtime = runtime or hardware.detect_runtime()
+        self.model_overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
+        self.train_overrides = {k: v for k, v in (train_overrides or {}).items() if v is not None}
+        self.preset = preset
+        self.notes: list[str] = []  # things the user should be told once
+        existing = tokenizer_kind_in(self.folder.path) if self.folder.path.is_dir() else None
+        if existing and self.folder.has_model():
+            self.meta = self.folder.read_meta()
+            if normalize_kind(tokenizer_kind) != existing:
+                self.notes.append(f"this model folder already uses the {existing} tokenizer; using it")
+            self.tokenizer_kind = existing
+            arch = {k: v for k, v in self.model_overrides.items() if k != "dropout"}
+            if arch or preset:
+                self.notes.append("the model already exists, so its size settings are kept "
+                                  "(use another --model-dir for a new model)")
+        else:
+            self.meta = None
+            self.tokenizer_kind = normalize_kind(tokenizer_kind)
+        saved = dict(self.meta["training"]) if self.meta else {}
+        self.config = TrainConfig.from_dict({**saved, **self.train_overrides})
+        self.model: GPT | None = None
+        self.tokenizer: BaseTokenizer | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+        self.state: dict = {}  # step, tokens_seen, epochs_done, run
+        self.history: dict = {"steps": [], "evals": [], "runs": []}
+
+    # -- building and loading -------------------------------------------------------------
+    @property
+    def has_model(self) -> bool:
+        return self.folder.has_model()
+
+    def _new_model_config(self, vocab_size: int) -> ModelConfig:
+        if self.preset:
+            _, d_model, n_layer, n_head = hardware.preset_by_name(self.preset)
+        else:
+            _, d_model, n_layer, n_head = hardware.pick_preset(self.runtime)
+        values = {"d_model": d_model, "n_layer": n_layer, "n_head": n_head, **self.model_overrides}
+        return ModelConfig(vocab_size=vocab_size, **values)
+
+    def _create(self, source: Source, on_event: Event) -> None:
+        """First training in an empty folder: tokenizer, model, and a step-0 save."""
+        self.folder.check_writable()
+        requested = self.config.vocab_size
+        target = supported_vocab_size(requested, source.n_bytes)
+        on_event("tokenizer", {"kind": self.tokenizer_kind, "vocab_size": target})
+        tok = train_tokenizer(self.tokenizer_kind, source.sample_for_tokenizer(), target)
+        if tok.vocab_size < requested:
+            self.notes.append(f"vocabulary lowered from {requested} to {tok.vocab_size}: "
+                              f"{source.n_bytes:,} bytes of text cannot support more tokens")
+        self.tokenizer = tok
+        config = self._new_model_config(tok.vocab_size)
+        torch.manual_seed(self.config.seed)
+        self.model = GPT(config).to(self.runtime.device)
+        self.meta = {"tokenizer": tok.kind, "model": config.to_dict(), "training": self.config.to_dict(),
+                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self._make_optimizer()
+        self.state = {"step": 0, "tokens_seen": 0, "epochs_done": 0, "run": None}
+        self.history = {"steps": [], "evals": [], "runs": []}
+        tok.save(self.folder.path)
+        self.save_checkpoint()
+
+    def _make_optimizer(self) -> None:
+        kwargs: dict[str, Any] = {}
+        if self.runtime.device.type == "cuda":
+            kwargs["fused"] = True
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(self.config.weight_decay),
+                                           lr=self.config.learning_rate, betas=(0.9, 0.95), **kwargs)
+        self.scaler = torch.amp.GradScaler("cuda") if self.runtime.use_grad_scaler else None
+
+    def load(self) -> None:
+        """Load model, tokenizer, optimizer and progress from the folder."""
+        if self.model is not None:
+            return
+        self.meta = self.folder.read_meta()
+        self.tokenizer = self.folder.load_tokenizer()
+        config = ModelConfig.from_dict(self.meta["model"])
+        if "dropout" in self.model_overrides:
+            config.dropout = self.model_overrides["dropout"]
+        if self.tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model "
+                             f"expects {config.vocab_size}; the folder is inconsistent")
+        self.model = GPT(config)
+        ckpt_path = self.folder.file(CHECKPOINT_FILE)
+        ckpt = storage.load_torch(ckpt_path) if ckpt_path.exists() else None
+        if ckpt is not None:
+            load_state(self.model, ckpt["model"], ckpt_path)
+        else:  # weights without training state: continue with a fresh optimizer
+            load_state(self.model, storage.load_torch(self.folder.file(WEIGHTS_FILE)), self.folder.file(WEIGHTS_FILE))
+            self.notes.append("no checkpoint.pth found: training continues from model.pth with a fresh optimizer")
+        self.model.to(self.runtime.device)
+        self._make_optimizer()
+        self.history = self.folder.read_history()
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scaler is not None and ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            self.state = dict(ckpt["state"])
+            self._restore_rng(ckpt.get("rng", {}))
+            # Steps logged after this checkpoint were lost with the process; drop them.
+            step = self.state["step"]
+            self.history["steps"] = [row for row in self.history["steps"] if row[0] <= step]
+            self.history["evals"] = [e for e in self.history["evals"] if e["step"] <= step]
+        else:
+            self.state = {"step": 0, "tokens_seen": 0, "epochs_done": 0, "run": None}
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _rng_state(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _restore_rng(self, state: dict) -> None:
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def save_checkpoint(self) -> None:
+        """Write weights, full training state, history and config, each atomically.
+
+        The weights-only file comes first and config.json last, so a kill between two
+        writes leaves a folder whose newest config still describes loadable files.
+        """
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        storage.save_torch(self.folder.file(WEIGHTS_FILE), weights)
+        ckpt = {
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "state": self.state,
+            "rng": self._rng_state(),
+        }
+        storage.save_torch(self.folder.file(CHECKPOINT_FILE), ckpt)
+        storage.write_json(self.folder.file(HISTORY_FILE), self.history)
+        self.meta["model"] = self.model.config.to_dict()
+        self.meta["training"] = self.config.to_dict()
+        self.meta["progress"] = {k: self.state[k] for k in ("step", "tokens_seen", "epochs_done")}
+        self.folder.write_meta(self.meta)
+
+    # -- queries ---------------------------------------------------------------------------
+    def interrupted_run(self) -> dict | None:
+        """The unfinished run saved in the checkpoint, if any (without loading weights)."""
+        path = self.folder.file(CHECKPOINT_FILE)
+        if self.model is None and not path.exists():
+            return None
+        if self.model is None:
+            self.load()
+        run = self.state.get("run")
+        return run if run and not run.get("finished") else None
+
+    # -- training ------------------------------------------------------------------------
+    def train(self, source: Source, epochs: int, on_event: Event | None = None,
+              stop: StopFlag | None = None) -> TrainResult:
+        """Train on ``source`` for ``epochs``, or resume the interrupted run on it."""
+        on_event = on_event or (lambda kind, info: None)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 100_000:
+            raise ValueError(f"epochs must be a whole number from 1 to 100000 (got {epochs!r})")
+        if self.model is None:
+            if self.has_model:
+                self.load()
+            else:
+                self._create(source, on_event)
+        for note in source.notes:
+            self.notes.append(note)
+        on_event("tokenizing", {"source": source.name, "bytes": source.n_bytes})
+        self.folder.cache_dir.mkdir(parents=True, exist_ok=True)
+        tokens = tokenize_source(source, self.tokenizer, self.folder.cache_dir)
+        return self._train_tokens(tokens, source.name, epochs, on_event, stop)
+
+    def resume(self, on_event: Event | None = None, stop: StopFlag | None = None) -> TrainResult:
+        """Continue the interrupted run from its checkpoint, on its cached token ids."""
+        run = self.interrupted_run()
+        if run is None:
+            raise ValueError("there is no interrupted run to resume")
+        tokens = load_cached_tokens(self.folder.cache_dir / run["cache_file"])
+        return self._train_tokens(tokens, run["name"], run["epochs"], on_event or (lambda k, i: None), stop)
+
+    def _train_tokens(self, tokens: np.ndarray, name: str, epochs: int, on_event: Event,
+                      stop: StopFlag | None) -> TrainResult:
+        dataset = TokenDataset(tokens, self.model.config.max_seq_len, self.config.val_fraction)
+        if dataset.shortened:
+            self.notes.append(f"the text is short ({len(tokens)} tokens): training on windows of "
+                              f"{dataset.seq_len} tokens instead of {self.model.config.max_seq_len}")
+        cache_file = Path(tokens.filename).name
+        run = self.state.get("run")
+        resumed = bool(run and not run.get("finished") and run.get("cache_file") == cache_file)
+        if resumed:
+            on_event("resume", dict(run))
+        else:
+            batch_size = self.config.batch_size or hardware.default_batch_size(
+                self.runtime, self.model.config.d_model, dataset.seq_len)
+            steps_per_epoch = dataset.epoch_plan(self.config.seed, 0, batch_size).n_batches
+            run = {"cache_file": cache_file, "name": name, "epochs": epochs, "epoch": 0, "batch": 0,
+                   "run_step": 0, "total_steps": epochs * steps_per_epoch, "batch_size": batch_size,
+                   "seq_len": dataset.seq_len, "start_step": self.state["step"], "finished": False}
+            self.state["run"] = run
+            self.history["runs"].append({"name": name, "start_step": self.state["step"],
+                                         "epochs": epochs, "tokens": len(tokens)})
+        return self._run_loop(dataset, run, on_event, stop or StopFlag(), resumed)
+
+    def _run_loop(self, dataset: TokenDataset, run: dict, on_event: Event, stop: StopFlag,
+                  resumed: bool) -> TrainResult:
+        cfg, model, rt = self.config, self.model, self.runtime
+        token_bytes = self.tokenizer.token_bytes()
+        model.train()
+        steps_here = 0
+        deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+        final_eval = None
+        on_event("start", {"run": dict(run), "resumed": resumed, "params": model.num_params(),
+                           "train_tokens": dataset.n_train_tokens, "device": str(rt.device),
+                           "precision": rt.precision})
+        with graceful_interrupts(stop):
+            while run["epoch"] < run["epochs"]:
+                plan = dataset.epoch_plan(cfg.seed, run["epoch"], run["batch_size"])
+                on_event("epoch_start", {"epoch": run["epoch"], "epochs": run["epochs"],
+                                         "n_batches": plan.n_batches, "batch": run["batch"]})
+                while run["batch"] < plan.n_batches:
+                    if stop.requested or (deadline and time.monotonic() > deadline):
+                        break
+                    t0 = time.perf_counter()
+                    x, y = dataset.train_batch(plan, run["batch"])
+                    lr = lr_at(run["run_step"], run["total_steps"], cfg)
+                    loss = self._step(x, y, lr)
+                    dt = time.perf_counter() - t0
+                    run["batch"] += 1
+                    run["run_step"] += 1
+                    self.state["step"] += 1
+                    self.state["tokens_seen"] += x.numel()
+                    steps_here += 1
+                    self.history["steps"].append([self.state["step"], round(loss, 5), lr])
+                    on_event("step", {"step": self.state["step"], "loss": loss, "lr": lr,
+                                      "tokens_per_s": x.numel() / dt, "batch": run["batch"],
+                                      "n_batches": plan.n_batches})
+                    if self.state["step"] % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                        on_event("checkpoint", {"step": self.state["step"]})
+                if stop.requested or (deadline and time.monotonic() > deadline):
+                    break
+                run["epoch"] += 1
+                run["batch"] = 0
+                self.state["epochs_done"] += 1
+                final_eval = self._evaluate(dataset, token_bytes, run)
+                on_event("eval", final_eval)
+                self.save_checkpoint()
+                on_event("epoch_end", {"epoch": run["epoch"], "epochs": run["epochs"]})
+            stopped = ""
+            if stop.requested:
+                stopped = stop.reason
+            elif run["epoch"] < run["epochs"]:
+                stopped = "time limit reached"
+                final_eval = self._evaluate(dataset, token_bytes, run)
+                on_event("eval", final_eval)
+            else:
+                run["finished"] = True
+            self.save_checkpoint()
+        on_event("done", {"stopped": stopped, "step": self.state["step"]})
+        return TrainResult(steps_here, self.state["step"], stopped, final_eval, resumed)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        model, opt, rt = self.model, self.optimizer, self.runtime
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            _, loss = model(x, y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError("the loss became NaN/inf; lower the learning rate and resume "
+                                     "from the last checkpoint")
+        return value
+
+    def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: dict) -> dict:
+        result = estimate_loss(self.model, dataset, self.runtime, run["batch_size"], token_bytes,
+                               self.config.eval_batches)
+        result.update(step=self.state["step"], epoch=run["epoch"], dataset=run["name"])
+        self.history["evals"].append(result)
+        return result
+
+    # -- status -------------------------------------------------------------------------
+    def status(self) -> dict:
+        """Progress summary for the Training Status screen (reads the folder only)."""
+        if not self.has_model:
+            return {}
+        meta = self.folder.read_meta()
+        history = self.folder.read_history()
+        evals = history["evals"]
+        progress = meta.get("progress", {})
+        return {
+            "steps": progress.get("step", 0),
+            "tokens_seen": progress.get("tokens_seen", 0),
+            "epochs": progress.get("epochs_done", 0),
+            "last_eval": evals[-1] if evals else None,
+            "best_val_loss": min((e["val_loss"] for e in evals), default=None),
+            "losses": [row[1] for row in history["steps"]],
+            "runs": history["runs"],
+            "model": meta["model"],
+            "tokenizer": meta["tokenizer"],
+        }
+
+    def drop_stale_caches(self) -> None:
+        if self.tokenizer is not None:
+            remove_stale_caches(self.folder.cache_dir, self.tokenizer)
