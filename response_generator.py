@@ -224,27 +224,28 @@ class ResponseGenerator:
             gen.manual_seed(cfg.seed)
         else:
             gen.seed()
-        tokens = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
+        context = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
         cache = KVCache(model.config, 1, device) if use_cache else None
-        pending = tokens  # ids the model has not seen yet
+        pending = context  # ids the cache has not seen yet
         for _ in range(cfg.max_new_tokens):
-            if cache is not None and cache.pos + len(pending) > self.context:
-                tokens = tokens[-(self.context // 2):]
-                cache.reset()
-                pending = tokens
+            if len(context) > self.context:  # the same rule for both paths
+                context = context[-(self.context // 2):]
+                if cache is not None:
+                    cache.reset()
+                    pending = context
             if cache is None:
-                pending = tokens[-self.context:]
+                pending = context
             x = torch.tensor([pending], dtype=torch.long, device=device)
             with self.runtime.autocast():
                 logits, _ = model(x, kv_cache=cache)
             logits = logits[0, -1].float()
-            recent = torch.tensor(tokens[-REPETITION_WINDOW:], device=device)
+            recent = torch.tensor(context[-REPETITION_WINDOW:], device=device)
             logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
             next_id = sample_next_token(logits, gen, cfg.temperature, cfg.top_k, cfg.top_p)
             if next_id == self.tokenizer.eot_id:
                 return
             yield next_id
-            tokens.append(next_id)
+            context.append(next_id)
             pending = [next_id]
 
     def stream(self, prompt: str, cfg: GenerationConfig, stop_strings: tuple[str, ...] = ()) -> Iterator[str]:

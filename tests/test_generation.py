@@ -1,0 +1,151 @@
+"""Generation: sampling rules, cached == uncached, streaming text, the three modes."""
+import pytest
+import torch
+
+from data import source_from_text
+from response_generator import (ChatSession, GenerationConfig, ResponseGenerator, TextStreamer,
+                                apply_repetition_penalty, render_conversation, sample_next_token)
+from tokenizer import train_tokenizer
+from trainer import Trainer
+
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gen") / "model"
+    trainer = Trainer(str(folder), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN)
+    trainer.train(source_from_text(SAMPLE_TEXT), 2)
+    return folder
+
+
+@pytest.fixture
+def generator(trained_dir):
+    return ResponseGenerator(str(trained_dir))
+
+
+def test_greedy_with_cache_equals_full_recomputation(generator):
+    prompt = generator.tokenizer.encode("The river ran")
+    cfg = GenerationConfig(max_new_tokens=60, temperature=0, repetition_penalty=1.0)
+    cached = list(generator.generate_ids(prompt, cfg, use_cache=True))
+    reference = list(generator.generate_ids(prompt, cfg, use_cache=False))
+    assert len(cached) > 0
+    assert cached == reference
+
+
+def test_cache_equals_recomputation_past_the_window(generator):
+    # 80 new tokens on a 32-token context force the crop-and-refill path several times.
+    prompt = generator.tokenizer.encode("Trains left the station")
+    cfg = GenerationConfig(max_new_tokens=80, temperature=0, repetition_penalty=1.3)
+    cached = list(generator.generate_ids(prompt, cfg, use_cache=True))
+    assert len(cached) > 40
+    assert cached == list(generator.generate_ids(prompt, cfg, use_cache=False))
+
+
+def test_seed_makes_answers_repeatable(generator):
+    cfg = GenerationConfig(max_new_tokens=20, seed=11)
+    assert "".join(generator.complete("In spring", cfg)) == "".join(generator.complete("In spring", cfg))
+
+
+def test_ids_stay_inside_the_vocabulary(generator):
+    cfg = GenerationConfig(max_new_tokens=40, temperature=2.0, top_k=0, top_p=1.0, seed=5)
+    ids = list(generator.generate_ids([5, 6, 7], cfg))
+    assert all(0 <= i < generator.tokenizer.vocab_size for i in ids)
+
+
+def test_sample_next_token_rules():
+    logits = torch.tensor([0.0, 5.0, 1.0, 4.0])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next_token(logits, g, temperature=0) == 1
+    picks = {sample_next_token(logits, g, temperature=1.0, top_k=2) for _ in range(200)}
+    assert picks == {1, 3}
+    # top-p keeps the smallest set whose mass reaches p: here the top token alone.
+    peaked = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    assert {sample_next_token(peaked, g, 1.0, top_p=0.5) for _ in range(50)} == {0}
+
+
+def test_repetition_penalty_lowers_recent_tokens():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+class FakeTokenizer:
+    """Each id is one character; lets the streamer tests spell out exact strings."""
+
+    def __init__(self, alphabet):
+        self.alphabet = alphabet
+
+    def decode(self, ids):
+        return "".join(self.alphabet[i] for i in ids)
+
+
+def test_streamer_hides_stop_strings_and_partial_prefixes():
+    alphabet = "abc\nUser:"
+    tok = FakeTokenizer(alphabet)
+    streamer = TextStreamer(tok, ("\nUser:",))
+    out = ""
+    for ch in "ab\nUser:":
+        out += streamer.push(alphabet.index(ch))
+        assert "\n" not in out  # the newline might start the stop string: held back
+    assert streamer.stopped and out == "ab"
+
+
+def test_streamer_releases_a_held_prefix_that_was_not_a_stop():
+    alphabet = "ab\nc"
+    streamer = TextStreamer(FakeTokenizer(alphabet), ("\nUser:",))
+    out = "".join(streamer.push(alphabet.index(ch)) for ch in "a\nb")
+    assert out == "a\nb" and not streamer.stopped
+
+
+def test_streamer_waits_for_complete_utf8_characters():
+    tok = train_tokenizer("bpe", ["plain ascii text only"], 300)
+    ids = tok.encode("日本😀")  # characters unseen in training: several byte tokens each
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "日本😀"
+
+
+def test_render_conversation_is_the_one_chat_format():
+    assert render_conversation([("hi", "hello"), ("and you?", None)]) == "User: hi\nAI: hello\nUser: and you?\nAI:"
+
+
+def test_chat_keeps_history_and_drops_oldest_turns(generator):
+    session = ChatSession(generator, GenerationConfig(max_new_tokens=8, seed=1))
+    for i in range(6):
+        "".join(session.send(f"tell me about the river and the mill number {i}"))
+    budget = generator.prompt_budget(8)
+    prompt, _ = session._prompt("one more")
+    assert len(generator.tokenizer.encode(prompt)) <= budget
+    assert session.turns[-1][0].endswith("number 5")
+    assert len(session.turns) < 6  # the window is 32 tokens: old turns had to go
+    session.reset()
+    assert session.turns == []
+
+
+def test_long_prompt_is_cut_from_the_left_with_a_notice(generator):
+    list(generator.complete("word " * 200, GenerationConfig(max_new_tokens=5, seed=0)))
+    assert any("start was cut" in n for n in generator.notices)
+
+
+def test_empty_question_is_refused(generator):
+    with pytest.raises(ValueError, match="empty"):
+        generator.answer("   ", GenerationConfig())
+
+
+@pytest.mark.parametrize("prompt", ["", "😀🚀", "日本語で話してください", "x" * 3])
+def test_odd_prompts_generate_without_error(generator, prompt):
+    text = "".join(generator.complete(prompt, GenerationConfig(max_new_tokens=10, seed=2)))
+    assert isinstance(text, str)
+
+
+def test_no_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        ResponseGenerator(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_k=-5)])
+def test_generation_config_validation(bad):
+    with pytest.raises(ValueError):
+        GenerationConfig(**bad)

@@ -1,0 +1,167 @@
+"""The real program, driven through its standard input, plus the menu's input rules."""
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import interface
+from interface import main, parse_whole_number
+
+from conftest import ROOT, SAMPLE_TEXT, TINY_CLI
+
+MENU_TRAIN_STATUS_QA_CHAT_INFO = [
+    "1",  # Main: Training
+    "1",  # Training: Train from File
+    "{file}",
+    "2",  # epochs
+    "4",  # Training Status
+    "5",  # Back
+    "2",  # Main: Response
+    "1",  # Q&A
+    "Where did the river run?",
+    "",  # back to the Response Menu
+    "2",  # Chat
+    "Hello there",
+    "What about the orchard?",
+    "/exit",
+    "5",  # Back
+    "3",  # System Information
+    "4",  # Exit
+]
+
+
+def run_program(model_dir: Path, lines: list[str], *extra: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "interface.py"), "--model-dir", str(model_dir), *TINY_CLI, *extra],
+        input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_whole_workflow_through_stdin(tmp_path, sample_file, kind):
+    model_dir = tmp_path / "model"
+    lines = [kind] + [line.format(file=sample_file) for line in MENU_TRAIN_STATUS_QA_CHAT_INFO]
+    proc = run_program(model_dir, lines)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in out + proc.stderr
+    assert "Training complete" in out
+    assert "Validation after epoch 2" in out and "bits/byte" in out
+    assert "=== Training Status ===" in out and "Training loss by step" in out
+    assert out.count("Answer: ") == 1
+    assert out.count("AI: ") == 2
+    assert "=== System Information ===" in out and "PyTorch" in out
+    assert "Goodbye." in out
+    expected = {"config.json", "model.pth", "checkpoint.pth", "tokenizer_type.txt", "history.json",
+                "tokenizer.json" if kind == "bpe" else "tokenizer.model"}
+    assert expected <= {p.name for p in model_dir.iterdir()}
+    assert (model_dir / "tokenizer_type.txt").read_text().strip() == kind
+
+
+def test_bad_input_is_answered_and_the_program_carries_on(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    lines = [
+        "wordpiece", "",  # unknown tokenizer, then the default
+        "abc", "", "99", "-1", "١", "1",  # invalid main-menu entries, then Training
+        "1", str(tmp_path / "missing.txt"),  # a path that does not exist
+        "1", str(empty),  # an empty file
+        "3",  # Continue Training before any model exists
+        "4",  # Training Status before any model exists
+        "5", "2",  # Response Mode before any model exists
+        "3",  # System Information
+    ]  # then end of input (Ctrl+D) at the main menu
+    proc = run_program(tmp_path / "model", lines)
+    out = proc.stdout
+    assert proc.returncode == 0 and "Traceback" not in out + proc.stderr
+    assert "unknown tokenizer 'wordpiece'" in out
+    assert out.count("Invalid choice") == 5
+    assert "no such file or folder" in out
+    assert "is empty" in out or "holds no text" in out
+    assert "no model to continue" in out
+    assert "No model yet" in out
+    assert "No trained model" in out and "Train one first" in out
+    assert out.rstrip().endswith("Goodbye.")
+
+
+class Script:
+    """Feeds answers to App like a user would; raises EOFError when out of answers."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.prompts = []
+
+    def __call__(self, prompt):
+        self.prompts.append(prompt)
+        if not self.answers:
+            raise EOFError
+        answer = self.answers.pop(0)
+        if answer is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return answer
+
+
+def run_app(tmp_path, answers, *extra):
+    out = []
+    code = main(["--model-dir", str(tmp_path / "model"), *TINY_CLI, *extra], Script(answers), out.append)
+    return code, "\n".join(out)
+
+
+def test_letters_where_epochs_are_asked_then_typed_text(tmp_path):
+    answers = ["bpe", "1", "2", *SAMPLE_TEXT.splitlines(), "END", "abc", "0", "1e9", "1", "4"]
+    code, out = run_app(tmp_path, answers)
+    assert code == 0
+    assert out.count("Invalid number") == 3
+    assert "Training complete" in out and "Training loss by step" in out
+
+
+def test_ctrl_c_at_a_prompt_cancels_without_traceback(tmp_path):
+    code, out = run_app(tmp_path, ["", "1", KeyboardInterrupt, "5", "4"])
+    assert code == 0 and "(cancelled)" in out and "Goodbye." in out
+
+
+def test_eof_in_the_middle_of_a_dialog_exits_cleanly(tmp_path, sample_file):
+    code, out = run_app(tmp_path, ["bpe", "1", "1", str(sample_file)])
+    assert code == 0 and out.rstrip().endswith("Goodbye.")
+
+
+def test_chat_commands(tmp_path, sample_file):
+    answers = ["bpe", "1", "1", str(sample_file), "1", "5", "2", "2",
+               "/help", "/temp 0", "/len 5", "/topk 3", "/seed 4", "/temp hot", "/bogus", "", "hi", "/reset", "/exit",
+               "3", "The river", "", "4", "5", "4"]
+    code, out = run_app(tmp_path, answers)
+    assert code == 0
+    assert "Chat commands:" in out
+    assert "(temperature 0.0, length 5, top-k 3, seed 4)" in out
+    assert "Invalid value" in out and "Unknown command /bogus" in out
+    assert "(conversation cleared)" in out
+    assert "=== Model Information ===" in out and "Parameters" in out
+
+
+def test_parse_whole_number_accepts_only_ascii_digits():
+    assert parse_whole_number(" 7 ", 1, 9, "x") == 7
+    for bad in ("١", "7.0", "1e3", "", "seven", "10"):
+        with pytest.raises(ValueError):
+            parse_whole_number(bad, 1, 9, "x")
+
+
+def test_existing_model_tokenizer_wins(tmp_path, sample_file):
+    run_app(tmp_path, ["sentencepiece", "1", "1", str(sample_file), "1", "5", "4"])
+    code, out = run_app(tmp_path, ["4"], "--tokenizer", "bpe")
+    assert "already holds a sentencepiece model" in out
+    assert interface.ModelFolder(tmp_path / "model").has_model()
+
+
+def test_help_runs():
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "--help"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0 and "--model-dir" in proc.stdout
+
+
+def test_stdout_is_flushed_for_streaming(monkeypatch):
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", buf)
+    interface.ConsoleOutput.write_partial("abc")
+    assert buf.getvalue() == "abc"
