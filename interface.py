@@ -513,7 +513,9 @@ class TrainingProgress:
             self.bar.update(1)
         elif kind == "eval":
             self.close()
-            self.out(f"Validation after epoch {info['epoch']}: loss {info['val_loss']:.4f} | "
+            when = (f"at step {info['step']}" if info.get("partial_epoch")
+                    else f"after epoch {info['epoch']}")
+            self.out(f"Validation {when}: loss {info['val_loss']:.4f} | "
                      f"perplexity {info['perplexity']:.2f} | {info['bpb']:.4f} bits/byte")
 
 

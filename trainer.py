@@ -417,6 +417,7 @@ class Trainer:
             elif run["epoch"] < run["epochs"]:
                 stopped = "time limit reached"
                 final_eval = self._evaluate(dataset, token_bytes, run)
+                final_eval["partial_epoch"] = True
                 on_event("eval", final_eval)
             else:
                 run["finished"] = True

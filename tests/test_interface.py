@@ -165,3 +165,53 @@ def test_stdout_is_flushed_for_streaming(monkeypatch):
     monkeypatch.setattr(sys, "stdout", buf)
     interface.ConsoleOutput.write_partial("abc")
     assert buf.getvalue() == "abc"
+
+
+def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file):
+    """A real SIGINT in the middle of training: checkpoint, back to the menu, resume later."""
+    import signal
+    import threading
+    import time
+
+    model_dir = tmp_path / "model"
+    lines = ["bpe", "1", "1", str(sample_file), "60",  # a run long enough to interrupt
+             "3", "y",  # Continue Training -> resume the interrupted run
+             "5", "4"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "interface.py"), "--model-dir", str(model_dir), *TINY_CLI,
+         "--checkpoint-every", "1000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    stderr_chunks = []
+    seen_epoch_3 = threading.Event()
+
+    def pump():
+        while chunk := proc.stderr.read(64):
+            stderr_chunks.append(chunk)
+            if "Epoch 3/" in "".join(stderr_chunks[-40:]):
+                seen_epoch_3.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    proc.stdin.write("\n".join(lines) + "\n")
+    proc.stdin.flush()
+    assert seen_epoch_3.wait(120), "training never reached epoch 3"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=240)
+    reader.join(5)
+    assert proc.returncode == 0, "".join(stderr_chunks)[-2000:]
+    assert "Traceback" not in out + "".join(stderr_chunks)
+    assert "Training stopped (interrupted)" in out
+    assert "Resuming the interrupted run" in out
+    assert "Training complete" in out
+
+
+def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
+    # A time budget keeps this short; the corpus itself is ~460 KB of Python docs.
+    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "5", "2", "3", "The with statement", "", "5", "4"],
+                        "--max-minutes", "0.05")
+    assert code == 0
+    assert "built-in corpus (Python documentation topics)" in out
+    assert "Training stopped (time limit reached)" in out
+    assert "Validation at step" in out and "bits/byte" in out
+    assert "Error" not in out
