@@ -294,9 +294,40 @@ class TokenDataset:
         return self._windows(self.train, starts)
 
     def val_batches(self, batch_size: int, max_batches: int | None = None):
-        n_val_windows = max(1, (len(self.val) - 1) // self.seq_len)
-        starts = np.arange(n_val_windows) * self.seq_len
-        for b, i in enumerate(range(0, n_val_windows, batch_size)):
-            if max_batches is not None and b >= max_batches:
-                return
-            yield self._windows(self.val, starts[i:i + batch_size])
+        return iter_windows(self.val, self.seq_len, batch_size, max_batches)
+
+
+def iter_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None):
+    """Consecutive, non-overlapping (x, y) windows over ``tokens``, batched (for evaluation)."""
+    seq_len = max(1, min(seq_len, len(tokens) - 1))
+    n_windows = max(1, (len(tokens) - 1) // seq_len)
+    starts = np.arange(n_windows) * seq_len
+    for b, i in enumerate(range(0, n_windows, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        block = np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        block = torch.from_numpy(block)
+        yield block[:, :-1], block[:, 1:]
+
+
+def encode_documents(tok: BaseTokenizer, docs: list[str]) -> np.ndarray:
+    """Token ids of ``docs``, each followed by end-of-text (small, in-memory data)."""
+    out: list[int] = []
+    for ids in tok.encode_batch(docs):
+        out.extend(ids)
+        out.append(tok.eot_id)
+    return np.asarray(out, dtype=np.int64)
+
+
+def split_documents(tok: BaseTokenizer, ids: np.ndarray) -> list[str]:
+    """Decode ids back into documents, splitting at end-of-text."""
+    ids = np.asarray(ids)
+    cuts = np.flatnonzero(ids == tok.eot_id)
+    docs, start = [], 0
+    for cut in list(cuts) + [len(ids)]:
+        if cut > start:
+            text = tok.decode(ids[start:cut].tolist())
+            if text:
+                docs.append(text)
+        start = cut + 1
+    return docs

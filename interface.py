@@ -245,15 +245,45 @@ class App:
         source = open_source(spec) if spec.strip() else source_from_text(self.read_typed_text())
         for note in source.notes:
             self.out(f"Note: {note}")
-        self.out("The model keeps its vocabulary; new words are spelled with existing tokens.")
-        self.run_training(source, trainer)
+        expand = self.ask_yes_no("Expand vocabulary?")
+        max_new = (self.ask_number("Most new tokens to add", 1000, 1, 100_000, "the number of new tokens")
+                   if expand else 0)
+        epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
+        report = self.drive(trainer, lambda on_event, stop: trainer.train_on_new_data(
+            source, epochs, expand, max_new, on_event, stop))
+        if report is not None:
+            self.show_continual_report(report)
+
+    def show_continual_report(self, report: dict) -> None:
+        ex = report["expansion"]
+        if ex is not None:
+            if ex["added"] == 0:
+                self.out("Vocabulary: no new token was frequent enough to add.")
+            else:
+                examples = ", ".join(repr(t) for t in ex["examples"][:8])
+                self.out(f"Vocabulary: {ex['old_vocab']:,} -> {ex['new_vocab']:,} tokens "
+                         f"({ex['added']} added, e.g. {examples})")
+                self.out(f"Tokens per byte of the new data: {ex['tokens_per_byte_before']:.3f} -> "
+                         f"{ex['tokens_per_byte_after']:.3f}; earlier validation text tokenized "
+                         f"differently: {ex['drift']:.1%}")
+        rows = [("Dataset", "loss before -> after | bits/byte before -> after")]
+        for row in report["table"]:
+            before, after = row["before"], row["after"]
+            if before:
+                text = (f"{before['val_loss']:.4f} -> {after['val_loss']:.4f} | "
+                        f"{before['bpb']:.4f} -> {after['bpb']:.4f}")
+            else:
+                text = f"(new) -> {after['val_loss']:.4f} | (new) -> {after['bpb']:.4f}"
+            rows.append((row["dataset"], text))
+        self.out("\nHeld-out results per dataset:")
+        self.out(rows_table(rows))
 
     def run_training(self, source, trainer: Trainer | None = None) -> None:
         epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
         trainer = trainer or self.make_trainer()
         self.drive(trainer, lambda on_event, stop: trainer.train(source, epochs, on_event, stop))
 
-    def drive(self, trainer: Trainer, start: Callable) -> None:
+    def drive(self, trainer: Trainer, start: Callable):
         """Run a training call with a progress bar; Ctrl+C saves and returns to the menu."""
         for note in trainer.notes:
             self.out(f"Note: {note}")
@@ -261,22 +291,24 @@ class App:
         progress = TrainingProgress(self.out)
         self.generator = None  # the weights are about to change
         try:
-            result = start(progress, StopFlag())
+            outcome = start(progress, StopFlag())
         except KeyboardInterrupt:
             progress.close()
             self.out("Stopped at once; the last checkpoint on disk is intact.")
-            return
+            return None
         finally:
             progress.close()
         for note in trainer.notes:
             self.out(f"Note: {note}")
         trainer.notes.clear()
+        result = outcome["result"] if isinstance(outcome, dict) else outcome
         if result.stopped_early:
             self.out(f"Training stopped ({result.stopped_early}) at step {result.global_step}; "
                      "checkpoint saved. Choose Continue Training to resume.")
         else:
             self.out(f"Training complete: {result.steps} steps this run, {result.global_step} in total. "
                      f"Model saved in {self.model_dir}")
+        return outcome
 
     def training_status(self) -> None:
         folder = ModelFolder(self.model_dir)
@@ -298,6 +330,10 @@ class App:
             rows.append(("Validation", "none yet (runs at the end of each epoch)"))
         for run in status["runs"][-5:]:
             rows.append(("Trained on", f"{run['name']} ({run['tokens']:,} tokens, {run['epochs']} epochs)"))
+        for entry in status["datasets"]:
+            latest = entry.get("latest")
+            rows.append(("Dataset", f"{entry['name']}: " + (f"{latest['bpb']:.4f} bits/byte" if latest
+                                                            else "not evaluated yet")))
         self.out("\n=== Training Status ===")
         self.out(rows_table(rows))
         self.out("\nTraining loss by step:")
@@ -491,6 +527,8 @@ class TrainingProgress:
 
         if kind == "tokenizer":
             self.out(f"Training a {info['kind']} tokenizer (up to {info['vocab_size']:,} tokens)...")
+        elif kind == "expanding":
+            self.out(f"Growing the {info['kind']} vocabulary (up to {info['max_new']:,} new tokens)...")
         elif kind == "tokenizing":
             self.out(f"Tokenizing {info['source']}...")
         elif kind == "resume":

@@ -9,6 +9,8 @@ One folder is one model. Its files:
     tokenizer.model      the SentencePiece model    } tokenizer_type.txt says
     tokenizer_type.txt   "bpe" or "sentencepiece"
     history.json         every step's loss and learning rate, every validation
+    datasets.json        every dataset trained on, with its latest validation results
+    datasets/            held-out validation text and a rehearsal sample of each dataset
     cache/               token ids of the training data, keyed by content and tokenizer
 
 Nothing here ever unpickles code: tensors load with ``weights_only=True`` and the
@@ -29,6 +31,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pth"
 CHECKPOINT_FILE = "checkpoint.pth"
 HISTORY_FILE = "history.json"
+DATASETS_FILE = "datasets.json"
+DATASETS_DIR = "datasets"
 CACHE_DIR = "cache"
 
 
@@ -46,6 +50,16 @@ class ModelFolder:
     @property
     def cache_dir(self) -> Path:
         return self.path / CACHE_DIR
+
+    def recover(self) -> None:
+        """Finish or discard a save that a crash interrupted (see ``storage.commit_files``)."""
+        if self.path.is_dir():
+            storage.recover(self.path)
+            storage.remove_stale_temp_files(self.path)
+
+    def read_datasets(self) -> list[dict]:
+        path = self.file(DATASETS_FILE)
+        return storage.read_json(path) if path.exists() else []
 
     def has_model(self) -> bool:
         return self.config_path.exists() and self.file(WEIGHTS_FILE).exists()
@@ -100,6 +114,7 @@ class ModelFolder:
 
     def load_model(self, device: torch.device | str = "cpu") -> tuple[GPT, BaseTokenizer, dict]:
         """The trained model in eval mode, its tokenizer and metadata, all cross-checked."""
+        self.recover()
         if not self.has_model():
             raise FileNotFoundError(f"no trained model in {self.path}; train one first (Training menu)")
         meta = self.read_meta()

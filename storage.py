@@ -103,3 +103,92 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> int:
         except OSError:
             pass
     return removed
+
+
+# ---------------------------------------------------------------------------------
+# Several files that must change together
+
+STAGING_DIR = ".staging"
+JOURNAL_FILE = "commit.json"
+
+
+def _to_bytes(content: Any) -> bytes:
+    if isinstance(content, bytes):
+        return content
+    if isinstance(content, str):
+        return content.encode("utf-8")
+    buf = io.BytesIO()
+    torch.save(content, buf)
+    return buf.getvalue()
+
+
+KILL_ENV = "CUSTOM_LLM_TEST_KILL_AT"
+
+
+def _crash_point(name: str) -> None:
+    """Tests set CUSTOM_LLM_TEST_KILL_AT to a point name to SIGKILL the process there."""
+    if os.environ.get(KILL_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def commit_files(folder: str | os.PathLike, files: dict[str, Any]) -> None:
+    """Replace several files so that a reader sees all of the new ones or none.
+
+    Values are bytes, text, or an object for ``torch.save``. The new files are written
+    and fsynced in a staging folder; then a journal naming them is written atomically
+    (the commit point); then they are moved into place and the journal removed. A
+    crash before the journal leaves the old files; a crash after it is rolled forward
+    by ``recover`` the next time the folder is opened.
+    """
+    folder = Path(folder)
+    staging = folder / STAGING_DIR
+    _clear_staging(staging)
+    staging.mkdir(parents=True)
+    for name, content in files.items():
+        target = staging / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = _to_bytes(content)
+        with open(target, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _crash_point(f"staged:{name}")
+    _fsync_dir(staging)
+    _crash_point("before-journal")
+    write_json(folder / JOURNAL_FILE, {"files": list(files)})
+    _crash_point("after-journal")
+    recover(folder)
+
+
+def recover(folder: str | os.PathLike) -> bool:
+    """Finish a committed group of writes, or drop an uncommitted one. True if rolled forward."""
+    folder = Path(folder)
+    journal = folder / JOURNAL_FILE
+    staging = folder / STAGING_DIR
+    rolled = False
+    if journal.exists():
+        try:
+            names = read_json(journal)["files"]
+        except (ValueError, KeyError, TypeError):
+            names = []  # a journal is written atomically, so this means tampering: ignore it
+        for name in names:
+            src = staging / name
+            if src.exists():
+                dest = folder / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+        _fsync_dir(folder)
+        journal.unlink()
+        _fsync_dir(folder)
+        rolled = True
+    _clear_staging(staging)
+    return rolled
+
+
+def _clear_staging(staging: Path) -> None:
+    if staging.exists():
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)

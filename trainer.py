@@ -8,6 +8,7 @@ Progress is reported through a callback, so the interface decides the wording.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -15,17 +16,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
+import continual
 import hardware
 import storage
 from data import Source, TokenDataset, load_cached_tokens, remove_stale_caches, tokenize_source
 from model import GPT, ModelConfig
-from model_folder import CHECKPOINT_FILE, HISTORY_FILE, WEIGHTS_FILE, ModelFolder, load_state
-from tokenizer import (BaseTokenizer, normalize_kind, supported_vocab_size, tokenizer_kind_in,
+from model_folder import (CHECKPOINT_FILE, CONFIG_FILE, DATASETS_FILE, FORMAT_VERSION, HISTORY_FILE,
+                          WEIGHTS_FILE, ModelFolder, load_state)
+from tokenizer import (TYPE_FILE, BaseTokenizer, normalize_kind, supported_vocab_size, tokenizer_kind_in,
                        train_tokenizer)
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_batches: int = 50
     vocab_size: int = 8000  # requested; lowered when the data cannot support it
+    rehearsal: float = 0.2  # share of each batch replayed from earlier datasets
     seed: int = 1337
     max_minutes: float = 0.0  # 0: no time limit
 
@@ -56,6 +60,8 @@ class TrainConfig:
                 problems.append(f"{name} must be positive (got {getattr(self, name)!r})")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append("min_lr_ratio must be in [0, 1]")
+        if not 0 <= self.rehearsal < 1:
+            problems.append("rehearsal must be in [0, 1)")
         if not 0 < self.val_fraction < 0.5:
             problems.append("val_fraction must be in (0, 0.5)")
         for name in ("warmup_steps", "batch_size", "weight_decay", "grad_clip", "max_minutes", "seed"):
@@ -87,8 +93,8 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, dataset: TokenDataset, runtime: hardware.Runtime, batch_size: int,
-                  token_bytes: np.ndarray, max_batches: int | None = None) -> dict:
+def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: hardware.Runtime,
+                  token_bytes: np.ndarray) -> dict:
     """Validation loss (nats/token), perplexity and bits per byte; restores train mode.
 
     Bits per byte divide the total loss by the bytes of text the targets stand for,
@@ -99,7 +105,7 @@ def estimate_loss(model: GPT, dataset: TokenDataset, runtime: hardware.Runtime, 
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     token_bytes_t = torch.from_numpy(token_bytes)
     try:
-        for x, y in dataset.val_batches(batch_size, max_batches):
+        for x, y in batches:
             with runtime.autocast():
                 logits, _ = model(x.to(runtime.device))
             nats = torch.nn.functional.cross_entropy(
@@ -164,6 +170,7 @@ class Trainer:
                  train_overrides: dict | None = None, runtime: hardware.Runtime | None = None,
                  preset: str | None = None) -> None:
         self.folder = ModelFolder(model_dir)
+        self.folder.recover()
         self.runtime = runtime or hardware.detect_runtime()
         self.model_overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
         self.train_overrides = {k: v for k, v in (train_overrides or {}).items() if v is not None}
@@ -190,6 +197,8 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.state: dict = {}  # step, tokens_seen, epochs_done, run
         self.history: dict = {"steps": [], "evals": [], "runs": []}
+        self.datasets: list[dict] = []  # every dataset trained on, with its held-out text
+        self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
 
     # -- building and loading -------------------------------------------------------------
     @property
@@ -223,8 +232,7 @@ class Trainer:
         self._make_optimizer()
         self.state = {"step": 0, "tokens_seen": 0, "epochs_done": 0, "run": None}
         self.history = {"steps": [], "evals": [], "runs": []}
-        tok.save(self.folder.path)
-        self.save_checkpoint()
+        self.save_checkpoint({tok.filename: tok.to_bytes(), TYPE_FILE: tok.kind + "\n"})
 
     def _make_optimizer(self) -> None:
         kwargs: dict[str, Any] = {}
@@ -257,6 +265,7 @@ class Trainer:
         self.model.to(self.runtime.device)
         self._make_optimizer()
         self.history = self.folder.read_history()
+        self.datasets = self.folder.read_datasets()
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scaler is not None and ckpt.get("scaler"):
@@ -283,14 +292,14 @@ class Trainer:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
 
-    def save_checkpoint(self) -> None:
-        """Write weights, full training state, history and config, each atomically.
+    def save_checkpoint(self, extra_files: dict[str, bytes] | None = None) -> None:
+        """Save weights, full training state, history, datasets and config as one unit.
 
-        The weights-only file comes first and config.json last, so a kill between two
-        writes leaves a folder whose newest config still describes loadable files.
+        ``storage.commit_files`` makes the group atomic: after a crash the folder holds
+        either this save or the previous one, never a mix (``extra_files`` join the
+        same unit, e.g. a grown tokenizer).
         """
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        storage.save_torch(self.folder.file(WEIGHTS_FILE), weights)
         ckpt = {
             "model": weights,
             "optimizer": self.optimizer.state_dict(),
@@ -298,12 +307,14 @@ class Trainer:
             "state": self.state,
             "rng": self._rng_state(),
         }
-        storage.save_torch(self.folder.file(CHECKPOINT_FILE), ckpt)
-        storage.write_json(self.folder.file(HISTORY_FILE), self.history)
         self.meta["model"] = self.model.config.to_dict()
         self.meta["training"] = self.config.to_dict()
         self.meta["progress"] = {k: self.state[k] for k in ("step", "tokens_seen", "epochs_done")}
-        self.folder.write_meta(self.meta)
+        files = {WEIGHTS_FILE: weights, CHECKPOINT_FILE: ckpt,
+                 HISTORY_FILE: json.dumps(self.history), DATASETS_FILE: json.dumps(self.datasets, indent=1),
+                 **(extra_files or {}),
+                 CONFIG_FILE: json.dumps(dict(self.meta, format_version=FORMAT_VERSION), indent=2)}
+        storage.commit_files(self.folder.path, files)
 
     # -- queries ---------------------------------------------------------------------------
     def interrupted_run(self) -> dict | None:
@@ -364,6 +375,8 @@ class Trainer:
             self.state["run"] = run
             self.history["runs"].append({"name": name, "start_step": self.state["step"],
                                          "epochs": epochs, "tokens": len(tokens)})
+            continual.register_dataset(self, dataset, name, cache_file)
+        self.rehearsal_pool = continual.rehearsal_pool(self, exclude=cache_file)
         return self._run_loop(dataset, run, on_event, stop or StopFlag(), resumed)
 
     def _run_loop(self, dataset: TokenDataset, run: dict, on_event: Event, stop: StopFlag,
@@ -387,6 +400,9 @@ class Trainer:
                         break
                     t0 = time.perf_counter()
                     x, y = dataset.train_batch(plan, run["batch"])
+                    if self.rehearsal_pool is not None:
+                        continual.mix_in_rehearsal(x, y, self.rehearsal_pool, self.config,
+                                                   (self.config.seed, run["epoch"], run["batch"]))
                     lr = lr_at(run["run_step"], run["total_steps"], cfg)
                     loss = self._step(x, y, lr)
                     dt = time.perf_counter() - t0
@@ -452,9 +468,12 @@ class Trainer:
         return value
 
     def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: dict) -> dict:
-        result = estimate_loss(self.model, dataset, self.runtime, run["batch_size"], token_bytes,
-                               self.config.eval_batches)
+        result = estimate_loss(self.model, dataset.val_batches(run["batch_size"], self.config.eval_batches),
+                               self.runtime, token_bytes)
         result.update(step=self.state["step"], epoch=run["epoch"], dataset=run["name"])
+        for entry in self.datasets:
+            if run["cache_file"].startswith(entry["id"]):
+                continual.note_latest(entry, result)
         self.history["evals"].append(result)
         return result
 
@@ -475,6 +494,7 @@ class Trainer:
             "best_val_loss": min((e["val_loss"] for e in evals), default=None),
             "losses": [row[1] for row in history["steps"]],
             "runs": history["runs"],
+            "datasets": self.folder.read_datasets(),
             "model": meta["model"],
             "tokenizer": meta["tokenizer"],
         }
@@ -482,3 +502,21 @@ class Trainer:
     def drop_stale_caches(self) -> None:
         if self.tokenizer is not None:
             remove_stale_caches(self.folder.cache_dir, self.tokenizer)
+
+    # -- continuous learning (the details live in continual.py) -------------------------------
+    def expand_vocabulary(self, texts: list[str], max_new_tokens: int = 1000,
+                          on_event: Event | None = None) -> dict:
+        """Grow tokenizer and embeddings for ``texts``; every old id and row is kept."""
+        return continual.expand_vocabulary(self, texts, max_new_tokens, on_event or (lambda k, i: None))
+
+    def evaluate_datasets(self) -> dict[str, dict]:
+        """Validation loss and bits per byte on the held-out part of every dataset seen."""
+        return continual.evaluate_datasets(self)
+
+    def train_on_new_data(self, new_texts: list[str] | Source, epochs: int = 5, expand_vocab: bool = True,
+                          max_new_tokens: int = 1000, on_event: Event | None = None,
+                          stop: StopFlag | None = None) -> dict:
+        """Teach the model new material: optional vocabulary growth, then training with
+        rehearsal of earlier data. Returns a report with a before/after table per dataset."""
+        return continual.train_on_new_data(self, new_texts, epochs, expand_vocab, max_new_tokens,
+                                           on_event or (lambda k, i: None), stop)

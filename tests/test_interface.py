@@ -215,3 +215,23 @@ def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
     assert "Training stopped (time limit reached)" in out
     assert "Validation at step" in out and "bits/byte" in out
     assert "Error" not in out
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_continue_training_with_vocabulary_growth_through_stdin(tmp_path, sample_file, kind):
+    new_file = tmp_path / "biology.txt"
+    new_file.write_text(("Photosynthesis in chloroplasts turns sunlight into sugar; "
+                         "mitochondria burn it for energy.\n") * 40, encoding="utf-8")
+    lines = [kind, "1", "1", str(sample_file), "1",  # first model
+             "3", str(new_file), "y", "40", "1",  # Continue Training: expand, up to 40 tokens, 1 epoch
+             "4", "5", "4"]
+    proc = run_program(tmp_path / "model", lines)
+    out = proc.stdout
+    assert proc.returncode == 0 and "Traceback" not in out + proc.stderr, proc.stderr[-2000:]
+    assert "Vocabulary: " in out and "added, e.g." in out
+    assert "Tokens per byte of the new data" in out
+    assert "Held-out results per dataset:" in out
+    table = out.split("Held-out results per dataset:")[1]
+    assert str(sample_file) in table and str(new_file) in table and "(new) ->" in table
+    status = out.split("=== Training Status ===")[1]
+    assert status.count("bits/byte") >= 3  # last validation + one line per dataset
