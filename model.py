@@ -17,6 +17,8 @@ import torch.nn.functional as F
 MAX_PARAMS = 20_000_000_000
 MAX_VOCAB = 1_000_000
 MAX_SEQ_LEN = 65_536
+MAX_LAYERS = 1_000
+MAX_WIDTH = 65_536
 
 
 @dataclass
@@ -44,6 +46,10 @@ class ModelConfig:
                 problems.append(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
             if self.vocab_size > MAX_VOCAB:
                 problems.append(f"vocab_size {self.vocab_size} exceeds {MAX_VOCAB}")
+            if self.n_layer > MAX_LAYERS:
+                problems.append(f"n_layer {self.n_layer} exceeds {MAX_LAYERS}")
+            if max(self.d_model, self.d_ff) > MAX_WIDTH or self.n_head > self.d_model:
+                problems.append(f"d_model/d_ff/n_head ({self.d_model}/{self.d_ff}/{self.n_head}) are out of range")
             if self.max_seq_len > MAX_SEQ_LEN:
                 problems.append(f"max_seq_len {self.max_seq_len} exceeds {MAX_SEQ_LEN}")
             if self.n_params_estimate() > MAX_PARAMS:

@@ -11,6 +11,7 @@ One folder is one model. Its files:
     history.json         every step's loss and learning rate, every validation
     datasets.json        every dataset trained on, with its latest validation results
     datasets/            held-out validation text and a rehearsal sample of each dataset
+    manifest.json        size and SHA-256 of the weight files of the last complete save
     cache/               token ids of the training data, keyed by content and tokenizer
 
 Nothing here ever unpickles code: tensors load with ``weights_only=True`` and the
@@ -18,6 +19,9 @@ config is validated before any tensor is allocated.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from pathlib import Path
 
 import torch
@@ -33,12 +37,66 @@ CHECKPOINT_FILE = "checkpoint.pth"
 HISTORY_FILE = "history.json"
 DATASETS_FILE = "datasets.json"
 DATASETS_DIR = "datasets"
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
 CACHE_DIR = "cache"
 
 
 class ModelFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).expanduser()
+        self._lock_depth = 0
+        self._lock_fd: int | None = None
+
+    @contextlib.contextmanager
+    def writer_lock(self):
+        """Hold the folder's single-writer lock (re-entrant within one process).
+
+        An OS file lock (flock) is released by the kernel when its process dies, so a
+        crashed trainer never leaves the folder locked.
+        """
+        if self._lock_depth == 0:
+            self.check_writable()
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # no flock (Windows): best effort, no lock
+                pass
+            except OSError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise ValueError(f"{self.path} is being trained by process {holder}; wait for it to "
+                                 "finish or use another --model-dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._lock_fd = fd
+        self._lock_depth += 1
+        try:
+            yield
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing releases the flock
+                self._lock_fd = None
+
+    def load_verified(self, name: str):
+        """``torch.load`` a weight file after checking it against the manifest.
+
+        A truncated, zero-byte or bit-flipped file is refused with a message instead of
+        being half-loaded.
+        """
+        path = self.file(name)
+        manifest_path = self.file(MANIFEST_FILE)
+        if manifest_path.exists():
+            expected = storage.read_json(manifest_path).get("files", {}).get(name)
+            if expected is not None:
+                data = path.read_bytes()
+                if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+                    raise ValueError(f"{path} is damaged (its size or checksum differs from "
+                                     f"{MANIFEST_FILE}); restore it from a backup")
+        return storage.load_torch(path)
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -125,7 +183,14 @@ class ModelFolder:
         if tok.vocab_size != config.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model expects "
                              f"{config.vocab_size}; the folder is inconsistent (restore it or retrain)")
-        state = storage.load_torch(self.file(WEIGHTS_FILE))
+        # A config can claim any size; the weights on disk cannot lie about theirs. Check
+        # before allocating, so a hostile config cannot make us reserve absurd memory.
+        expected = config.n_params_estimate() * 4
+        actual = self.file(WEIGHTS_FILE).stat().st_size
+        if expected > 2 * actual + 2**20:
+            raise ValueError(f"config.json describes ~{expected / 2**20:.0f} MiB of weights but "
+                             f"{WEIGHTS_FILE} holds {actual / 2**20:.1f} MiB; the folder is inconsistent")
+        state = self.load_verified(WEIGHTS_FILE)
         model = GPT(config)
         load_state(model, state, self.file(WEIGHTS_FILE))
         return model.to(device).eval(), tok, meta

@@ -69,12 +69,12 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0) -> int:
-    """Pick the next id from 1-D ``logits``. Temperature 0 is greedy.
+    """Pick the next id from 1-D ``logits``. Temperature 0 (or near it) is greedy.
 
     With top-k set, only the k best logits are sorted (``topk``), never the whole
     vocabulary; top-p then keeps the smallest prefix of those whose mass reaches p.
     """
-    if temperature == 0:
+    if temperature < 1e-4:  # dividing by a near-zero temperature overflows: it is greedy anyway
         return int(torch.argmax(logits))
     logits = logits.float() / temperature
     if top_k and top_k < logits.numel():

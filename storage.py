@@ -112,22 +112,34 @@ STAGING_DIR = ".staging"
 JOURNAL_FILE = "commit.json"
 
 
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def _to_bytes(content: Any) -> bytes:
     if isinstance(content, bytes):
         return content
     if isinstance(content, str):
         return content.encode("utf-8")
-    buf = io.BytesIO()
-    torch.save(content, buf)
-    return buf.getvalue()
+    return torch_bytes(content)
 
 
-KILL_ENV = "CUSTOM_LLM_TEST_KILL_AT"
+KILL_ENV = "CUSTOM_LLM_TEST_KILL_AT"  # "point" or "point#n": die the n-th time (from 1)
+_points_seen: dict[str, int] = {}
 
 
 def _crash_point(name: str) -> None:
-    """Tests set CUSTOM_LLM_TEST_KILL_AT to a point name to SIGKILL the process there."""
-    if os.environ.get(KILL_ENV) == name:
+    """For crash tests only: SIGKILL this process at a named point of a save."""
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("#")
+    if point != name:
+        return
+    _points_seen[name] = _points_seen.get(name, 0) + 1
+    if _points_seen[name] == int(nth or 1):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
@@ -143,6 +155,17 @@ def commit_files(folder: str | os.PathLike, files: dict[str, Any]) -> None:
     by ``recover`` the next time the folder is opened.
     """
     folder = Path(folder)
+    try:
+        _stage_and_commit(folder, files)
+    except OSError as exc:
+        if (folder / JOURNAL_FILE).exists():
+            raise  # committed: the staged files must stay for ``recover`` to finish the move
+        _clear_staging(folder / STAGING_DIR)
+        reason = exc.strerror or str(exc)
+        raise OSError(exc.errno, f"could not save to {folder}: {reason}; the previous save is intact") from exc
+
+
+def _stage_and_commit(folder: Path, files: dict[str, Any]) -> None:
     staging = folder / STAGING_DIR
     _clear_staging(staging)
     staging.mkdir(parents=True)

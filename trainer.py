@@ -8,6 +8,8 @@ Progress is reported through a callback, so the interface decides the wording.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +29,7 @@ import storage
 from data import Source, TokenDataset, load_cached_tokens, remove_stale_caches, tokenize_source
 from model import GPT, ModelConfig
 from model_folder import (CHECKPOINT_FILE, CONFIG_FILE, DATASETS_FILE, FORMAT_VERSION, HISTORY_FILE,
-                          WEIGHTS_FILE, ModelFolder, load_state)
+                          MANIFEST_FILE, WEIGHTS_FILE, ModelFolder, load_state)
 from tokenizer import (TYPE_FILE, BaseTokenizer, normalize_kind, supported_vocab_size, tokenizer_kind_in,
                        train_tokenizer)
 
@@ -118,6 +120,15 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     loss = total_nats / max(1, total_tokens)
     return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "bpb": total_nats / math.log(2) / max(1, total_bytes), "val_tokens": total_tokens}
+
+
+def _exclusive(method):
+    """Run a Trainer method that writes the folder while holding its single-writer lock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.folder.writer_lock():
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class StopFlag:
@@ -256,12 +267,22 @@ class Trainer:
                              f"expects {config.vocab_size}; the folder is inconsistent")
         self.model = GPT(config)
         ckpt_path = self.folder.file(CHECKPOINT_FILE)
-        ckpt = storage.load_torch(ckpt_path) if ckpt_path.exists() else None
+        ckpt = None
+        if ckpt_path.exists():
+            try:
+                ckpt = self.folder.load_verified(CHECKPOINT_FILE)
+                if not isinstance(ckpt, dict) or not {"model", "optimizer", "state"} <= set(ckpt):
+                    raise ValueError(f"{ckpt_path} is not a training checkpoint")
+            except ValueError as exc:
+                self.notes.append(f"{exc}; continuing from model.pth with a fresh optimizer")
+                ckpt = None
         if ckpt is not None:
             load_state(self.model, ckpt["model"], ckpt_path)
         else:  # weights without training state: continue with a fresh optimizer
-            load_state(self.model, storage.load_torch(self.folder.file(WEIGHTS_FILE)), self.folder.file(WEIGHTS_FILE))
-            self.notes.append("no checkpoint.pth found: training continues from model.pth with a fresh optimizer")
+            load_state(self.model, self.folder.load_verified(WEIGHTS_FILE), self.folder.file(WEIGHTS_FILE))
+            if not ckpt_path.exists():
+                self.notes.append("no checkpoint.pth found: training continues from model.pth "
+                                  "with a fresh optimizer")
         self.model.to(self.runtime.device)
         self._make_optimizer()
         self.history = self.folder.read_history()
@@ -310,10 +331,14 @@ class Trainer:
         self.meta["model"] = self.model.config.to_dict()
         self.meta["training"] = self.config.to_dict()
         self.meta["progress"] = {k: self.state[k] for k in ("step", "tokens_seen", "epochs_done")}
-        files = {WEIGHTS_FILE: weights, CHECKPOINT_FILE: ckpt,
-                 HISTORY_FILE: json.dumps(self.history), DATASETS_FILE: json.dumps(self.datasets, indent=1),
-                 **(extra_files or {}),
-                 CONFIG_FILE: json.dumps(dict(self.meta, format_version=FORMAT_VERSION), indent=2)}
+        blobs = {WEIGHTS_FILE: storage.torch_bytes(weights), CHECKPOINT_FILE: storage.torch_bytes(ckpt)}
+        manifest = {"step": self.state["step"],
+                    "files": {name: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                              for name, b in blobs.items()}}
+        files = {**blobs, HISTORY_FILE: json.dumps(self.history),
+                 DATASETS_FILE: json.dumps(self.datasets, indent=1), **(extra_files or {}),
+                 CONFIG_FILE: json.dumps(dict(self.meta, format_version=FORMAT_VERSION), indent=2),
+                 MANIFEST_FILE: json.dumps(manifest, indent=1)}
         storage.commit_files(self.folder.path, files)
 
     # -- queries ---------------------------------------------------------------------------
@@ -328,6 +353,7 @@ class Trainer:
         return run if run and not run.get("finished") else None
 
     # -- training ------------------------------------------------------------------------
+    @_exclusive
     def train(self, source: Source, epochs: int, on_event: Event | None = None,
               stop: StopFlag | None = None) -> TrainResult:
         """Train on ``source`` for ``epochs``, or resume the interrupted run on it."""
@@ -346,6 +372,7 @@ class Trainer:
         tokens = tokenize_source(source, self.tokenizer, self.folder.cache_dir)
         return self._train_tokens(tokens, source.name, epochs, on_event, stop)
 
+    @_exclusive
     def resume(self, on_event: Event | None = None, stop: StopFlag | None = None) -> TrainResult:
         """Continue the interrupted run from its checkpoint, on its cached token ids."""
         run = self.interrupted_run()
@@ -504,6 +531,7 @@ class Trainer:
             remove_stale_caches(self.folder.cache_dir, self.tokenizer)
 
     # -- continuous learning (the details live in continual.py) -------------------------------
+    @_exclusive
     def expand_vocabulary(self, texts: list[str], max_new_tokens: int = 1000,
                           on_event: Event | None = None) -> dict:
         """Grow tokenizer and embeddings for ``texts``; every old id and row is kept."""
@@ -513,6 +541,7 @@ class Trainer:
         """Validation loss and bits per byte on the held-out part of every dataset seen."""
         return continual.evaluate_datasets(self)
 
+    @_exclusive
     def train_on_new_data(self, new_texts: list[str] | Source, epochs: int = 5, expand_vocab: bool = True,
                           max_new_tokens: int = 1000, on_event: Event | None = None,
                           stop: StopFlag | None = None) -> dict:

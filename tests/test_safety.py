@@ -1,0 +1,251 @@
+"""Guarantees for a user's model folder: crash safety, exact resume after SIGKILL,
+one writer at a time, safe loading of untrusted folders, clear errors for damage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import storage
+import tokenizer as tokenizer_module
+from data import source_from_text
+from model_folder import ModelFolder
+from response_generator import sample_next_token
+from tokenizer import train_tokenizer
+from trainer import Trainer
+
+from conftest import ROOT, SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+WORKER = ROOT / "tests" / "train_worker.py"
+EPOCHS = 3
+
+
+def run_worker(model_dir, data_file, kill_at=None):
+    env = {k: v for k, v in os.environ.items() if k != storage.KILL_ENV}
+    if kill_at:
+        env[storage.KILL_ENV] = kill_at
+    proc = subprocess.run([sys.executable, str(WORKER), str(model_dir), str(data_file), str(EPOCHS)],
+                          capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    return proc.returncode, parse_steps(proc.stdout), proc
+
+
+def parse_steps(stdout):
+    steps = {}
+    for line in stdout.splitlines():
+        if line.startswith("step "):
+            _, n, loss = line.split()
+            steps[int(n)] = float(loss)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "sample.txt"
+    path.write_text(SAMPLE_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_file):
+    code, steps, proc = run_worker(tmp_path_factory.mktemp("ref") / "model", data_file)
+    assert code == 0, proc.stderr[-2000:]
+    return steps
+
+
+def assert_exact_resume(model_dir, data_file, reference, killed_steps):
+    code, resumed, proc = run_worker(model_dir, data_file)
+    assert code == 0, proc.stderr[-2000:]
+    first = min(resumed)
+    assert max(resumed) == max(reference)
+    assert first - 1 >= max(killed_steps, default=0) - 5  # lost at most one checkpoint interval
+    assert {s: resumed[s] for s in resumed} == {s: reference[s] for s in resumed}  # bit-exact losses
+
+
+@pytest.mark.parametrize("point", ["staged:checkpoint.pth#3", "before-journal#3", "after-journal#3"])
+def test_sigkill_during_a_save_then_exact_resume(tmp_path, data_file, reference, point):
+    code, killed, _ = run_worker(tmp_path / "model", data_file, kill_at=point)
+    assert code == -signal.SIGKILL
+    ModelFolder(tmp_path / "model").load_model()  # whatever survived is a consistent model
+    assert_exact_resume(tmp_path / "model", data_file, reference, killed)
+
+
+def test_sigkill_at_a_random_step_then_exact_resume(tmp_path, data_file, reference):
+    model_dir = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(data_file), str(EPOCHS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    killed = {}
+    for line in proc.stdout:
+        if line.startswith("step "):
+            _, n, loss = line.split()
+            killed[int(n)] = float(loss)
+            if int(n) == 13:
+                proc.kill()
+                break
+    proc.wait(30)
+    assert_exact_resume(model_dir, data_file, reference, killed)
+
+
+@pytest.fixture
+def trained(tmp_path):
+    folder = tmp_path / "model"
+    Trainer(str(folder), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN).train(
+        source_from_text(SAMPLE_TEXT), 1)
+    return folder
+
+
+class Malicious:
+    """Unpickling this would create a file: the loader must never let it run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(trained, tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"wte.weight": Malicious(str(marker))}, trained / "model.pth")
+    (trained / "manifest.json").unlink()  # so the pickle reaches the loader itself
+    with pytest.raises(ValueError, match="cannot load"):
+        ModelFolder(trained).load_model()
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "bitflip"])
+def test_damaged_weights_are_detected(trained, damage):
+    path = trained / "model.pth"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="damaged"):
+        ModelFolder(trained).load_model()
+
+
+def test_damaged_checkpoint_falls_back_to_the_weights(trained):
+    path = trained / "checkpoint.pth"
+    path.write_bytes(path.read_bytes()[:100])
+    trainer = Trainer(str(trained))
+    trainer.load()
+    assert any("damaged" in n and "fresh optimizer" in n for n in trainer.notes)
+    trainer.train(source_from_text(SAMPLE_TEXT + " more"), 1)  # and training carries on
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text[:-20], "not valid JSON"),
+    (lambda text: text.replace('"format_version": 1', '"format_version": 99'), "newer version"),
+    (lambda text: text.replace('"n_layer": 1', '"n_layer": 100000'), "n_layer 100000 exceeds"),
+    (lambda text: text.replace('"n_layer": 1', '"n_layer": 900'), "describes ~.* MiB of weights"),
+    (lambda text: text.replace('"dropout"', '"__import__": "os", "dropout"'), "unknown model config keys"),
+    (lambda text: text.replace('"tokenizer": "bpe"', '"tokenizer": "pickle"'), "unknown tokenizer"),
+])
+def test_bad_config_is_refused_before_allocating(trained, edit, message):
+    path = trained / "config.json"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ValueError, match=message):
+        ModelFolder(trained).load_model()
+
+
+def test_tokenizer_that_disagrees_with_the_embedding_is_refused(trained):
+    other = train_tokenizer("bpe", [SAMPLE_TEXT * 3], 360)
+    other.save(trained)
+    with pytest.raises(ValueError, match="tokens but the model expects"):
+        ModelFolder(trained).load_model()
+
+
+def test_panics_from_tokenizer_libraries_are_reported(monkeypatch):
+    class PanicException(BaseException):  # what a Rust panic looks like from Python
+        pass
+
+    def panic(*args, **kwargs):
+        raise PanicException("index out of bounds")
+
+    monkeypatch.setattr(tokenizer_module.BPETokenizer, "train", panic)
+    with pytest.raises(ValueError, match="training the bpe tokenizer failed: index out of bounds"):
+        train_tokenizer("bpe", ["text"], 400)
+
+
+def test_second_writer_is_refused(trained):
+    holder = ModelFolder(trained)
+    with holder.writer_lock():
+        with pytest.raises(ValueError, match=f"being trained by process {os.getpid()}"):
+            Trainer(str(trained)).train(source_from_text(SAMPLE_TEXT), 1)
+    Trainer(str(trained)).train(source_from_text(SAMPLE_TEXT), 1)  # free again afterwards
+
+
+def test_lock_of_a_killed_process_does_not_stick(trained):
+    code = ("import sys, os, signal; sys.path.insert(0, %r); from model_folder import ModelFolder\n"
+            "with ModelFolder(%r).writer_lock(): os.kill(os.getpid(), signal.SIGKILL)") % (str(ROOT), str(trained))
+    proc = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    with ModelFolder(trained).writer_lock():
+        pass
+
+
+def test_disk_full_during_a_save_keeps_the_previous_state(trained, monkeypatch):
+    before = (trained / "model.pth").read_bytes()
+
+    def full(name):
+        if name == "staged:checkpoint.pth":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "_crash_point", full)
+    with pytest.raises(OSError, match="No space left on device; the previous save is intact"):
+        Trainer(str(trained)).train(source_from_text(SAMPLE_TEXT + " again"), 1)
+    monkeypatch.undo()
+    assert (trained / "model.pth").read_bytes() == before
+    ModelFolder(trained).load_model()
+
+
+def test_unwritable_model_folder_is_reported_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    trainer = Trainer(str(blocker / "model"), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN)
+    with pytest.raises(ValueError, match="cannot write to the model folder"):
+        trainer.train(source_from_text(SAMPLE_TEXT), 1)
+
+
+def test_stray_temp_files_are_cleaned(trained):
+    (trained / ".tmp-model.pth.abc").write_bytes(b"half a file")
+    (trained / ".staging").mkdir()
+    (trained / ".staging" / "model.pth").write_bytes(b"uncommitted")
+    ModelFolder(trained).load_model()
+    assert not (trained / ".tmp-model.pth.abc").exists() and not (trained / ".staging").exists()
+
+
+def test_history_and_manifest_describe_the_same_save(trained):
+    manifest = json.loads((trained / "manifest.json").read_text())
+    config = json.loads((trained / "config.json").read_text())
+    assert manifest["step"] == config["progress"]["step"]
+    assert set(manifest["files"]) == {"model.pth", "checkpoint.pth"}
+
+
+@pytest.fixture(scope="module", params=["bpe", "sentencepiece"])
+def any_tokenizer(request):
+    return train_tokenizer(request.param, [SAMPLE_TEXT], 400)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(max_size=200))
+def test_round_trip_on_arbitrary_unicode(any_tokenizer, text):
+    assert any_tokenizer.decode(any_tokenizer.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.floats(-50, 50), min_size=1, max_size=64), temperature=st.floats(0, 3),
+       top_k=st.integers(0, 80), top_p=st.floats(0.01, 1.0), seed=st.integers(0, 2**31))
+def test_sampling_never_leaves_the_vocabulary(logits, temperature, top_k, top_p, seed):
+    g = torch.Generator().manual_seed(seed)
+    token = sample_next_token(torch.tensor(logits), g, temperature, top_k, top_p)
+    assert 0 <= token < len(logits)
