@@ -51,6 +51,10 @@ class Cancelled(Exception):
     """Ctrl+C at a prompt: abandon the current action."""
 
 
+class Terminated(Exception):
+    """SIGTERM stopped training: the checkpoint is saved, now leave the program."""
+
+
 def parse_whole_number(text: str, low: int, high: int, what: str) -> int:
     """'12' -> 12. Only ASCII digits count (int() would also take '١')."""
     text = text.strip()
@@ -166,7 +170,7 @@ class App:
                         break
                 except Cancelled:
                     self.out("(cancelled)")
-        except (EndOfInput, Cancelled):
+        except (EndOfInput, Cancelled, Terminated):
             self.out("")
         self.out("Goodbye.")
         return 0
@@ -302,6 +306,9 @@ class App:
             self.out(f"Note: {note}")
         trainer.notes.clear()
         result = outcome["result"] if isinstance(outcome, dict) else outcome
+        if result.stopped_early == "terminated":
+            self.out(f"Terminated at step {result.global_step}; checkpoint saved.")
+            raise Terminated
         if result.stopped_early:
             self.out(f"Training stopped ({result.stopped_early}) at step {result.global_step}; "
                      "checkpoint saved. Choose Continue Training to resume.")

@@ -107,3 +107,34 @@ def test_short_text_gets_a_shorter_window_or_a_clear_error():
     assert ds.shortened and ds.seq_len == 19 and ds.n_windows >= 1
     with pytest.raises(ValueError, match="too short"):
         TokenDataset(np.arange(10, dtype=np.uint16), seq_len=256)
+
+
+def test_a_50_mb_file_streams_with_bounded_memory(tmp_path):
+    """Tokenizing a 50 MB file must not hold the file, or all its ids as Python ints, in RAM."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    big = tmp_path / "big.txt"
+    line = (SAMPLE_TEXT.replace("\n\n", "\n") * 2)[:4000]
+    with open(big, "w", encoding="utf-8") as f:
+        for i in range(50 * 2**20 // len(line) + 1):
+            f.write(f"{i} {line}")
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import SAMPLE_TEXT
+from data import open_source, tokenize_source
+from tokenizer import train_tokenizer
+tok = train_tokenizer("bpe", [SAMPLE_TEXT], 400)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ids = tokenize_source(open_source({str(big)!r}), tok, {str(tmp_path / 'cache')!r})
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(ids), (after - before) // 1024)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_ids, grew_mib = map(int, proc.stdout.split())
+    assert n_ids > 10_000_000
+    assert grew_mib < 200, f"peak memory grew by {grew_mib} MiB while tokenizing 50 MB"

@@ -167,43 +167,61 @@ def test_stdout_is_flushed_for_streaming(monkeypatch):
     assert buf.getvalue() == "abc"
 
 
-def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file):
-    """A real SIGINT in the middle of training: checkpoint, back to the menu, resume later."""
-    import signal
+def start_long_training(model_dir, sample_file, later_lines):
+    """Start the real program on a long run; return it once epoch 3 is under way."""
     import threading
-    import time
 
-    model_dir = tmp_path / "model"
-    lines = ["bpe", "1", "1", str(sample_file), "60",  # a run long enough to interrupt
-             "3", "y",  # Continue Training -> resume the interrupted run
-             "5", "4"]
+    lines = ["bpe", "1", "1", str(sample_file), "60", *later_lines]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "interface.py"), "--model-dir", str(model_dir), *TINY_CLI,
          "--checkpoint-every", "1000"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    stderr_chunks = []
-    seen_epoch_3 = threading.Event()
+    proc.stderr_chunks = []
+    epoch_3 = threading.Event()
 
     def pump():
         while chunk := proc.stderr.read(64):
-            stderr_chunks.append(chunk)
-            if "Epoch 3/" in "".join(stderr_chunks[-40:]):
-                seen_epoch_3.set()
+            proc.stderr_chunks.append(chunk)
+            if "Epoch 3/" in "".join(proc.stderr_chunks[-40:]):
+                epoch_3.set()
 
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    threading.Thread(target=pump, daemon=True).start()
     proc.stdin.write("\n".join(lines) + "\n")
     proc.stdin.flush()
-    assert seen_epoch_3.wait(120), "training never reached epoch 3"
-    time.sleep(0.2)
+    assert epoch_3.wait(120), "training never reached epoch 3"
+    return proc
+
+
+def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file):
+    """A real SIGINT in the middle of training: checkpoint, back to the menu, resume later."""
+    import signal
+
+    proc = start_long_training(tmp_path / "model", sample_file, ["3", "y", "5", "4"])
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=240)
-    reader.join(5)
-    assert proc.returncode == 0, "".join(stderr_chunks)[-2000:]
-    assert "Traceback" not in out + "".join(stderr_chunks)
+    err = "".join(proc.stderr_chunks)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in out + err
     assert "Training stopped (interrupted)" in out
     assert "Resuming the interrupted run" in out
     assert "Training complete" in out
+
+
+def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
+    import json
+    import signal
+
+    import torch
+
+    proc = start_long_training(tmp_path / "model", sample_file, ["4"])
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in out + "".join(proc.stderr_chunks)
+    assert "Terminated at step" in out and out.rstrip().endswith("Goodbye.")
+    step = int(out.split("Terminated at step ")[1].split(";")[0])
+    ckpt = torch.load(tmp_path / "model" / "checkpoint.pth", weights_only=True)
+    assert ckpt["state"]["step"] == step and not ckpt["state"]["run"]["finished"]
+    assert json.loads((tmp_path / "model" / "manifest.json").read_text())["step"] == step
 
 
 def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
