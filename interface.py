@@ -28,11 +28,18 @@ DEFAULT_EPOCHS = 3
 MAX_EPOCHS = 10_000
 END_OF_TEXT_INPUT = "END"
 
-MAIN_MENU = ("Main Menu", ["Training", "Response", "System Information", "Exit"])
-TRAINING_MENU = ("Training Menu", ["Train from File", "Train from Input", "Continue Training",
-                                   "Training Status", "Back to Main Menu"])
-RESPONSE_MENU = ("Response Menu", ["Q&A", "Chat", "Text Generation", "Model Information",
-                                   "Back to Main Menu"])
+# Each menu: its title and (label, App method to call); None leaves the menu.
+MAIN_MENU = ("Main Menu", [("Training", "training_menu"), ("Response", "response_menu"),
+                           ("System Information", "system_information"), ("Exit", None)])
+TRAINING_MENU = ("Training Menu", [("Train from File", "train_from_file"),
+                                   ("Train from Input", "train_from_input"),
+                                   ("Continue Training", "continue_training"),
+                                   ("Training Status", "training_status"), ("Back to Main Menu", None)])
+RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
+                                   ("Text Generation", "text_generation"),
+                                   ("Model Information", "model_information"), ("Back to Main Menu", None)])
+# What a user can cause: shown as one line, and the menu carries on.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
 CHAT_HELP = """Chat commands:
   /reset        forget the conversation so far
   /temp X       set the temperature (0 = always the most likely token)
@@ -90,18 +97,31 @@ class App:
             self.out("")
             raise Cancelled from None
 
-    def choose(self, menu: tuple[str, list[str]]) -> int:
+    def choose(self, menu: tuple[str, list[tuple[str, str | None]]]) -> int:
         """Show a menu until a valid number is entered; returns it (1-based)."""
         title, options = menu
         while True:
             self.out(f"\n=== {title} ===")
-            for i, option in enumerate(options, 1):
-                self.out(f"  {i}. {option}")
+            for i, (label, _) in enumerate(options, 1):
+                self.out(f"  {i}. {label}")
             answer = self.ask(f"Choose 1-{len(options)}: ")
             try:
                 return parse_whole_number(answer, 1, len(options), "the choice")
             except ValueError as exc:
                 self.out(f"Invalid choice: {exc}.")
+
+    def menu_loop(self, menu: tuple[str, list[tuple[str, str | None]]]) -> None:
+        """Run a menu's handlers until its 'back' entry; errors print one line."""
+        while True:
+            handler = menu[1][self.choose(menu) - 1][1]
+            if handler is None:
+                return
+            try:
+                getattr(self, handler)()
+            except Cancelled:
+                self.out("(cancelled)")
+            except USER_ERRORS as exc:
+                self.out(f"Error: {exc}")
 
     def ask_number(self, prompt: str, default: int, low: int, high: int, what: str) -> int:
         while True:
@@ -157,19 +177,7 @@ class App:
         self.out(f"Device: {self.runtime.device} ({self.runtime.reason}). Model folder: {self.model_dir}")
         try:
             self.choose_tokenizer()
-            while True:
-                try:
-                    choice = self.choose(MAIN_MENU)
-                    if choice == 1:
-                        self.training_menu()
-                    elif choice == 2:
-                        self.response_menu()
-                    elif choice == 3:
-                        self.system_information()
-                    else:
-                        break
-                except Cancelled:
-                    self.out("(cancelled)")
+            self.menu_loop(MAIN_MENU)
         except (EndOfInput, Cancelled, Terminated):
             self.out("")
         self.out("Goodbye.")
@@ -189,23 +197,7 @@ class App:
         return trainer
 
     def training_menu(self) -> None:
-        while True:
-            choice = self.choose(TRAINING_MENU)
-            try:
-                if choice == 1:
-                    self.train_from_file()
-                elif choice == 2:
-                    self.train_from_input()
-                elif choice == 3:
-                    self.continue_training()
-                elif choice == 4:
-                    self.training_status()
-                else:
-                    return
-            except Cancelled:
-                self.out("(cancelled)")
-            except (ValueError, FileNotFoundError, FloatingPointError, OSError) as exc:
-                self.out(f"Error: {exc}")
+        self.menu_loop(TRAINING_MENU)
 
     def read_typed_text(self) -> str:
         self.out(f"Type or paste your text. Finish with a line that holds only {END_OF_TEXT_INPUT}.")
@@ -363,23 +355,7 @@ class App:
         except (ValueError, FileNotFoundError) as exc:
             self.out(f"Error: cannot load the model: {exc}")
             return
-        while True:
-            choice = self.choose(RESPONSE_MENU)
-            try:
-                if choice == 1:
-                    self.question_answer()
-                elif choice == 2:
-                    self.chat()
-                elif choice == 3:
-                    self.text_generation()
-                elif choice == 4:
-                    self.model_information()
-                else:
-                    return
-            except Cancelled:
-                self.out("(cancelled)")
-            except ValueError as exc:
-                self.out(f"Error: {exc}")
+        self.menu_loop(RESPONSE_MENU)
 
     def show_stream(self, prefix: str, pieces) -> None:
         """Print pieces as they arrive; Ctrl+C ends this answer only."""
