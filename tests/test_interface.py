@@ -253,3 +253,20 @@ def test_continue_training_with_vocabulary_growth_through_stdin(tmp_path, sample
     assert str(sample_file) in table and str(new_file) in table and "(new) ->" in table
     status = out.split("=== Training Status ===")[1]
     assert status.count("bits/byte") >= 3  # last validation + one line per dataset
+
+
+def test_ctrl_c_during_an_answer_stops_only_that_answer(tmp_path):
+    out = []
+    app = interface.App(interface.build_parser().parse_args(["--model-dir", str(tmp_path)]), Script([]), out.append)
+
+    class Stub:
+        notices = ["a notice"]
+
+    def pieces():
+        yield "Hello"
+        yield " wor"
+        raise KeyboardInterrupt
+
+    app.generator = Stub()
+    app.show_stream("AI: ", pieces())
+    assert out == ["AI: Hello wor [stopped]", "Note: a notice"]
