@@ -1,5 +1,8 @@
-"""Plain-text formatting for the terminal: tables, sizes and a small loss chart."""
+"""Plain-text output for the terminal: tables, sizes, a loss chart, the training progress bar."""
 from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 def human_count(n: float) -> str:
@@ -52,3 +55,62 @@ def loss_chart(values: list[float], width: int = 60, height: int = 10) -> str:
         lines.append(f"  {label} |{bar}".rstrip())
     lines.append("  " + " " * 7 + " +" + "-" * width)
     return "\n".join(lines)
+
+
+class TrainingProgress:
+    """Receives the trainer's events and draws a tqdm bar per epoch."""
+
+    def __init__(self, out: Callable[[str], None]) -> None:
+        self.out = out
+        self.bar = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __call__(self, kind: str, info: dict) -> None:
+        from tqdm import tqdm
+
+        if kind == "tokenizer":
+            self.out(f"Training a {info['kind']} tokenizer (up to {info['vocab_size']:,} tokens)...")
+        elif kind == "expanding":
+            self.out(f"Growing the {info['kind']} vocabulary (up to {info['max_new']:,} new tokens)...")
+        elif kind == "tokenizing":
+            self.out(f"Tokenizing {info['source']}...")
+        elif kind == "resume":
+            self.out(f"Resuming the interrupted run on {info['name']} at epoch {info['epoch'] + 1}/"
+                     f"{info['epochs']}, step {info['run_step']}/{info['total_steps']}.")
+        elif kind == "start":
+            run = info["run"]
+            self.out(f"Training {human_count(info['params'])} parameters on {info['device']} "
+                     f"({info['precision']}): {info['train_tokens']:,} training tokens, "
+                     f"{run['epochs']} epoch(s), batch {run['batch_size']} x {run['seq_len']} tokens. "
+                     "Ctrl+C saves and stops.")
+        elif kind == "epoch_start":
+            self.close()
+            self.bar = tqdm(total=info["n_batches"], initial=info["batch"], file=sys.stderr,
+                            desc=f"Epoch {info['epoch'] + 1}/{info['epochs']}", mininterval=0.5,
+                            dynamic_ncols=True, leave=True)
+        elif kind == "step" and self.bar is not None:
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", step=info["step"],
+                                 tok_s=f"{info['tokens_per_s']:.0f}", refresh=False)
+            self.bar.update(1)
+        elif kind == "eval":
+            self.close()
+            when = (f"at step {info['step']}" if info.get("partial_epoch")
+                    else f"after epoch {info['epoch']}")
+            self.out(f"Validation {when}: loss {info['val_loss']:.4f} | "
+                     f"perplexity {info['perplexity']:.2f} | {info['bpb']:.4f} bits/byte")
+
+
+class ConsoleOutput:
+    """print() plus a way to stream partial lines (used for generated text)."""
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    @staticmethod
+    def write_partial(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
