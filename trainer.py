@@ -94,6 +94,51 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (cfg.learning_rate - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def make_optimizer(model: GPT, cfg: TrainConfig, runtime: hardware.Runtime) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.95); weight decay on matrices and embeddings only.
+
+    The fused kernel on CUDA; the multi-tensor ("foreach") kernel elsewhere, which on
+    the CPU updates all parameters in a few large operations instead of one small
+    loop per tensor.
+    """
+    kwargs: dict[str, Any] = {"fused": True} if runtime.device.type == "cuda" else {}
+    return torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                             betas=(0.9, 0.95), **kwargs)
+
+
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
+               runtime: hardware.Runtime, grad_clip: float,
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One optimizer step on the batch (x, y) at learning rate ``lr``; returns the loss.
+
+    The whole training step, shared by ``Trainer`` and the benchmark (bench.py), so
+    the benchmark times exactly what training runs.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        _, loss = model(x, y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError("the loss became NaN/inf; lower the learning rate and resume "
+                                 "from the last checkpoint")
+    return value
+
+
 @torch.no_grad()
 def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: hardware.Runtime,
                   token_bytes: np.ndarray) -> dict:
@@ -210,6 +255,7 @@ class Trainer:
         self.history: dict = {"steps": [], "evals": [], "runs": []}
         self.datasets: list[dict] = []  # every dataset trained on, with its held-out text
         self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
+        self._unsaved_files: dict[str, bytes | str] = {}
 
     # -- building and loading -------------------------------------------------------------
     @property
@@ -225,7 +271,7 @@ class Trainer:
         return ModelConfig(vocab_size=vocab_size, **values)
 
     def _create(self, source: Source, on_event: Event) -> None:
-        """First training in an empty folder: tokenizer, model, and a step-0 save."""
+        """First training in an empty folder: tokenizer and model, in memory until the first save."""
         self.folder.check_writable()
         requested = self.config.vocab_size
         target = supported_vocab_size(requested, source.n_bytes)
@@ -243,14 +289,12 @@ class Trainer:
         self._make_optimizer()
         self.state = {"step": 0, "tokens_seen": 0, "epochs_done": 0, "run": None}
         self.history = {"steps": [], "evals": [], "runs": []}
-        self.save_checkpoint({tok.filename: tok.to_bytes(), TYPE_FILE: tok.kind + "\n"})
+        # Nothing is written yet: if the data turns out unusable, no half-made model is
+        # left behind. The tokenizer joins the first save.
+        self._unsaved_files = {tok.filename: tok.to_bytes(), TYPE_FILE: tok.kind + "\n"}
 
     def _make_optimizer(self) -> None:
-        kwargs: dict[str, Any] = {}
-        if self.runtime.device.type == "cuda":
-            kwargs["fused"] = True
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(self.config.weight_decay),
-                                           lr=self.config.learning_rate, betas=(0.9, 0.95), **kwargs)
+        self.optimizer = make_optimizer(self.model, self.config, self.runtime)
         self.scaler = torch.amp.GradScaler("cuda") if self.runtime.use_grad_scaler else None
 
     def load(self) -> None:
@@ -336,10 +380,11 @@ class Trainer:
                     "files": {name: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
                               for name, b in blobs.items()}}
         files = {**blobs, HISTORY_FILE: json.dumps(self.history),
-                 DATASETS_FILE: json.dumps(self.datasets, indent=1), **(extra_files or {}),
+                 DATASETS_FILE: json.dumps(self.datasets, indent=1), **self._unsaved_files, **(extra_files or {}),
                  CONFIG_FILE: json.dumps(dict(self.meta, format_version=FORMAT_VERSION), indent=2),
                  MANIFEST_FILE: json.dumps(manifest, indent=1)}
         storage.commit_files(self.folder.path, files)
+        self._unsaved_files = {}
 
     # -- queries ---------------------------------------------------------------------------
     def interrupted_run(self) -> dict | None:
@@ -469,30 +514,7 @@ class Trainer:
         return TrainResult(steps_here, self.state["step"], stopped, final_eval, resumed)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        model, opt, rt = self.model, self.optimizer, self.runtime
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-        with rt.autocast():
-            _, loss = model(x, y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(opt)
-        else:
-            loss.backward()
-        if self.config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(opt)
-            self.scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError("the loss became NaN/inf; lower the learning rate and resume "
-                                     "from the last checkpoint")
-        return value
+        return train_step(self.model, self.optimizer, x, y, lr, self.runtime, self.config.grad_clip, self.scaler)
 
     def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: dict) -> dict:
         result = estimate_loss(self.model, dataset.val_batches(run["batch_size"], self.config.eval_batches),

@@ -122,3 +122,16 @@ def test_existing_model_keeps_its_tokenizer_and_size(tmp_path):
 def test_bad_epochs_are_refused(tmp_path, epochs):
     with pytest.raises(ValueError, match="epochs"):
         make_trainer(tmp_path / "m").train(source_from_text(SAMPLE_TEXT), epochs)
+
+
+def test_text_shorter_than_the_context_trains_on_shorter_windows(tmp_path):
+    trainer = make_trainer(tmp_path / "m")
+    result = trainer.train(source_from_text("A short note about the mill and the river, nothing more."), 2)
+    assert result.global_step > 0
+    assert any("the text is short" in n and "instead of 32" in n for n in trainer.notes)
+
+
+def test_text_too_short_to_learn_from_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="the text is too short"):
+        make_trainer(tmp_path / "m").train(source_from_text("hi"), 1)
+    assert not (tmp_path / "m" / "config.json").exists()  # no half-made model is left behind
