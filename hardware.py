@@ -146,6 +146,35 @@ def configure_cpu_threads() -> None:
         torch.set_num_threads(allowed)
 
 
+def configure_cpu_allocator() -> bool:
+    """Keep freed memory in the process instead of handing it back to the kernel.
+
+    glibc serves every allocation above a threshold (the logits of one CPU training
+    step are 64 MB) with a fresh ``mmap`` and unmaps it on free, so each step pays a
+    page fault per 4 KiB of every large tensor: about 65,000 faults and 10-25% of the
+    step on the compact preset. Turning that off makes the second step reuse the first
+    step's memory. The cost: the resident size stays at its peak instead of shrinking
+    between steps. A no-op (returns False) off glibc.
+    """
+    if platform.system() != "Linux":
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameter numbers from <malloc.h>
+        ok = libc.mallopt(m_mmap_max, 0) == 1
+        return libc.mallopt(m_trim_threshold, 1 << 30) == 1 and ok
+    except (OSError, AttributeError):
+        return False
+
+
+def configure_cpu() -> None:
+    """Process-wide CPU settings, once at start-up: threads and the memory allocator."""
+    configure_cpu_threads()
+    configure_cpu_allocator()
+
+
 def total_ram_gib() -> float | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="default answer to the epochs question")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="peak learning rate (default 3e-4)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     t.add_argument("--max-minutes", type=float, help="stop a training run after this many minutes")
     t.add_argument("--train-seed", type=int, help="seed for initialisation and data order")
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
          output_fn: Callable[[str], None] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    hardware.configure_cpu_threads()
+    hardware.configure_cpu()
     out = output_fn or ConsoleOutput()
     try:
         app = App(args, input_fn, out)

@@ -108,15 +108,76 @@ class KVCache:
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` with a faster product for a single row on the CPU (decoding).
+
+    Decoding multiplies one row by every weight. MKL computes one row times ``W.T``
+    (what ``nn.Linear`` does) on a single core, but one row times a contiguous copy
+    of ``W.T`` on all of them: a small model decodes ~1.3x faster (bench.py). The
+    copy is made on first use and again whenever the weight has changed: new storage
+    or dtype, or a move of its version counter, which every in-place update makes (an
+    optimizer step, a load).
+    Only outside autograd; training and multi-row inputs take ``nn.Linear``'s path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or torch.is_grad_enabled() or x.numel() != x.shape[-1]:
+            return super().forward(x)
+        w = self.weight
+        try:
+            key = (w.data_ptr(), w.dtype, w._version)
+        except RuntimeError:  # inference tensors have no version counter, and never change
+            key = (w.data_ptr(), w.dtype, -1)
+        if getattr(self, "_wt_key", None) != key:
+            self._wt, self._wt_key = w.t().contiguous(), key  # (in_features, out_features)
+        row = x.reshape(1, -1)
+        y = row @ self._wt if self.bias is None else torch.addmm(self.bias, row, self._wt)
+        return y.view(*x.shape[:-1], -1)
+
+
+def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout (zero with probability p, scale the rest by 1/(1-p)).
+
+    The same distribution and the same global RNG as ``F.dropout``, but the mask comes
+    from uniform draws and a compare, which on the CPU is about twice as fast as the
+    ``bernoulli_`` that ``F.dropout`` uses there.
+    """
+    scale = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p)
+    return x * scale
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that uses ``cpu_dropout`` when training on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.p > 0 and x.device.type == "cpu":
+            return cpu_dropout(x, self.p)
+        return super().forward(x)
+
+
+def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal attention written out, with dropout on the weights: (B, H, T, D) -> (B, H, T, D).
+
+    For CPU training only. There ``scaled_dot_product_attention`` has no fused kernel
+    that applies dropout, so it falls back to this same computation, plus masking
+    passes of its own and the slower dropout mask; spelled out, it is ~10% faster.
+    """
+    T = q.size(-2)
+    # -inf above the diagonal: adding it is cheaper than masked_fill forward and backward.
+    future = torch.full((T, T), float("-inf"), device=q.device).triu(diagonal=1)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1))) + future  # (B, H, T, T)
+    return cpu_dropout(torch.softmax(att, dim=-1), p) @ v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(config.d_model, config.d_model)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.c_attn = Linear(config.d_model, 3 * config.d_model)  # q, k, v in one matmul
+        self.c_proj = Linear(config.d_model, config.d_model)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -134,10 +195,13 @@ class CausalSelfAttention(nn.Module):
                 # T new queries after `start` cached keys: query i sees keys <= start + i.
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, H, T, D)
+        if self.training and self.dropout > 0 and kv_cache is None and x.device.type == "cpu":
+            y = causal_attention_with_dropout(q, k, v, self.dropout)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -145,9 +209,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, config.d_ff)
-        self.c_proj = nn.Linear(config.d_ff, config.d_model)
-        self.dropout = nn.Dropout(config.dropout)
+        self.c_fc = Linear(config.d_model, config.d_ff)
+        self.c_proj = Linear(config.d_ff, config.d_model)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
@@ -174,10 +238,10 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the input embedding. Fewer
         # parameters, and rare tokens learn from both directions.
         self.lm_head.weight = self.wte.weight
@@ -209,11 +273,13 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | None = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for every position, and the mean loss if targets are given.
 
         With a ``kv_cache``, ``idx`` holds only the new tokens; their positions continue
-        from ``kv_cache.pos``, and the cache advances by T afterwards.
+        from ``kv_cache.pos``, and the cache advances by T afterwards. ``last_only``
+        returns the logits of the last position alone (B, 1, vocab): all that sampling
+        the next token needs.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -225,7 +291,10 @@ class GPT(nn.Module):
             x = block(x, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -259,6 +328,6 @@ class GPT(nn.Module):
         emb = nn.Embedding(new_size, old.shape[1], device=old.device, dtype=old.dtype)
         emb.weight.copy_(torch.cat([old, new_rows.to(old)], dim=0))
         self.wte = emb
-        self.lm_head = nn.Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head = Linear(old.shape[1], new_size, bias=False, device=old.device, dtype=old.dtype)
         self.lm_head.weight = self.wte.weight  # keep the tie
         self.config.vocab_size = new_size

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 import hardware
-from model import KVCache
+from model import GPT, KVCache
 from model_folder import ModelFolder
 from tokenizer import BaseTokenizer
 
@@ -97,13 +97,18 @@ class TextStreamer:
     Holds back (a) a trailing incomplete UTF-8 sequence, which decodes as U+FFFD
     until its last byte arrives, and (b) any tail that could be the start of a stop
     string, so a stop string never leaks to the screen.
+
+    Only the ids since the last clean break are decoded: once all the text so far has
+    been handed out (nothing held back, no partial character), the next ids start a
+    new window. Each token then costs the same, however long the answer.
     """
 
     def __init__(self, tokenizer: BaseTokenizer, stop_strings: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already handed out
+        self.start = 0  # first id of the window that is decoded
+        self.emitted = 0  # characters of the window's text already handed out
         self.stopped = False
 
     def _held_back(self, text: str) -> int:
@@ -118,7 +123,7 @@ class TextStreamer:
     def push(self, token_id: int) -> str:
         """Add one id; return the text that is now safe to show."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids[self.start:])
         for stop in self.stop_strings:
             at = text.find(stop, max(0, self.emitted - len(stop)))
             if at != -1:
@@ -134,13 +139,15 @@ class TextStreamer:
             return ""
         out = text[self.emitted:end]
         self.emitted = end
+        if end == len(text):  # a clean break: no stop string or character can straddle it
+            self.start, self.emitted = len(self.ids), 0
         return out
 
     def flush(self) -> str:
         """Whatever is left once generation ends (a held-back prefix was not a stop)."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids[self.start:])
         out = text[self.emitted:]
         self.emitted = len(text)
         return out
@@ -183,6 +190,19 @@ class ResponseGenerator:
         self.folder = ModelFolder(model_dir)
         self.model, self.tokenizer, self.meta = self.folder.load_model(self.runtime.device)
         self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
+
+    @classmethod
+    def from_model(cls, model: GPT, tokenizer: BaseTokenizer,
+                   runtime: hardware.Runtime | None = None) -> ResponseGenerator:
+        """A generator for a model already in memory (no model folder), e.g. for bench.py."""
+        self = cls.__new__(cls)
+        self.runtime = runtime or hardware.detect_runtime()
+        self.folder = None
+        self.model = model.to(self.runtime.device).eval()
+        self.tokenizer = tokenizer
+        self.meta = {}
+        self.notices = []
+        return self
 
     @property
     def context(self) -> int:
@@ -237,7 +257,7 @@ class ResponseGenerator:
                 pending = context
             x = torch.tensor([pending], dtype=torch.long, device=device)
             with self.runtime.autocast():
-                logits, _ = model(x, kv_cache=cache)
+                logits, _ = model(x, kv_cache=cache, last_only=True)
             logits = logits[0, -1].float()
             recent = torch.tensor(context[-REPETITION_WINDOW:], device=device)
             logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)

@@ -1,0 +1,25 @@
+"""bench.py's own arithmetic and a tiny end-to-end pass of its timed sections."""
+import bench
+from model import GPT, ModelConfig
+
+TINY = ModelConfig(vocab_size=300, max_seq_len=16, d_model=32, n_layer=1, n_head=2)
+
+
+def test_flops_per_token_counts_the_head_but_not_positions():
+    model = GPT(TINY)
+    weights = model.num_params() - model.wpe.weight.numel()
+    assert bench.flops_per_token(model) == 6 * weights + 12 * 1 * 32 * 16
+
+
+def test_training_and_generation_sections_run_on_a_tiny_model():
+    train = bench.bench_training(TINY, batch=2, precision="fp32", steps=2, warmup=1)
+    assert train["tokens_per_s"]["median"] > 0 and train["steps"] == 2
+    assert 0 <= train["batch_prep_pct_of_step"] < 100
+    gen = bench.bench_generation(TINY, bench._NoEndTokenizer(None), new_tokens=5, prompt_len=3, repeats=1)
+    assert gen["cached"]["tokens"] == gen["uncached"]["tokens"] == 5  # no end token: every run is full length
+
+
+def test_other_load_is_a_share_or_unknown():
+    with bench.OtherLoad() as load:
+        sum(range(10_000))
+    assert load.share is None or 0.0 <= load.share <= 1.0

@@ -1,0 +1,86 @@
+"""The speed-ups tied to their plain reference: each fast path must compute the same thing."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hardware
+from model import GPT, KVCache, causal_attention_with_dropout, cpu_dropout
+from response_generator import CHAT_STOPS, TextStreamer
+from tokenizer import chunk_text, train_tokenizer
+
+from conftest import SAMPLE_TEXT
+
+
+def test_written_out_attention_equals_sdpa_without_dropout():
+    q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(causal_attention_with_dropout(q, k, v, 0.0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_dropout_zeroes_p_and_scales_the_rest():
+    x = torch.ones(200_000)
+    y = cpu_dropout(x, 0.25)
+    zero_share = (y == 0).float().mean().item()
+    assert abs(zero_share - 0.25) < 0.01
+    assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1 / 0.75)))
+    assert abs(y.mean().item() - 1.0) < 0.02  # expectation preserved
+
+
+def test_dropout_is_identity_in_eval_and_follows_the_global_seed(tiny_config):
+    tiny_config.dropout = 0.2
+    model = GPT(tiny_config)
+    x = torch.randint(0, tiny_config.vocab_size, (2, 10))
+    model.eval()
+    torch.testing.assert_close(model(x)[0], model(x)[0])
+    model.train()
+    torch.manual_seed(3)
+    a = model(x, x)[1]
+    torch.manual_seed(3)
+    b = model(x, x)[1]
+    assert torch.equal(a, b)
+    a.backward()  # the written-out attention path trains
+    assert model.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_decoding_head_and_last_only_match_the_full_forward(tiny_model, tiny_config):
+    x = torch.randint(0, tiny_config.vocab_size, (1, 12))
+    full, _ = tiny_model(x)
+    with torch.inference_mode():
+        last, _ = tiny_model(x, last_only=True)
+        cache = KVCache(tiny_config, 1, "cpu")
+        prefill, _ = tiny_model(x[:, :11], kv_cache=cache, last_only=True)
+        step, _ = tiny_model(x[:, 11:], kv_cache=cache)
+    assert last.shape == (1, 1, tiny_config.vocab_size)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(prefill, full[:, 10:11], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, full[:, 11:], atol=1e-5, rtol=1e-5)
+
+
+def test_single_row_product_follows_weight_updates(tiny_model):
+    layer = tiny_model.h[0].mlp.c_fc
+    x = torch.randn(1, 1, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert tiny_model.state_dict().keys() == GPT(tiny_model.config).state_dict().keys()
+    assert not any("_wt" in k for k in tiny_model.state_dict())
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_windowed_streamer_equals_decoding_everything(kind):
+    tok = train_tokenizer(kind, list(chunk_text(SAMPLE_TEXT, 400)), 320)
+    text = "  The miller's  café — naïve 日本語 😀 \n\nUser: hi\nAI: fine  " * 3
+    ids = tok.encode(text)
+    streamer = TextStreamer(tok)
+    pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert streamer.start > 0  # the window did move on
+    chat = TextStreamer(tok, CHAT_STOPS)
+    shown = "".join(chat.push(i) for i in ids) + chat.flush()
+    assert chat.stopped and shown == text[:text.index("\nUser:")]
+
+
+def test_cpu_allocator_setting_is_harmless():
+    assert hardware.configure_cpu_allocator() in (True, False)
+    assert torch.ones(1 << 22).sum().item() == float(1 << 22)  # a 16 MB tensor still allocates
