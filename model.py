@@ -96,9 +96,6 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
-    def room(self) -> int:
-        return self.max_seq_len - self.pos
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, H, T, D) and return all keys/values so far."""
         t = k.shape[2]

@@ -150,13 +150,6 @@ class ModelFolder:
         ModelConfig.from_dict(meta.get("model"))  # validates before anything is allocated
         return meta
 
-    def write_meta(self, meta: dict) -> None:
-        meta = dict(meta, format_version=FORMAT_VERSION)
-        storage.write_json(self.config_path, meta)
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(self.read_meta()["model"])
-
     def read_history(self) -> dict:
         path = self.file(HISTORY_FILE)
         if not path.exists():

@@ -26,7 +26,7 @@ import torch
 import continual
 import hardware
 import storage
-from data import Source, TokenDataset, load_cached_tokens, remove_stale_caches, tokenize_source
+from data import Source, TokenDataset, load_cached_tokens, tokenize_source
 from model import GPT, ModelConfig
 from model_folder import (CHECKPOINT_FILE, CONFIG_FILE, DATASETS_FILE, FORMAT_VERSION, HISTORY_FILE,
                           MANIFEST_FILE, WEIGHTS_FILE, ModelFolder, load_state)
@@ -549,10 +549,6 @@ class Trainer:
             "model": meta["model"],
             "tokenizer": meta["tokenizer"],
         }
-
-    def drop_stale_caches(self) -> None:
-        if self.tokenizer is not None:
-            remove_stale_caches(self.folder.cache_dir, self.tokenizer)
 
     # -- continuous learning (the details live in continual.py) -------------------------------
     @_exclusive
