@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+import storage
 from data import Source, TokenDataset, encode_documents, iter_windows, remove_stale_caches, split_documents
 from model_folder import DATASETS_DIR
 from vocab_expansion import expand_tokenizer, tokenization_drift, tokens_per_byte
@@ -47,8 +48,6 @@ def register_dataset(trainer: "Trainer", dataset: TokenDataset, name: str, cache
     rehearsal = [doc for s in starts for doc in split_documents(tok, train[s:s + REHEARSAL_CHUNK_TOKENS])]
     path = trainer.folder.path / _dataset_path(dataset_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import storage
-
     storage.write_json(path, {"name": name, "val": val_docs, "rehearsal": rehearsal})
     trainer.datasets.append({"id": dataset_id, "name": name, "file": _dataset_path(dataset_id),
                              "added": time.strftime("%Y-%m-%d %H:%M:%S"), "latest": None})

@@ -259,8 +259,9 @@ class ResponseGenerator:
             with self.runtime.autocast():
                 logits, _ = model(x, kv_cache=cache, last_only=True)
             logits = logits[0, -1].float()
-            recent = torch.tensor(context[-REPETITION_WINDOW:], device=device)
-            logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
+            if cfg.repetition_penalty != 1.0:  # skip the tensor build on the hot path when off
+                recent = torch.tensor(context[-REPETITION_WINDOW:], device=device)
+                logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
             next_id = sample_next_token(logits, gen, cfg.temperature, cfg.top_k, cfg.top_p)
             if next_id == self.tokenizer.eot_id:
                 return
