@@ -6,14 +6,17 @@ preallocated KV cache so each new token costs one position of compute.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
+import random
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator
 
 import torch
 
 import hardware
-from model import GPT, KVCache
+from model import GPT, Decoder
 from model_folder import ModelFolder
 from tokenizer import BaseTokenizer
 
@@ -67,28 +70,32 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty
     return logits
 
 
-def sample_next_token(logits: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0,
+def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0) -> int:
     """Pick the next id from 1-D ``logits``. Temperature 0 (or near it) is greedy.
 
     With top-k set, only the k best logits are sorted (``topk``), never the whole
-    vocabulary; top-p then keeps the smallest prefix of those whose mass reaches p.
+    vocabulary; temperature keeps their order, so it is applied to those k alone.
+    Top-p keeps the smallest prefix whose mass reaches p. The draw itself is plain
+    Python over the k probabilities: each tensor operation costs several
+    microseconds at this size, more than the arithmetic, and this runs every token.
     """
     if temperature < 1e-4:  # dividing by a near-zero temperature overflows: it is greedy anyway
         return int(torch.argmax(logits))
-    logits = logits.float() / temperature
     if top_k and top_k < logits.numel():
         values, ids = torch.topk(logits, top_k)  # sorted, largest first
     else:
         values, ids = torch.sort(logits, descending=True)
+    probs = torch.softmax(values.float() / temperature, dim=-1).tolist()
+    cumulative = list(itertools.accumulate(probs))
+    kept = len(probs)
     if top_p < 1.0:
-        probs = torch.softmax(values, dim=-1)
-        # Keep a token if the mass before it is still below p (the first always stays).
-        keep = (torch.cumsum(probs, dim=-1) - probs) < top_p
-        values, ids = values[keep], ids[keep]
-    probs = torch.softmax(values, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(ids[choice])
+        # Token i stays while the mass before it, cumulative[i - 1], is below p.
+        kept = min(kept, 1 + bisect.bisect_left(cumulative, top_p))
+    # The first token whose cumulative mass exceeds u: never one of probability 0,
+    # since the token before it has the same cumulative mass.
+    u = rng.random() * cumulative[kept - 1]
+    return int(ids[min(bisect.bisect_right(cumulative, u, 0, kept), kept - 1)])
 
 
 class TextStreamer:
@@ -239,13 +246,10 @@ class ResponseGenerator:
         cannot roll) and the cache is refilled from the kept half.
         """
         model, device = self.model, self.runtime.device
-        gen = torch.Generator(device=device)
-        if cfg.seed is not None:
-            gen.manual_seed(cfg.seed)
-        else:
-            gen.seed()
+        rng = random.Random(cfg.seed)  # None: seeded from the OS
         context = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
-        cache = KVCache(model.config, 1, device) if use_cache else None
+        decoder = self._decoder() if use_cache else None
+        cache = decoder.new_cache() if decoder is not None else None
         pending = context  # ids the cache has not seen yet
         for _ in range(cfg.max_new_tokens):
             if len(context) > self.context:  # the same rule for both paths
@@ -253,21 +257,30 @@ class ResponseGenerator:
                 if cache is not None:
                     cache.reset()
                     pending = context
-            if cache is None:
-                pending = context
-            x = torch.tensor([pending], dtype=torch.long, device=device)
-            with self.runtime.autocast():
-                logits, _ = model(x, kv_cache=cache, last_only=True)
-            logits = logits[0, -1].float()
+            if decoder is not None:
+                logits = decoder.step(pending, cache)
+            else:
+                with self.runtime.autocast():
+                    logits, _ = model(torch.tensor([context], device=device), last_only=True)
+                logits = logits[0, -1].float()
             if cfg.repetition_penalty != 1.0:  # skip the tensor build on the hot path when off
                 recent = torch.tensor(context[-REPETITION_WINDOW:], device=device)
                 logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
-            next_id = sample_next_token(logits, gen, cfg.temperature, cfg.top_k, cfg.top_p)
+            next_id = sample_next_token(logits, rng, cfg.temperature, cfg.top_k, cfg.top_p)
             if next_id == self.tokenizer.eot_id:
                 return
             yield next_id
             context.append(next_id)
             pending = [next_id]
+
+    def _decoder(self) -> Decoder:
+        """The model's Decoder, rebuilt only when a weight has changed since the last one."""
+        params = list(self.model.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_decoder_key", None) != key:
+            self._decoder_obj = Decoder(self.model, self.runtime.autocast_dtype)
+            self._decoder_key = key
+        return self._decoder_obj
 
     def stream(self, prompt: str, cfg: GenerationConfig, stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Yield the completion of ``prompt`` as text pieces, as soon as they are safe to show."""

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import hardware
-from model import GPT, KVCache, causal_attention_with_dropout, cpu_dropout
+from model import GPT, _Product, causal_attention_with_dropout, cpu_dropout
 from response_generator import CHAT_STOPS, TextStreamer
 from tokenizer import chunk_text, train_tokenizer
 
@@ -42,29 +42,41 @@ def test_dropout_is_identity_in_eval_and_follows_the_global_seed(tiny_config):
     assert model.h[0].attn.c_attn.weight.grad is not None
 
 
-def test_decoding_head_and_last_only_match_the_full_forward(tiny_model, tiny_config):
-    x = torch.randint(0, tiny_config.vocab_size, (1, 12))
+def test_last_only_matches_the_full_forward(tiny_model, tiny_config):
+    x = torch.randint(0, tiny_config.vocab_size, (2, 12))
     full, _ = tiny_model(x)
-    with torch.inference_mode():
-        last, _ = tiny_model(x, last_only=True)
-        cache = KVCache(tiny_config, 1, "cpu")
-        prefill, _ = tiny_model(x[:, :11], kv_cache=cache, last_only=True)
-        step, _ = tiny_model(x[:, 11:], kv_cache=cache)
-    assert last.shape == (1, 1, tiny_config.vocab_size)
+    last, _ = tiny_model(x, last_only=True)
+    assert last.shape == (2, 1, tiny_config.vocab_size)
     torch.testing.assert_close(last, full[:, -1:])
-    torch.testing.assert_close(prefill, full[:, 10:11], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(step, full[:, 11:], atol=1e-5, rtol=1e-5)
 
 
-def test_single_row_product_follows_weight_updates(tiny_model):
-    layer = tiny_model.h[0].mlp.c_fc
-    x = torch.randn(1, 1, layer.in_features)
+def test_decoder_layouts_compute_f_linear():
+    # Both stored layouts: widening (kept transposed) and narrowing (kept as is).
+    for d_in, d_out, bias in ((16, 64, True), (64, 16, True), (16, 40, False)):
+        layer = torch.nn.Linear(d_in, d_out, bias=bias)
+        product = _Product(layer, torch.float32)
+        assert product.transposed == (d_in <= d_out)
+        x = torch.randn(3, d_in)
+        with torch.no_grad():
+            expected = F.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(product(x), expected)
+            out = torch.empty(3, d_out)
+            assert product(x, out=out) is out
+            torch.testing.assert_close(out, expected)
+
+
+def test_generator_rebuilds_its_decoder_after_the_weights_change(tiny_model):
+    from response_generator import ResponseGenerator
+    gen = ResponseGenerator.from_model(tiny_model, None, hardware.detect_runtime("cpu", "fp32"))
+    first = gen._decoder()
+    assert gen._decoder() is first  # unchanged weights: reused
+    x = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-        layer.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert tiny_model.state_dict().keys() == GPT(tiny_model.config).state_dict().keys()
-    assert not any("_wt" in k for k in tiny_model.state_dict())
+        tiny_model.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+    second = gen._decoder()
+    assert second is not first
+    full, _ = tiny_model(x)
+    torch.testing.assert_close(second.step(x[0].tolist(), second.new_cache()), full[0, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])

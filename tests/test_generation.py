@@ -1,4 +1,6 @@
 """Generation: sampling rules, cached == uncached, streaming text, the three modes."""
+import random
+
 import pytest
 import torch
 
@@ -55,13 +57,35 @@ def test_ids_stay_inside_the_vocabulary(generator):
 
 def test_sample_next_token_rules():
     logits = torch.tensor([0.0, 5.0, 1.0, 4.0])
-    g = torch.Generator().manual_seed(0)
+    g = random.Random(0)
     assert sample_next_token(logits, g, temperature=0) == 1
     picks = {sample_next_token(logits, g, temperature=1.0, top_k=2) for _ in range(200)}
     assert picks == {1, 3}
     # top-p keeps the smallest set whose mass reaches p: here the top token alone.
     peaked = torch.tensor([10.0, 0.0, 0.0, 0.0])
     assert {sample_next_token(peaked, g, 1.0, top_p=0.5) for _ in range(50)} == {0}
+
+
+def test_sampling_frequencies_follow_the_tempered_top_k_top_p_distribution():
+    logits = torch.tensor([2.0, 0.5, 1.0, -1.0, 1.5, 0.0])
+    temperature, top_k, top_p = 0.7, 4, 0.9
+    # The distribution written out the slow way: top 4, tempered softmax, then the
+    # smallest prefix whose mass reaches 0.9, renormalised.
+    order = torch.argsort(logits, descending=True)[:top_k]
+    probs = torch.softmax(logits[order] / temperature, dim=0)
+    before = torch.cumsum(probs, 0) - probs
+    probs = torch.where(before < top_p, probs, 0.0)
+    expected = torch.zeros_like(logits)
+    expected[order] = probs / probs.sum()
+    g = random.Random(1)
+    n = 20_000
+    counts = torch.bincount(torch.tensor([sample_next_token(logits, g, temperature, top_k, top_p)
+                                          for _ in range(n)]), minlength=len(logits))
+    assert counts[expected == 0].sum() == 0  # cut tokens never appear
+    # Each kept frequency within 4 standard errors of its probability.
+    se = (expected * (1 - expected) / n).sqrt()
+    kept = expected > 0
+    assert torch.all((counts[kept] / n - expected[kept]).abs() < 4 * se[kept] + 1e-9)
 
 
 def test_repetition_penalty_lowers_recent_tokens():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import GPT, KVCache, ModelConfig
+from model import GPT, Decoder, ModelConfig
 
 
 def test_later_tokens_never_change_earlier_logits(tiny_model, tiny_config):
@@ -15,22 +15,42 @@ def test_later_tokens_never_change_earlier_logits(tiny_model, tiny_config):
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_cached_forward_matches_full_forward(tiny_model, tiny_config):
+def test_decoder_matches_the_full_forward(tiny_model, tiny_config):
     x = torch.randint(0, tiny_config.vocab_size, (1, 20))
+    ids = x[0].tolist()
     full, _ = tiny_model(x)
-    cache = KVCache(tiny_config, 1, "cpu")
-    parts = [tiny_model(x[:, :7], kv_cache=cache)[0],  # prefill
-             tiny_model(x[:, 7:12], kv_cache=cache)[0],  # a multi-token chunk after a prefix
-             *[tiny_model(x[:, i:i + 1], kv_cache=cache)[0] for i in range(12, 20)]]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+    decoder = Decoder(tiny_model)
+    cache = decoder.new_cache()
+    # A prefill, a multi-token chunk after a prefix (needs the offset causal mask), then single steps.
+    got = {6: decoder.step(ids[:7], cache), 11: decoder.step(ids[7:12], cache)}
+    for i in range(12, 20):
+        got[i] = decoder.step([ids[i]], cache)
     assert cache.pos == 20
+    for i, logits in got.items():
+        assert logits.shape == (tiny_config.vocab_size,)
+        torch.testing.assert_close(logits, full[0, i], atol=1e-5, rtol=1e-5)
 
 
-def test_cache_refuses_to_overflow(tiny_model, tiny_config):
-    cache = KVCache(tiny_config, 1, "cpu")
-    tiny_model(torch.zeros(1, tiny_config.max_seq_len, dtype=torch.long), kv_cache=cache)
+def test_decoder_refuses_to_overflow_and_restarts_after_reset(tiny_model, tiny_config):
+    decoder = Decoder(tiny_model)
+    cache = decoder.new_cache()
+    ids = list(range(tiny_config.max_seq_len))
+    decoder.step(ids, cache)
     with pytest.raises(ValueError, match="context is 24"):
-        tiny_model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+        decoder.step([1], cache)
+    cache.reset()
+    full, _ = tiny_model(torch.tensor([ids[:5]]))
+    torch.testing.assert_close(decoder.step(ids[:5], cache), full[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_in_bf16_stays_close_to_fp32(tiny_model, tiny_config):
+    x = torch.randint(0, tiny_config.vocab_size, (1, 12))
+    full, _ = tiny_model(x)
+    decoder = Decoder(tiny_model, torch.bfloat16)
+    logits = decoder.step(x[0].tolist(), decoder.new_cache())
+    assert logits.dtype == torch.float32
+    assert decoder.head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, full[0, -1], atol=0.05, rtol=0.05)
 
 
 def test_loss_is_cross_entropy_and_tied_head(tiny_model, tiny_config):
