@@ -69,6 +69,13 @@ class TrainingProgress:
             self.bar.close()
             self.bar = None
 
+    def note(self, text: str) -> None:
+        """A line in the middle of an epoch, printed above the bar rather than through it."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            self.out(text)
+
     def __call__(self, kind: str, info: dict) -> None:
         from tqdm import tqdm
 
@@ -85,8 +92,9 @@ class TrainingProgress:
             run = info["run"]
             self.out(f"Training {human_count(info['params'])} parameters on {info['device']} "
                      f"({info['precision']}): {info['train_tokens']:,} training tokens, "
-                     f"{run['epochs']} epoch(s), batch {run['batch_size']} x {run['seq_len']} tokens. "
-                     "Ctrl+C saves and stops.")
+                     f"{run['epochs']} epoch(s), batch {run['batch_size']} x {run['seq_len']} tokens"
+                     + (f" in {run['micro_batches']} micro-batches" if run.get("micro_batches", 1) > 1 else "")
+                     + ". Ctrl+C saves and stops.")
         elif kind == "epoch_start":
             self.close()
             self.bar = tqdm(total=info["n_batches"], initial=info["batch"], file=sys.stderr,
@@ -96,6 +104,13 @@ class TrainingProgress:
             self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", step=info["step"],
                                  tok_s=f"{info['tokens_per_s']:.0f}", refresh=False)
             self.bar.update(1)
+        elif kind == "compile":
+            self.out(info["note"])
+        elif kind == "compile_failed":
+            self.note(f"torch.compile failed ({info['reason']}); training continues without it.")
+        elif kind == "oom":
+            self.note(f"Out of memory: continuing with micro-batches of {info['micro_batch_size']} sequences, "
+                      f"{info['micro_batches']} per step (the batch of {info['batch_size']} is unchanged).")
         elif kind == "eval":
             self.close()
             when = (f"at step {info['step']}" if info.get("partial_epoch")

@@ -95,6 +95,22 @@ def detect_runtime(device: str | None = None, precision: str | None = None) -> R
     return Runtime(dev, torch.float16, dev.type == "cuda", "fp16 autocast as requested")
 
 
+def compile_model(model: torch.nn.Module):
+    """``torch.compile``'s wrapper of ``model``, or None, and a note for the user.
+
+    Compilation happens at the first call, so a failure there (no C++ compiler, an
+    unsupported platform) only shows up in the training step; the trainer then goes
+    on without it. Measured on a 2-core CPU it brought no steady-state gain for the
+    compact model; on a GPU it fuses the element-wise work between the matmuls.
+    """
+    if not hasattr(torch, "compile"):
+        return None, "this PyTorch has no torch.compile; training without it"
+    try:
+        return torch.compile(model), "torch.compile on: the first step compiles the model (a minute or more)"
+    except Exception as error:  # e.g. a Python version that torch.compile does not support yet
+        return None, f"torch.compile is unavailable here ({error}); training without it"
+
+
 def accelerator_memory_gib(runtime: Runtime) -> float | None:
     if runtime.device.type == "cuda":
         index = runtime.device.index or 0

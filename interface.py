@@ -39,7 +39,7 @@ RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
                                    ("Text Generation", "text_generation"),
                                    ("Model Information", "model_information"), ("Back to Main Menu", None)])
 # What a user can cause: shown as one line, and the menu carries on.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 CHAT_HELP = """Chat commands:
   /reset        forget the conversation so far
   /temp X       set the temperature (0 = always the most likely token)
@@ -192,7 +192,7 @@ class App:
                              "max_seq_len": a.context, "dropout": a.dropout},
             train_overrides={"learning_rate": a.lr, "batch_size": a.batch_size, "vocab_size": a.vocab_size,
                              "checkpoint_every": a.checkpoint_every, "max_minutes": a.max_minutes,
-                             "seed": a.train_seed},
+                             "seed": a.train_seed, "compile": a.compile},
             runtime=self.runtime, preset=a.preset)
         return trainer
 
@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     t.add_argument("--max-minutes", type=float, help="stop a training run after this many minutes")
     t.add_argument("--train-seed", type=int, help="seed for initialisation and data order")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model for training (pays off on GPUs; off by default)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     s = p.add_argument_group("generation")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ class TrainConfig:
     rehearsal: float = 0.2  # share of each batch replayed from earlier datasets
     seed: int = 1337
     max_minutes: float = 0.0  # 0: no time limit
+    compile: bool = False  # torch.compile the training forward; eager if it is unavailable or fails
 
     def __post_init__(self) -> None:
         problems = []
@@ -108,24 +110,40 @@ def make_optimizer(model: GPT, cfg: TrainConfig, runtime: hardware.Runtime) -> t
                              betas=(0.9, 0.95), **kwargs)
 
 
-def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
-               runtime: hardware.Runtime, grad_clip: float,
-               scaler: torch.amp.GradScaler | None = None) -> float:
-    """One optimizer step on the batch (x, y) at learning rate ``lr``; returns the loss.
+def is_out_of_memory(error: BaseException) -> bool:
+    """True for an allocation failure of the device (CUDA, MPS) or of the CPU allocator."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
-    The whole training step, shared by ``Trainer`` and the benchmark (bench.py), so
-    the benchmark times exactly what training runs.
+
+def accumulate_gradients(model: GPT, x: torch.Tensor, y: torch.Tensor, runtime: hardware.Runtime,
+                         micro_batches: int = 1, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """Forward and backward over the batch (x, y) in ``micro_batches`` slices.
+
+    Each slice's mean loss is weighted by its share of the rows, so the gradients add
+    up to those of the whole batch at once: a smaller micro-batch changes memory use,
+    not what is learned. Returns the batch's mean loss (a tensor; no device sync).
     """
+    x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+    total = None
+    for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+        with runtime.autocast():
+            _, loss = model(xs, ys)
+        part = loss * (xs.shape[0] / x.shape[0])
+        (scaler.scale(part) if scaler is not None else part).backward()
+        total = part.detach() if total is None else total + part.detach()
+    return total
+
+
+def apply_update(model: GPT, optimizer: torch.optim.Optimizer, lr: float, grad_clip: float,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+    """Clip the accumulated gradients and take one optimizer step at learning rate ``lr``."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-    with runtime.autocast():
-        _, loss = model(x, y)
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if scaler is not None:
@@ -134,11 +152,27 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def checked_loss(loss: torch.Tensor) -> float:
     value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError("the loss became NaN/inf; lower the learning rate and resume "
                                  "from the last checkpoint")
     return value
+
+
+def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, lr: float,
+               runtime: hardware.Runtime, grad_clip: float,
+               scaler: torch.amp.GradScaler | None = None, micro_batches: int = 1) -> float:
+    """One optimizer step on the batch (x, y) at learning rate ``lr``; returns the loss.
+
+    The whole training step, shared by ``Trainer`` and the benchmark (bench.py), so
+    the benchmark times exactly what training runs.
+    """
+    loss = accumulate_gradients(model, x, y, runtime, micro_batches, scaler)
+    apply_update(model, optimizer, lr, grad_clip, scaler)
+    return checked_loss(loss)
 
 
 @torch.no_grad()
@@ -258,6 +292,7 @@ class Trainer:
         self.datasets: list[dict] = []  # every dataset trained on, with its held-out text
         self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
         self._unsaved_files: dict[str, bytes | str] = {}
+        self._compiled: Callable | None = None  # torch.compile's wrapper while it works
 
     # -- building and loading -------------------------------------------------------------
     @property
@@ -458,6 +493,10 @@ class Trainer:
         cfg, model, rt = self.config, self.model, self.runtime
         token_bytes = self.tokenizer.token_bytes()
         model.train()
+        self._compiled = None
+        if cfg.compile:
+            self._compiled, note = hardware.compile_model(model)
+            on_event("compile", {"ok": self._compiled is not None, "note": note})
         steps_here = 0
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
         final_eval = None
@@ -478,7 +517,7 @@ class Trainer:
                         continual.mix_in_rehearsal(x, y, self.rehearsal_pool, self.config,
                                                    (self.config.seed, run["epoch"], run["batch"]))
                     lr = lr_at(run["run_step"], run["total_steps"], cfg)
-                    loss = self._step(x, y, lr)
+                    loss = self._step(x, y, lr, run, on_event)
                     dt = time.perf_counter() - t0
                     run["batch"] += 1
                     run["run_step"] += 1
@@ -515,12 +554,54 @@ class Trainer:
         on_event("done", {"stopped": stopped, "step": self.state["step"]})
         return TrainResult(steps_here, self.state["step"], stopped, final_eval, resumed)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        return train_step(self.model, self.optimizer, x, y, lr, self.runtime, self.config.grad_clip, self.scaler)
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float, run: dict, on_event: Event) -> float:
+        """One optimizer step, with two fallbacks that retry the same step.
+
+        Out of memory in the forward or backward pass: the micro-batch is halved. The
+        batch, learning-rate schedule and data position are unchanged, so nothing is lost.
+        A failure of the compiled model (``TrainConfig.compile``): training goes on eagerly.
+        """
+        while True:
+            micro = run.get("micro_batches", 1)
+            forward = self.model if self._compiled is None else self._compiled
+            try:
+                loss = accumulate_gradients(forward, x, y, self.runtime, micro, self.scaler)
+                break
+            except Exception as error:
+                oom = is_out_of_memory(error)
+                if not oom and forward is self.model:
+                    raise
+                lines = str(error).strip().splitlines()
+                reason = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+            # Handled outside the except block, so that the exception's traceback, which
+            # holds the activations of the failed pass, is freed first.
+            self.optimizer.zero_grad(set_to_none=True)  # drop any partial gradients
+            self._release_memory()
+            if not oom:
+                self._compiled = None
+                on_event("compile_failed", {"reason": reason})
+                continue
+            if micro >= x.shape[0]:
+                raise MemoryError(f"out of memory even with one sequence per micro-batch; use a smaller "
+                                  f"model or context (the last checkpoint, step {self.state['step']}, "
+                                  f"is intact)")
+            run["micro_batches"] = min(2 * micro, x.shape[0])
+            rows = -(-x.shape[0] // run["micro_batches"])
+            on_event("oom", {"micro_batches": run["micro_batches"], "micro_batch_size": rows,
+                             "batch_size": x.shape[0]})
+        apply_update(self.model, self.optimizer, lr, self.config.grad_clip, self.scaler)
+        return checked_loss(loss)
+
+    def _release_memory(self) -> None:
+        gc.collect()
+        if self.runtime.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: dict) -> dict:
-        result = estimate_loss(self.model, dataset.val_batches(run["batch_size"], self.config.eval_batches),
-                               self.runtime, token_bytes)
+        # After an out-of-memory back-off, evaluate in micro-batches too: the same windows.
+        micro = run.get("micro_batches", 1)
+        batches = dataset.val_batches(-(-run["batch_size"] // micro), self.config.eval_batches * micro)
+        result = estimate_loss(self.model, batches, self.runtime, token_bytes)
         result.update(step=self.state["step"], epoch=run["epoch"], dataset=run["name"])
         for entry in self.datasets:
             if run["cache_file"].startswith(entry["id"]):

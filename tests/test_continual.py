@@ -119,9 +119,9 @@ def test_rehearsal_replays_earlier_data(tmp_path):
     seen = []
     original = trainer._step
 
-    def spy(x, y, lr):
+    def spy(x, y, *args):
         seen.append(x.clone())
-        return original(x, y, lr)
+        return original(x, y, *args)
 
     trainer._step = spy
     trainer.train_on_new_data([NEW_DOMAIN], epochs=1, expand_vocab=False)

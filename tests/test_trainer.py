@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from data import source_from_text
+from model import GPT
 from trainer import StopFlag, TrainConfig, Trainer, lr_at
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
@@ -135,3 +136,138 @@ def test_text_too_short_to_learn_from_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="the text is too short"):
         make_trainer(tmp_path / "m").train(source_from_text("hi"), 1)
     assert not (tmp_path / "m" / "config.json").exists()  # no half-made model is left behind
+
+
+def simulate_gpu_memory(monkeypatch, max_rows):
+    """Make every training forward pass with more than ``max_rows`` sequences fail the
+    way a full GPU does, so the back-off can be tested on the CPU."""
+    real_forward = GPT.forward
+
+    def forward(self, idx, *args, **kwargs):
+        if torch.is_grad_enabled() and idx.shape[0] > max_rows:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {idx.shape[0]} rows > {max_rows})")
+        return real_forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_learns_the_same(tmp_path, monkeypatch):
+    src = source_from_text(SAMPLE_TEXT)
+    no_dropout = {**TINY_MODEL, "dropout": 0.0}  # dropout masks would differ per slice
+
+    def trainer(name):
+        return Trainer(str(tmp_path / name), "bpe", model_overrides=no_dropout, train_overrides=TINY_TRAIN)
+
+    straight = {}
+    trainer("a").train(src, 2, record(straight))
+
+    simulate_gpu_memory(monkeypatch, max_rows=1)  # batch 4 fits only one sequence at a time
+    backoffs, losses = [], {}
+    step_losses = record(losses, stop_at=6, flag=(flag := StopFlag()))
+
+    def on_event(kind, info):
+        if kind == "oom":
+            backoffs.append(info)
+        step_losses(kind, info)
+
+    result = trainer("b").train(src, 2, on_event, flag)
+    assert result.stopped_early == "interrupted"
+    # Halved twice on the first step (4 -> 2 -> 1 rows), then never again.
+    assert [(b["micro_batches"], b["micro_batch_size"]) for b in backoffs] == [(2, 2), (4, 1)]
+    again = trainer("b")
+    assert again.interrupted_run()["micro_batches"] == 4  # the setting is saved with the run
+    backoffs.clear()
+    again.train(src, 2, on_event)
+    assert backoffs == []
+    # Same batches, same schedule, same step count: only the rounding of the sums differs.
+    assert losses.keys() == straight.keys()
+    for step, loss in straight.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+
+
+def test_out_of_memory_at_one_sequence_is_a_clear_error(tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    src = source_from_text(SAMPLE_TEXT)
+    make_trainer(folder).train(src, 1, record({}))
+    saved = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.suffix == ".pth"}
+    simulate_gpu_memory(monkeypatch, max_rows=0)
+    with pytest.raises(MemoryError, match="even with one sequence per micro-batch"):
+        make_trainer(folder).train(src, 1, record({}))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.suffix == ".pth"} == saved
+
+
+def test_micro_batches_give_the_gradients_of_the_whole_batch(tiny_model, tiny_config):
+    import hardware
+    from trainer import accumulate_gradients
+
+    tiny_model.eval()  # no dropout: the two ways must agree
+    runtime = hardware.detect_runtime("cpu", "fp32")
+    x = torch.randint(0, tiny_config.vocab_size, (5, 16))
+    y = torch.randint(0, tiny_config.vocab_size, (5, 16))
+    whole = accumulate_gradients(tiny_model, x, y, runtime, 1)
+    expected = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad(set_to_none=True)
+    sliced = accumulate_gradients(tiny_model, x, y, runtime, 3)  # uneven slices: 2, 2, 1 rows
+    torch.testing.assert_close(sliced, whole)
+    for p, g in zip(tiny_model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_without_losing_the_step(tmp_path, monkeypatch):
+    src = source_from_text(SAMPLE_TEXT)
+    eager = {}
+    make_trainer(tmp_path / "a").train(src, 1, record(eager))
+
+    def broken_compile(model, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("simulated: the C++ compiler is missing")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    events, losses = [], {}
+    step_losses = record(losses)
+
+    def on_event(kind, info):
+        events.append((kind, info))
+        step_losses(kind, info)
+
+    make_trainer(tmp_path / "b", compile=True).train(src, 1, on_event)
+    kinds = [k for k, _ in events]
+    assert kinds.count("compile") == 1 and kinds.count("compile_failed") == 1
+    assert kinds.index("compile_failed") < kinds.index("step")  # the first step was retried eagerly
+    assert "C++ compiler is missing" in dict(events)["compile_failed"]["reason"]
+    assert losses == eager
+
+
+def test_compile_is_refused_cleanly_where_torch_has_none(monkeypatch):
+    import hardware
+
+    monkeypatch.delattr(torch, "compile")
+    compiled, note = hardware.compile_model(torch.nn.Linear(2, 2))
+    assert compiled is None and "without it" in note
+
+
+def test_torch_compile_really_trains_and_saves_plain_weights(tmp_path):
+    """The real compiler (about half a minute on two cores): same losses as eager, to rounding."""
+    if not hasattr(torch, "compile"):
+        pytest.skip("this PyTorch has no torch.compile")
+    src = source_from_text(SAMPLE_TEXT)
+    no_dropout = {**TINY_MODEL, "dropout": 0.0}
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        losses, events = {}, []
+        step_losses = record(losses)
+
+        def on_event(kind, info, events=events, step_losses=step_losses):
+            events.append(kind)
+            step_losses(kind, info)
+
+        Trainer(str(tmp_path / name), "bpe", model_overrides=no_dropout,
+                train_overrides={**TINY_TRAIN, "compile": compiled}).train(src, 1, on_event)
+        assert "compile_failed" not in events
+        runs[name] = losses
+    assert runs["compiled"].keys() == runs["eager"].keys()
+    for step, loss in runs["eager"].items():
+        assert runs["compiled"][step] == pytest.approx(loss, rel=1e-3), step
+    weights = torch.load(tmp_path / "compiled" / "model.pth", weights_only=True)
+    assert not any("_orig_mod" in key for key in weights)
