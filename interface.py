@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float, help="stop a training run after this many minutes")
     t.add_argument("--train-seed", type=int, help="seed for initialisation and data order")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model for training (pays off on GPUs; off by default)")
+                   help="torch.compile the model for training (meant for GPUs; off by default)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     s = p.add_argument_group("generation")
