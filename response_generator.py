@@ -189,6 +189,14 @@ CHAT_STOPS = ("\nUser:", "\nAI:")
 QA_STOPS = ("\nQuestion:", "\n\n")
 
 
+def _version(t: torch.Tensor) -> int:
+    """How many in-place updates ``t`` has had; -1 for inference tensors, which never change."""
+    try:
+        return t._version
+    except RuntimeError:  # made under torch.inference_mode(): no version counter
+        return -1
+
+
 class ResponseGenerator:
     """A trained model loaded for inference, in eval mode."""
 
@@ -275,8 +283,7 @@ class ResponseGenerator:
 
     def _decoder(self) -> Decoder:
         """The model's Decoder, rebuilt only when a weight has changed since the last one."""
-        params = list(self.model.parameters())
-        key = tuple((p.data_ptr(), p._version) for p in params)
+        key = tuple((p.data_ptr(), _version(p)) for p in self.model.parameters())
         if getattr(self, "_decoder_key", None) != key:
             self._decoder_obj = Decoder(self.model, self.runtime.autocast_dtype)
             self._decoder_key = key

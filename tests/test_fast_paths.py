@@ -65,6 +65,17 @@ def test_decoder_layouts_compute_f_linear():
             torch.testing.assert_close(out, expected)
 
 
+def test_generator_accepts_a_model_built_under_inference_mode(tiny_config):
+    from response_generator import GenerationConfig, ResponseGenerator
+    with torch.inference_mode():
+        model = GPT(tiny_config)
+    gen = ResponseGenerator.from_model(model, type("Tok", (), {"eot_id": -1})(),
+                                       hardware.detect_runtime("cpu", "fp32"))
+    settings = GenerationConfig(max_new_tokens=5, temperature=0, seed=0)
+    assert len(list(gen.generate_ids([1, 2, 3], settings))) == 5
+    assert gen._decoder() is gen._decoder()
+
+
 def test_generator_rebuilds_its_decoder_after_the_weights_change(tiny_model):
     from response_generator import ResponseGenerator
     gen = ResponseGenerator.from_model(tiny_model, None, hardware.detect_runtime("cpu", "fp32"))
