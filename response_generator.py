@@ -72,7 +72,7 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty
 
 def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0) -> int:
-    """Pick the next id from 1-D ``logits``. Temperature 0 (or near it) is greedy.
+    """Pick the next id from 1-D fp32 ``logits``. Temperature 0 (or near it) is greedy.
 
     With top-k set, only the k best logits are sorted (``topk``), never the whole
     vocabulary; temperature keeps their order, so it is applied to those k alone.
@@ -86,7 +86,7 @@ def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: flo
         values, ids = torch.topk(logits, top_k)  # sorted, largest first
     else:
         values, ids = torch.sort(logits, descending=True)
-    probs = torch.softmax(values.float() / temperature, dim=-1).tolist()
+    probs = torch.softmax(values / temperature, dim=-1).tolist()
     cumulative = list(itertools.accumulate(probs))
     kept = len(probs)
     if top_p < 1.0:
