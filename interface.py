@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model for training (meant for GPUs; off by default)")
     t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast dtype; fp32 also keeps generation's weights in fp32 (default: auto)")
     s = p.add_argument_group("generation")
     s.add_argument("--max-new-tokens", type=int, default=200)
     s.add_argument("--temperature", type=float, default=0.8)

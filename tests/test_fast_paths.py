@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import hardware
-from model import GPT, _Product, causal_attention_with_dropout, cpu_dropout
+from model import GPT, Decoder, _HalfProduct, _Product, causal_attention_with_dropout, cpu_dropout
 from response_generator import CHAT_STOPS, TextStreamer
 from tokenizer import chunk_text, train_tokenizer
 
@@ -63,6 +63,47 @@ def test_decoder_layouts_compute_f_linear():
             out = torch.empty(3, d_out)
             assert product(x, out=out) is out
             torch.testing.assert_close(out, expected)
+
+
+needs_half_kernel = pytest.mark.skipif(not hardware.cpu_half_weights_available(),
+                                       reason="this PyTorch/CPU has no fp16-weight kernel (FBGEMM)")
+
+
+@needs_half_kernel
+def test_half_weight_decoder_stays_close_to_the_fp32_forward(tiny_model, tiny_config):
+    x = torch.randint(0, tiny_config.vocab_size, (1, 16))
+    full, _ = tiny_model(x)
+    decoder = Decoder(tiny_model, matrix_dtype=torch.float16)
+    assert isinstance(decoder.head, _HalfProduct)
+    assert all(isinstance(p, _HalfProduct) for layer in decoder.layers for p in layer[2:4] + layer[6:])
+    cache = decoder.new_cache()
+    got = [decoder.step(x[0, :9].tolist(), cache)] + [decoder.step([t], cache) for t in x[0, 9:].tolist()]
+    for i, logits in zip(range(8, 16), got):
+        assert logits.dtype == torch.float32
+        # Only the weights are rounded to fp16 (relative 2**-11): far inside this bound,
+        # while a wrong layout or a dropped bias would be off by the logits' own size.
+        torch.testing.assert_close(logits, full[0, i], atol=2e-3, rtol=2e-3)
+        assert not torch.equal(logits, full[0, i])  # fp16 really used: not the fp32 path
+
+
+@needs_half_kernel
+def test_weights_beyond_fp16_range_stay_fp32(tiny_model):
+    with torch.no_grad():
+        tiny_model.h[0].mlp.c_fc.weight[0, 0] = 1e6
+    decoder = Decoder(tiny_model, matrix_dtype=torch.float16)
+    fc = decoder.layers[0][6]
+    assert isinstance(fc, _Product) and fc.weight.dtype == torch.float32
+    assert isinstance(decoder.layers[0][2], _HalfProduct)
+
+
+def test_runtime_says_when_generation_uses_half_weights(monkeypatch):
+    assert hardware.detect_runtime("cpu", "fp32").decode_weights is None  # exact on request
+    monkeypatch.setattr(hardware, "cpu_half_weights_available", lambda: False)
+    assert hardware.detect_runtime("cpu").decode_weights is None  # no kernel: plain fp32
+    monkeypatch.setattr(hardware, "cpu_half_weights_available", lambda: True)
+    auto = hardware.detect_runtime("cpu")
+    assert auto.decode_weights == torch.float16 and auto.autocast_dtype is None
+    assert "fp16" in auto.reason
 
 
 def test_generator_accepts_a_model_built_under_inference_mode(tiny_config):

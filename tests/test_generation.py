@@ -4,6 +4,7 @@ import random
 import pytest
 import torch
 
+import hardware
 from data import source_from_text
 from response_generator import (ChatSession, GenerationConfig, ResponseGenerator, TextStreamer,
                                 apply_repetition_penalty, render_conversation, sample_next_token)
@@ -26,7 +27,14 @@ def generator(trained_dir):
     return ResponseGenerator(str(trained_dir))
 
 
-def test_greedy_with_cache_equals_full_recomputation(generator):
+@pytest.fixture
+def exact_generator(trained_dir):
+    """fp32 throughout: the auto setting on a CPU reads fp16 weights when generating."""
+    return ResponseGenerator(str(trained_dir), hardware.detect_runtime("cpu", "fp32"))
+
+
+def test_greedy_with_cache_equals_full_recomputation(exact_generator):
+    generator = exact_generator
     prompt = generator.tokenizer.encode("The river ran")
     cfg = GenerationConfig(max_new_tokens=60, temperature=0, repetition_penalty=1.0)
     cached = list(generator.generate_ids(prompt, cfg, use_cache=True))
@@ -35,7 +43,8 @@ def test_greedy_with_cache_equals_full_recomputation(generator):
     assert cached == reference
 
 
-def test_cache_equals_recomputation_past_the_window(generator):
+def test_cache_equals_recomputation_past_the_window(exact_generator):
+    generator = exact_generator
     # 80 new tokens on a 32-token context force the crop-and-refill path several times.
     prompt = generator.tokenizer.encode("Trains left the station")
     cfg = GenerationConfig(max_new_tokens=80, temperature=0, repetition_penalty=1.3)
