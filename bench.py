@@ -40,7 +40,7 @@ import torch
 
 import hardware
 from data import TokenDataset, open_source, tokenize_source
-from model import GPT, ModelConfig
+from model import GPT, Decoder, ModelConfig
 from response_generator import (
     CHAT_STOPS,
     GenerationConfig,
@@ -261,6 +261,11 @@ class _NoEndTokenizer:
         return self.tok.decode(ids)
 
 
+def _weights_name(runtime: hardware.Runtime) -> str:
+    dtype = runtime.decode_weights or runtime.autocast_dtype or torch.float32
+    return str(dtype).replace("torch.", "").replace("float", "fp")
+
+
 def _time_generation(gen: ResponseGenerator, prompt: list[int], cfg: GenerationConfig, use_cache: bool,
                      repeats: int) -> dict:
     rates, first = [], []
@@ -284,8 +289,13 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
                      seed: int = 0, plain_only: bool = False) -> dict:
     torch.manual_seed(seed)
     model = GPT(cfg)
-    runtime = hardware.detect_runtime("cpu", "fp32")
+    # What a user gets (fp16 weight matrices where the CPU has the kernel), and fp32
+    # throughout when that differs, so the table shows what the halved reads buy.
+    runtime = hardware.detect_runtime("cpu")
     gen = ResponseGenerator.from_model(model, _NoEndTokenizer(tokenizer), runtime)
+    exact = None
+    if runtime.decode_weights is not None:
+        exact = ResponseGenerator.from_model(model, _NoEndTokenizer(tokenizer), hardware.detect_runtime("cpu", "fp32"))
     g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()
     n = min(new_tokens, cfg.max_seq_len - prompt_len)
@@ -293,19 +303,26 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
     plain = GenerationConfig(max_new_tokens=n, temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.0,
                              seed=seed)
     ours = GenerationConfig(max_new_tokens=n, seed=seed)  # what a user gets: + top-p 0.95, penalty 1.1
-    out: dict = {"new_tokens": n, "prompt_tokens": prompt_len}
+    out: dict = {"new_tokens": n, "prompt_tokens": prompt_len, "weights": _weights_name(runtime)}
     if plain_only:
         with OtherLoad() as load:
             out["cached"] = _time_generation(gen, prompt, plain, True, repeats)
-        out["cached"].pop("ids")
+            if exact is not None:
+                out["cached_fp32"] = _time_generation(exact, prompt, plain, True, repeats)
+        for key in ("cached", "cached_fp32"):
+            out.get(key, {}).pop("ids", None)
         out["other_load"] = load.share
         return out
     with OtherLoad() as load:
         out["cached"] = _time_generation(gen, prompt, plain, True, repeats)
+        if exact is not None:
+            out["cached_fp32"] = _time_generation(exact, prompt, plain, True, repeats)
+            out["cached_fp32"].pop("ids")
         out["cached_default_sampling"] = _time_generation(gen, prompt, ours, True, repeats)
         out["uncached"] = _time_generation(gen, prompt, plain, False, max(1, repeats - 1))
     out["other_load"] = load.share
-    out["cache_speedup"] = out["cached"]["tokens_per_s"]["median"] / out["uncached"]["tokens_per_s"]["median"]
+    same_precision = out.get("cached_fp32", out["cached"])  # the uncached path is the fp32 model
+    out["cache_speedup"] = same_precision["tokens_per_s"]["median"] / out["uncached"]["tokens_per_s"]["median"]
     # Text streaming: what decoding ids into safe-to-show text adds per token.
     ids = out["cached"].pop("ids")
     for key in ("cached_default_sampling", "uncached"):
@@ -433,6 +450,7 @@ def race(script: Path, cfg: ModelConfig, gen_cfg: ModelConfig, tokenizer, batch:
         gen = measure_when_quiet(lambda: bench_generation(gen_cfg, tokenizer, new_tokens, prompt_len, repeats,
                                                           plain_only=True), max_wait)
         row["ours_gen"] = gen["cached"]["tokens_per_s"]["median"]
+        row["ours_gen_fp32"] = gen.get("cached_fp32", gen["cached"])["tokens_per_s"]["median"]
         ref = measure_when_quiet(lambda: run_reference(script, cfg, batch, steps, warmup, new_tokens, prompt_len,
                                                        repeats, only="gen"), max_wait)
         if "skipped" in ref:
@@ -440,8 +458,11 @@ def race(script: Path, cfg: ModelConfig, gen_cfg: ModelConfig, tokenizer, batch:
         row["theirs_gen"] = ref["gen_tokens_per_s_median"]
         row["train_ratio"] = row["ours_train"] / row["theirs_train"]
         row["gen_ratio"] = row["ours_gen"] / row["theirs_gen"]
+        row["gen_ratio_fp32"] = row["ours_gen_fp32"] / row["theirs_gen"]
         out["rounds"].append(row)
-    for key in ("ours_train", "theirs_train", "ours_gen", "theirs_gen", "train_ratio", "gen_ratio"):
+    out["gen_weights"] = gen["weights"]
+    for key in ("ours_train", "theirs_train", "ours_gen", "ours_gen_fp32", "theirs_gen", "train_ratio",
+                "gen_ratio", "gen_ratio_fp32"):
         out[key] = spread([row[key] for row in out["rounds"]])
     return out
 
@@ -472,7 +493,10 @@ def bench_quality(corpus: Path, minutes: float, workdir: Path) -> dict:
         wall = time.perf_counter() - t0
     final = result.final_eval or {}
     cfg, run = trainer.model.config, trainer.state.get("run") or {}
+    text = corpus.read_text(encoding="utf-8", errors="replace")
+    held_out = trainer.tokenizer.encode(text[-len(text) // 20:])[-2048:]  # from the validation tail
     return {
+        "half_weights": bench_half_weights(trainer.model, held_out) if hardware.cpu_half_weights_available() else None,
         "minutes": minutes, "epochs_requested": DEFAULT_EPOCHS, "stopped": result.stopped_early or "finished",
         "val_bpb": final.get("bpb"), "val_loss": final.get("val_loss"), "steps": result.steps,
         "tokens_seen": trainer.state.get("tokens_seen"), "train_tokens": events.get("start", {}).get("train_tokens"),
@@ -485,6 +509,28 @@ def bench_quality(corpus: Path, minutes: float, workdir: Path) -> dict:
                    "precision": trainer.runtime.precision},
         "other_load": load.share,
     }
+
+
+def bench_half_weights(model: GPT, ids: list[int]) -> dict:
+    """What generation's fp16 weights cost in quality: held-out text through the Decoder
+    one token at a time, with fp32 and with fp16 weight matrices. Bits per token of each
+    and how often the two agree on the most likely next token."""
+    model = model.to("cpu").eval()
+    window = model.config.max_seq_len
+    out: dict = {"tokens": 0}
+    tops = {}
+    for name, matrix_dtype in (("fp32", None), ("fp16", torch.float16)):
+        decoder, nats, top = Decoder(model, matrix_dtype=matrix_dtype), 0.0, []
+        for begin in range(0, len(ids) - 1, window):
+            chunk, cache = ids[begin:begin + window + 1], decoder.new_cache()
+            for i in range(len(chunk) - 1):
+                logits = decoder.step([chunk[i]], cache)
+                nats += (torch.logsumexp(logits, 0) - logits[chunk[i + 1]]).item()
+                top.append(int(logits.argmax()))
+        out["tokens"], tops[name] = len(top), top
+        out[f"{name}_bits_per_token"] = nats / max(1, len(top)) / math.log(2)
+    out["top1_agreement"] = sum(a == b for a, b in zip(tops["fp32"], tops["fp16"])) / max(1, out["tokens"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,12 +586,15 @@ def print_report(r: dict) -> None:
 
     g = r.get("generation")
     if g:
-        rows = [("cached, top-k 50 T 0.8", _tps(g["cached"]["tokens_per_s"]) + _load_note(g["other_load"])),
-                ("time to first token", f"{g['cached']['first_token_ms']:.1f} ms ({g['prompt_tokens']}-token prompt)"),
-                ("cached, default sampling", _tps(g["cached_default_sampling"]["tokens_per_s"]) +
-                 "  (+ top-p 0.95, repetition penalty 1.1)"),
-                ("uncached (reference path)", _tps(g["uncached"]["tokens_per_s"])),
-                ("what the cache buys", f"{g['cache_speedup']:.1f}x")]
+        rows = [("cached, top-k 50 T 0.8", _tps(g["cached"]["tokens_per_s"]) + f"  ({g['weights']} weights)" +
+                 _load_note(g["other_load"]))]
+        if "cached_fp32" in g:
+            rows.append(("cached, fp32 weights (exact)", _tps(g["cached_fp32"]["tokens_per_s"])))
+        rows += [("time to first token", f"{g['cached']['first_token_ms']:.1f} ms ({g['prompt_tokens']}-token prompt)"),
+                 ("cached, default sampling", _tps(g["cached_default_sampling"]["tokens_per_s"]) +
+                  "  (+ top-p 0.95, repetition penalty 1.1)"),
+                 ("uncached (reference path, fp32)", _tps(g["uncached"]["tokens_per_s"])),
+                 ("what the cache buys", f"{g['cache_speedup']:.1f}x (both fp32)")]
         if "stream_us_per_token" in g:
             rows.append(("text streaming", f"{g['stream_us_per_token']:.0f} us/token plain, "
                                            f"{g['stream_chat_us_per_token']:.0f} us/token with chat stops"))
@@ -576,19 +625,28 @@ def print_report(r: dict) -> None:
                   f"{row['ours_gen']:>14,.0f} {row['theirs_gen']:>8,.0f} {row['gen_ratio']:>6.2f}x")
         tr, gr = race_result["train_ratio"], race_result["gen_ratio"]
         print(f"  ours/theirs, training:   median {tr['median']:.2f}x (min {tr['min']:.2f}x, max {tr['max']:.2f}x)")
-        print(f"  ours/theirs, generation: median {gr['median']:.2f}x (min {gr['min']:.2f}x, max {gr['max']:.2f}x)")
+        print(f"  ours/theirs, generation: median {gr['median']:.2f}x (min {gr['min']:.2f}x, max {gr['max']:.2f}x)"
+              f"  ({race_result['gen_weights']} weights)")
+        if race_result["gen_weights"] != "fp32":
+            g32 = race_result["gen_ratio_fp32"]
+            print(f"  ours/theirs, generation with fp32 weights (ours {race_result['ours_gen_fp32']['median']:,.0f} "
+                  f"tokens/s): median {g32['median']:.2f}x (min {g32['min']:.2f}x, max {g32['max']:.2f}x)")
 
     q = r.get("quality")
     if q:
-        c = q["config"]
-        _table(f"Quality per minute ({q['minutes'] * 60:.0f} s on tinyshakespeare, default CPU setup)", [
+        c, h = q["config"], q.get("half_weights")
+        rows = [
             ("validation bits/byte", f"{q['val_bpb']:.3f}  (classic small-GPT recipe: 2.72; target <= 2.5)"
              + _load_note(q["other_load"])),
             ("validation loss", f"{q['val_loss']:.3f} nats/token"),
             ("steps, tokens", f"{q['steps']} steps, {q['tokens_seen']:,} tokens ({q['stopped']})"),
             ("setup", f"d_model {c['d_model']}, {c['n_layer']} layers, context {c['context']}, vocab {c['vocab']}, "
-                      f"batch {c['batch']}, lr {c['lr']:g}, warm-up {c['warmup_steps']}, {c['precision']}"),
-        ])
+                      f"batch {c['batch']}, lr {c['lr']:g}, warm-up {c['warmup_steps']}, {c['precision']}")]
+        if h:
+            rows.append(("generation, fp16 weights", f"{h['fp16_bits_per_token']:.4f} vs {h['fp32_bits_per_token']:.4f} "
+                         f"bits/token with fp32 weights; same top token {h['top1_agreement']:.2%} "
+                         f"({h['tokens']} held-out tokens)"))
+        _table(f"Quality per minute ({q['minutes'] * 60:.0f} s on tinyshakespeare, default CPU setup)", rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -695,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
 
     race_result, ratios = report.get("race", {}), {}
     if race_result.get("rounds"):
-        ratios = {"train_tokens_per_s": race_result["train_ratio"], "gen_tokens_per_s": race_result["gen_ratio"]}
+        ratios = {"train_tokens_per_s": race_result["train_ratio"], "gen_tokens_per_s": race_result["gen_ratio"],
+                  "gen_tokens_per_s_fp32_weights": race_result["gen_ratio_fp32"]}
     report["ratios"] = ratios
     print_report(report)
     if args.json:

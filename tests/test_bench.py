@@ -17,9 +17,29 @@ def test_training_and_generation_sections_run_on_a_tiny_model():
     assert 0 <= train["batch_prep_pct_of_step"] < 100
     gen = bench.bench_generation(TINY, bench._NoEndTokenizer(None), new_tokens=5, prompt_len=3, repeats=1)
     assert gen["cached"]["tokens"] == gen["uncached"]["tokens"] == 5  # no end token: every run is full length
+    # Where generation reads fp16 weights, the exact fp32 row is timed beside it.
+    assert ("cached_fp32" in gen) == (gen["weights"] == "fp16")
+    assert gen["cache_speedup"] > 0
 
 
 def test_other_load_is_a_share_or_unknown():
     with bench.OtherLoad() as load:
         sum(range(10_000))
     assert load.share is None or 0.0 <= load.share <= 1.0
+
+
+def test_half_weight_quality_check_scores_every_held_out_token():
+    import pytest
+    import torch
+
+    import hardware
+    if not hardware.cpu_half_weights_available():
+        pytest.skip("no fp16-weight kernel on this CPU")
+    torch.manual_seed(0)
+    ids = list(range(1, 40))  # 38 predictions over three windows of the 16-token context
+    result = bench.bench_half_weights(GPT(TINY), ids)
+    assert result["tokens"] == len(ids) - 1
+    # A random 300-token model predicts ~log2(300) = 8.2 bits per token either way.
+    assert 7.5 < result["fp32_bits_per_token"] < 9
+    assert abs(result["fp16_bits_per_token"] - result["fp32_bits_per_token"]) < 1e-3
+    assert result["top1_agreement"] > 0.9
