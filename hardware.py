@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import half_products_work
+
 # (minimum accelerator memory in GiB, name, d_model, n_layer, n_head), largest first.
 PRESETS = [
     (24.0, "large", 1024, 12, 16),
@@ -108,20 +110,9 @@ def detect_runtime(device: str | None = None, precision: str | None = None) -> R
 
 @functools.cache
 def cpu_half_weights_available() -> bool:
-    """Whether this PyTorch multiplies fp32 rows by fp16-stored weights on the CPU.
-
-    That is FBGEMM's kernel (x86 with AVX2), reached through PyTorch's quantized ops;
-    other builds and CPUs (e.g. Arm) lack it. A small product checked against fp32
-    decides, so a kernel that is present but wrong is never used.
-    """
-    try:
-        w = torch.linspace(-1, 1, 8 * 16).reshape(8, 16)
-        x = torch.linspace(1, -1, 16).reshape(1, 16)
-        packed = torch.ops.quantized.linear_prepack_fp16(w, None)
-        got = torch.ops.quantized.linear_dynamic_fp16(x, packed)
-    except Exception:  # missing op, no FBGEMM engine, unsupported CPU
-        return False
-    return got.shape == (1, 8) and torch.allclose(got, x @ w.t(), atol=1e-2)
+    """Whether this PyTorch multiplies fp32 rows by fp16-stored weights on the CPU
+    (FBGEMM's kernel, checked once against an fp32 product)."""
+    return half_products_work()
 
 
 def compile_model(model: torch.nn.Module):

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 import hardware
-from model import GPT, Decoder, _HalfProduct, _Product, causal_attention_with_dropout, cpu_dropout
+from model import (GPT, Decoder, _HalfProduct, _Product, causal_attention_with_dropout, cpu_dropout,
+                   half_products_work)
 from response_generator import CHAT_STOPS, TextStreamer
 from tokenizer import chunk_text, train_tokenizer
 
@@ -94,6 +95,28 @@ def test_weights_beyond_fp16_range_stay_fp32(tiny_model):
     fc = decoder.layers[0][6]
     assert isinstance(fc, _Product) and fc.weight.dtype == torch.float32
     assert isinstance(decoder.layers[0][2], _HalfProduct)
+
+
+@needs_half_kernel
+def test_half_product_falls_back_to_the_quantized_operator(monkeypatch):
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 24)
+    fast = _HalfProduct(layer)
+    assert fast.plain_tensors
+    monkeypatch.delattr(torch, "fbgemm_pack_gemm_matrix_fp16")  # as a release without it would be
+    fallback = _HalfProduct(layer)
+    assert not fallback.plain_tensors
+    with torch.no_grad():
+        torch.testing.assert_close(fallback(x), fast(x), atol=1e-6, rtol=1e-6)  # the same kernel behind both
+        torch.testing.assert_close(fallback(x), layer(x), atol=2e-3, rtol=2e-3)
+    out = torch.empty(3, 40)
+    assert fallback(x, out=out) is out
+
+
+def test_no_half_kernel_means_no_half_weights(monkeypatch):
+    monkeypatch.delattr(torch, "fbgemm_pack_gemm_matrix_fp16")
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack_fp16", None, raising=False)
+    assert half_products_work() is False
 
 
 def test_runtime_says_when_generation_uses_half_weights(monkeypatch):
