@@ -285,7 +285,7 @@ class ResponseGenerator:
         """The model's Decoder, rebuilt only when a weight has changed since the last one."""
         key = tuple((p.data_ptr(), _version(p)) for p in self.model.parameters())
         if getattr(self, "_decoder_key", None) != key:
-            self._decoder_obj = Decoder(self.model, self.runtime.autocast_dtype, self.runtime.decode_weights)
+            self._decoder_obj = Decoder(self.model, self.runtime.decode_dtype, self.runtime.decode_weights)
             self._decoder_key = key
         return self._decoder_obj
 

@@ -119,14 +119,25 @@ def test_no_half_kernel_means_no_half_weights(monkeypatch):
     assert half_products_work() is False
 
 
-def test_runtime_says_when_generation_uses_half_weights(monkeypatch):
-    assert hardware.detect_runtime("cpu", "fp32").decode_weights is None  # exact on request
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_cpu_runtime_trains_in_bf16_only_where_native_and_generates_in_fp32(monkeypatch, native_bf16):
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
+    exact = hardware.detect_runtime("cpu", "fp32")  # exact on request
+    assert exact.autocast_dtype is exact.decode_weights is exact.decode_dtype is None
     monkeypatch.setattr(hardware, "cpu_half_weights_available", lambda: False)
-    assert hardware.detect_runtime("cpu").decode_weights is None  # no kernel: plain fp32
+    plain = hardware.detect_runtime("cpu")
+    assert plain.decode_weights is None and plain.decode_dtype is None  # no kernel: fp32 weights
+    assert plain.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
     monkeypatch.setattr(hardware, "cpu_half_weights_available", lambda: True)
     auto = hardware.detect_runtime("cpu")
-    assert auto.decode_weights == torch.float16 and auto.autocast_dtype is None
-    assert "fp16" in auto.reason
+    assert auto.decode_weights == torch.float16 and auto.decode_dtype is None
+    assert auto.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
+    assert "fp16" in auto.reason and ("bf16 autocast" in auto.reason) == native_bf16
+    if native_bf16:
+        assert hardware.detect_runtime("cpu", "bf16").decode_weights == torch.float16
+    else:
+        with pytest.raises(ValueError, match="no native bf16"):
+            hardware.detect_runtime("cpu", "bf16")
 
 
 def test_generator_accepts_a_model_built_under_inference_mode(tiny_config):
