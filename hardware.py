@@ -193,12 +193,17 @@ def default_batch_size(runtime: Runtime, d_model: int, max_seq_len: int) -> int:
     return min(256, 1 << (batch.bit_length() - 1))
 
 
+def usable_cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def configure_cpu_threads() -> None:
     """Use the physical cores we are allowed; oversubscription slows matmuls a lot."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:
-        allowed = os.cpu_count() or 1
+    allowed = usable_cpu_cores()
     if torch.get_num_threads() > allowed:
         torch.set_num_threads(allowed)
 

@@ -22,6 +22,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 import storage
+from hardware import usable_cpu_cores
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -224,7 +225,8 @@ class SentencePieceTokenizer(BaseTokenizer):
         return self._sp.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts, num_threads=2)
+        # Every core the process may use: a fixed count would leave a big machine idle.
+        return self._sp.encode(texts, num_threads=usable_cpu_cores())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
