@@ -85,9 +85,11 @@ def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
     The same distribution and the same global RNG as ``F.dropout``, but the mask comes
     from uniform draws and a compare, which on the CPU is about twice as fast as the
-    ``bernoulli_`` that ``F.dropout`` uses there.
+    ``bernoulli_`` that ``F.dropout`` uses there. The draws and the scale are fp32 even
+    for a bf16 ``x`` (CPU autocast): bf16 draws dropped 10.2% instead of 10% and bf16
+    holds 1/0.9 as 1.109, which shrank every activation by 0.4% per dropout.
     """
-    scale = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p)
+    scale = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p)
     return x * scale
 
 
