@@ -320,26 +320,35 @@ class _HalfProduct:
     compact model's decode steps ran 2.4x faster (median of 10 alternating rounds).
 
     Two doors lead to the same kernel. ``torch.fbgemm_linear_fp16_weight`` takes
-    plain tensors and costs ~2 us a call; ``torch.ops.quantized.linear_dynamic_fp16``
-    passes a TorchScript object and costs ~12 us, which over 17 products a token made
-    generation 1.3x slower. The first is marked deprecated, so the second stands in
-    where a PyTorch release has dropped it; ``half_products_work`` tells whether either does.
+    plain tensors and costs ~2 us a call, but runs on one thread;
+    ``torch.ops.quantized.linear_dynamic_fp16`` passes a TorchScript object and costs
+    ~12 us, but splits the product over every thread. Small matrices take the first
+    (over 17 products a token, the second made generation 1.3x slower), big ones (the
+    LM head) the second where there are threads to use. The first is marked
+    deprecated, so the second stands in where a PyTorch release has dropped it;
+    ``half_products_work`` tells whether either works.
     """
 
+    THREADED_FROM = 1 << 20  # weights (4 MB in fp32) from which threads beat the cheaper call
+
     def __init__(self, layer: nn.Linear) -> None:
-        weight = layer.weight.detach().float().contiguous()
-        bias = torch.zeros(weight.shape[0]) if layer.bias is None else layer.bias.detach().float().contiguous()
-        with warnings.catch_warnings():
-            # PyTorch warns once per process that these functions are deprecated; the
-            # fallback below is what replaces them, so the warning tells the user nothing.
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight)
-                self.bias, self.plain_tensors = bias, True
-                self(weight.new_zeros(1, weight.shape[1]))  # the first call is where the warning fires
-            except (AttributeError, RuntimeError):
-                self.packed = torch.ops.quantized.linear_prepack_fp16(weight, bias)
-                self.bias, self.plain_tensors = None, False
+        # A copy: packing clamps out-of-range values in place, and must never touch the model.
+        weight = layer.weight.detach().float().clone()
+        bias = torch.zeros(weight.shape[0]) if layer.bias is None else layer.bias.detach().float().clone()
+        self.plain_tensors = False
+        if weight.numel() < self.THREADED_FROM or torch.get_num_threads() == 1:
+            with warnings.catch_warnings():
+                # PyTorch warns once per process that these functions are deprecated; the
+                # fallback below is what replaces them, so the warning tells the user nothing.
+                warnings.simplefilter("ignore", UserWarning)
+                try:
+                    self.packed, self.bias = torch.fbgemm_pack_gemm_matrix_fp16(weight), bias
+                    self.plain_tensors = True
+                    self(weight.new_zeros(1, weight.shape[1]))  # the first call is where the warning fires
+                except (AttributeError, RuntimeError):
+                    self.plain_tensors = False
+        if not self.plain_tensors:
+            self.packed, self.bias = torch.ops.quantized.linear_prepack_fp16(weight, bias), None
 
     @staticmethod
     def fits(layer: nn.Linear) -> bool:

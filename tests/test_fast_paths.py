@@ -79,6 +79,17 @@ needs_half_kernel = pytest.mark.skipif(not hardware.cpu_half_weights_available()
                                        reason="this PyTorch/CPU has no fp16-weight kernel (FBGEMM)")
 
 
+def test_the_half_kernel_is_found_where_fbgemm_runs():
+    # The skips above must not hide a broken probe on the machines that have the kernel.
+    import platform
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        avx2 = " avx2" in f.read()
+    if not (x86 and avx2 and "fbgemm" in torch.backends.quantized.supported_engines):
+        pytest.skip("no FBGEMM here")
+    assert hardware.cpu_half_weights_available()
+
+
 @needs_half_kernel
 def test_half_weight_decoder_stays_close_to_the_fp32_forward(tiny_model, tiny_config):
     x = torch.randint(0, tiny_config.vocab_size, (1, 16))
@@ -122,6 +133,30 @@ def test_half_product_falls_back_to_the_quantized_operator(monkeypatch):
     assert fallback(x, out=out) is out
 
 
+@needs_half_kernel
+def test_big_half_products_use_the_threaded_operator(monkeypatch):
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 24)
+    monkeypatch.setattr(_HalfProduct, "THREADED_FROM", 24 * 40)  # as if this were an LM head
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    big = _HalfProduct(layer)
+    assert not big.plain_tensors
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: the cheaper call
+    assert _HalfProduct(layer).plain_tensors
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), layer(x), atol=2e-3, rtol=2e-3)
+
+
+@needs_half_kernel
+def test_packing_never_changes_the_models_weights():
+    layer = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        layer.weight[0, 0] = 7e4  # beyond fp16: the packer clamps its input in place
+    before = layer.weight.detach().clone()
+    _HalfProduct(layer)
+    assert torch.equal(layer.weight, before)
+
+
 def test_no_half_kernel_means_no_half_weights(monkeypatch):
     monkeypatch.delattr(torch, "fbgemm_pack_gemm_matrix_fp16")
     monkeypatch.setattr(torch.ops.quantized, "linear_prepack_fp16", None, raising=False)
@@ -132,14 +167,14 @@ def test_no_half_kernel_means_no_half_weights(monkeypatch):
 def test_cpu_runtime_trains_in_bf16_only_where_native_and_generates_in_fp32(monkeypatch, native_bf16):
     monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native_bf16)
     exact = hardware.detect_runtime("cpu", "fp32")  # exact on request
-    assert exact.autocast_dtype is exact.decode_weights is exact.decode_dtype is None
+    assert exact.autocast_dtype is exact.decode_weights is None and exact.decode_dtype == torch.float32
     monkeypatch.setattr(hardware, "cpu_half_weights_available", lambda: False)
     plain = hardware.detect_runtime("cpu")
-    assert plain.decode_weights is None and plain.decode_dtype is None  # no kernel: fp32 weights
+    assert plain.decode_weights is None and plain.decode_dtype == torch.float32  # no kernel: fp32 weights
     assert plain.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
     monkeypatch.setattr(hardware, "cpu_half_weights_available", lambda: True)
     auto = hardware.detect_runtime("cpu")
-    assert auto.decode_weights == torch.float16 and auto.decode_dtype is None
+    assert auto.decode_weights == torch.float16 and auto.decode_dtype == torch.float32
     assert auto.autocast_dtype == (torch.bfloat16 if native_bf16 else None)
     assert "fp16" in auto.reason and ("bf16 autocast" in auto.reason) == native_bf16
     if native_bf16:
