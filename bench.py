@@ -263,7 +263,7 @@ class _NoEndTokenizer:
 
 def _weights_name(runtime: hardware.Runtime) -> str:
     dtype = runtime.decode_weights or runtime.decode_dtype or torch.float32
-    return str(dtype).replace("torch.", "").replace("float", "fp")
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 def _time_generation(gen: ResponseGenerator, prompt: list[int], cfg: GenerationConfig, use_cache: bool,
@@ -294,8 +294,6 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
     runtime = hardware.detect_runtime("cpu")
     gen = ResponseGenerator.from_model(model, _NoEndTokenizer(tokenizer), runtime)
     exact = ResponseGenerator.from_model(model, _NoEndTokenizer(tokenizer), hardware.detect_runtime("cpu", "fp32"))
-    if runtime.decode_weights is None and runtime.decode_dtype is None:
-        exact = None  # the same thing twice
     g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()
     n = min(new_tokens, cfg.max_seq_len - prompt_len)
@@ -307,7 +305,7 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
     if plain_only:
         with OtherLoad() as load:
             out["cached"] = _time_generation(gen, prompt, plain, True, repeats)
-            if exact is not None:
+            if runtime.decode_weights is not None:
                 out["cached_fp32"] = _time_generation(exact, prompt, plain, True, repeats)
         for key in ("cached", "cached_fp32"):
             out.get(key, {}).pop("ids", None)
@@ -315,11 +313,11 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
         return out
     with OtherLoad() as load:
         out["cached"] = _time_generation(gen, prompt, plain, True, repeats)
-        if exact is not None:
+        if runtime.decode_weights is not None:  # else the same thing twice
             out["cached_fp32"] = _time_generation(exact, prompt, plain, True, repeats)
             out["cached_fp32"].pop("ids")
         out["cached_default_sampling"] = _time_generation(gen, prompt, ours, True, repeats)
-        out["uncached"] = _time_generation(exact or gen, prompt, plain, False, max(1, repeats - 1))
+        out["uncached"] = _time_generation(exact, prompt, plain, False, max(1, repeats - 1))
     out["other_load"] = load.share
     same_precision = out.get("cached_fp32", out["cached"])  # the uncached path is the fp32 model
     out["cache_speedup"] = same_precision["tokens_per_s"]["median"] / out["uncached"]["tokens_per_s"]["median"]

@@ -248,8 +248,9 @@ class ResponseGenerator:
     def generate_ids(self, prompt_ids: list[int], cfg: GenerationConfig, use_cache: bool = True) -> Iterator[int]:
         """Yield new ids until end-of-text or ``max_new_tokens``.
 
-        ``use_cache=False`` recomputes the whole context every step: the slow,
-        obviously-correct reference that the cached path is tested against.
+        ``use_cache=False`` recomputes the whole context every step, in the same
+        compute precision: the slow, obviously-correct reference that the cached path
+        is tested against (token for token when the weights are fp32 too).
         When the context fills up, the oldest tokens are cropped (learned positions
         cannot roll) and the cache is refilled from the kept half.
         """
@@ -268,7 +269,7 @@ class ResponseGenerator:
             if decoder is not None:
                 logits = decoder.step(pending, cache)
             else:
-                with self.runtime.autocast():
+                with self.runtime.generation_autocast():
                     logits, _ = model(torch.tensor([context], device=device), last_only=True)
                 logits = logits[0, -1].float()
             if cfg.repetition_penalty != 1.0:  # skip the tensor build on the hot path when off

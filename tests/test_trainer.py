@@ -5,11 +5,14 @@ import math
 import pytest
 import torch
 
+import hardware
 from data import source_from_text
 from model import GPT
 from trainer import StopFlag, TrainConfig, Trainer, lr_at
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+FP32 = hardware.detect_runtime("cpu", "fp32")
 
 
 def make_trainer(folder, kind="bpe", **train):
@@ -155,8 +158,9 @@ def test_out_of_memory_halves_the_micro_batch_and_learns_the_same(tmp_path, monk
     src = source_from_text(SAMPLE_TEXT)
     no_dropout = {**TINY_MODEL, "dropout": 0.0}  # dropout masks would differ per slice
 
-    def trainer(name):
-        return Trainer(str(tmp_path / name), "bpe", model_overrides=no_dropout, train_overrides=TINY_TRAIN)
+    def trainer(name):  # fp32: the tolerance below is for fp32 sums, whatever this CPU's default
+        return Trainer(str(tmp_path / name), "bpe", model_overrides=no_dropout, train_overrides=TINY_TRAIN,
+                       runtime=FP32)
 
     straight = {}
     trainer("a").train(src, 2, record(straight))
@@ -197,7 +201,6 @@ def test_out_of_memory_at_one_sequence_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_micro_batches_give_the_gradients_of_the_whole_batch(tiny_model, tiny_config):
-    import hardware
     from trainer import accumulate_gradients
 
     tiny_model.eval()  # no dropout: the two ways must agree
@@ -240,8 +243,6 @@ def test_a_failing_torch_compile_falls_back_to_eager_without_losing_the_step(tmp
 
 
 def test_compile_is_refused_cleanly_where_torch_has_none(monkeypatch):
-    import hardware
-
     monkeypatch.delattr(torch, "compile")
     compiled, note = hardware.compile_model(torch.nn.Linear(2, 2))
     assert compiled is None and "without it" in note
@@ -263,7 +264,7 @@ def test_torch_compile_really_trains_and_saves_plain_weights(tmp_path):
             step_losses(kind, info)
 
         Trainer(str(tmp_path / name), "bpe", model_overrides=no_dropout,
-                train_overrides={**TINY_TRAIN, "compile": compiled}).train(src, 1, on_event)
+                train_overrides={**TINY_TRAIN, "compile": compiled}, runtime=FP32).train(src, 1, on_event)
         assert "compile_failed" not in events
         runs[name] = losses
     assert runs["compiled"].keys() == runs["eager"].keys()
