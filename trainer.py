@@ -101,11 +101,12 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 def make_optimizer(model: GPT, cfg: TrainConfig, runtime: hardware.Runtime) -> torch.optim.AdamW:
     """AdamW with betas (0.9, 0.95); weight decay on matrices and embeddings only.
 
-    The fused kernel on CUDA. On the CPU the update is ~2% of a step, and neither the
-    ``foreach`` nor the ``fused`` kernel measured faster there (bench.py), so it keeps
-    PyTorch's default.
+    The fused kernel on CUDA and on the CPU: for the compact model's 5.3M parameters
+    one update took 4.3 ms fused against 10.0 ms with PyTorch's CPU default (a loop
+    over tensors) and 11.7 ms with ``foreach``, in one process, alternating; about 1%
+    of a training step. Other devices keep the default.
     """
-    kwargs: dict[str, Any] = {"fused": True} if runtime.device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"fused": True} if runtime.device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
                              betas=(0.9, 0.95), **kwargs)
 
