@@ -180,10 +180,15 @@ def start_long_training(model_dir, sample_file, later_lines):
     epoch_3 = threading.Event()
 
     def pump():
-        while chunk := proc.stderr.read(64):
-            proc.stderr_chunks.append(chunk)
-            if "Epoch 3/" in "".join(proc.stderr_chunks[-40:]):
-                epoch_3.set()
+        try:
+            while chunk := proc.stderr.read(64):
+                proc.stderr_chunks.append(chunk)
+                if "Epoch 3/" in "".join(proc.stderr_chunks[-40:]):
+                    epoch_3.set()
+        except (ValueError, OSError):
+            # communicate() closes the pipe once the program ends; a read racing that
+            # raised in this thread (pytest's intermittent unhandled-thread warning).
+            pass
 
     threading.Thread(target=pump, daemon=True).start()
     proc.stdin.write("\n".join(lines) + "\n")
