@@ -161,9 +161,9 @@ def square_matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> dict:
             "gflops_best": 2 * n**3 / min(times) / 1e9}
 
 
-def model_gemm_gflops(cfg: ModelConfig, batch: int, repeats: int) -> dict:
-    """The rate of the very matrix products one training step makes (forward and both
-    backward products of every linear layer and the head), timed on their own."""
+def model_gemms(cfg: ModelConfig, batch: int):
+    """The very fp32 matrix products one training step makes (forward and both backward
+    products of every linear layer and the head), as a function, and their FLOPs."""
     m, d = batch * cfg.max_seq_len, cfg.d_model
     shapes = [(d, 3 * d), (d, d), (d, cfg.d_ff), (cfg.d_ff, d)] * cfg.n_layer + [(d, cfg.vocab_size)]
     tensors = []
@@ -177,8 +177,13 @@ def model_gemm_gflops(cfg: ModelConfig, batch: int, repeats: int) -> dict:
             dy @ w  # grad of the input    (m, n) x (n, k)
             dy.t() @ x  # grad of the weight   (n, m) x (m, k)
 
+    return step, sum(3 * 2 * m * k * n for k, n in shapes)
+
+
+def model_gemm_gflops(cfg: ModelConfig, batch: int, repeats: int) -> dict:
+    """The rate of ``model_gemms``, timed on their own."""
+    step, flops = model_gemms(cfg, batch)
     times = _time_it(step, repeats, warmup=1)
-    flops = sum(3 * 2 * m * k * n for k, n in shapes)
     return {"gflops_median": flops / statistics.median(times) / 1e9, "gflops_best": flops / min(times) / 1e9}
 
 
@@ -226,10 +231,28 @@ def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, war
             if i >= warmup:
                 prep_times.append(t1 - t0)
                 step_times.append(t2 - t1)
+    rss = peak_rss_mb()  # before the products below add their own tensors
     tokens_per_step = batch * cfg.max_seq_len
     step = spread(step_times)
     fpt = flops_per_token(model)
+    paired = {}
+    if runtime.autocast_dtype is None:
+        # The machine's speed drifts by tens of percent over a minute, so a rate taken
+        # later is a poor denominator: a few more steps, each followed by the same
+        # matrix products on their own, and the median of the step-by-step ratios.
+        gemms, gemm_flops = model_gemms(cfg, batch)
+        ratios = []
+        for i in range(max(3, steps // 2)):
+            x, y = dataset.train_batch(plan, (warmup + steps + i) % plan.n_batches)
+            t0 = time.perf_counter()
+            train_step(model, optimizer, x, y, 3e-4, runtime, grad_clip=1.0)
+            t1 = time.perf_counter()
+            gemms()
+            t2 = time.perf_counter()
+            ratios.append(fpt * tokens_per_step / gemm_flops * (t2 - t1) / (t1 - t0))
+        paired["mfu_model_paired"] = statistics.median(ratios)
     return {
+        **paired,
         "precision": runtime.precision, "steps": steps, "warmup": warmup,
         "step_s": step,
         "tokens_per_s": {"median": tokens_per_step / step["median"], "min": tokens_per_step / step["max"],
@@ -240,7 +263,7 @@ def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, war
         "batch_prep_pct_of_step": 100 * statistics.median(prep_times) / step["median"],
         "loss_first": losses[0], "loss_last": losses[-1],
         "params": model.num_params(),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": rss,
         "other_load": load.share,
     }
 
@@ -583,7 +606,8 @@ def print_report(r: dict) -> None:
                          f"{t['batch_prep_pct_of_step']:.2f}% of a step)"),
                 ("FLOPs/token", f"{t['flops_per_token'] / 1e6:.1f} M -> {t['achieved_gflops']:.0f} GFLOP/s achieved"),
                 ("MFU", f"{t['mfu_square']:.0%} of the {t['precision']} 1024^3 rate" +
-                 (f", {t['mfu_model']:.0%} of the model-shaped rate" if "mfu_model" in t else "")),
+                 (f", {t['mfu_model']:.0%} of the model-shaped rate" if "mfu_model" in t else "") +
+                 (f"; {t['mfu_model_paired']:.0%} of it timed beside each step" if "mfu_model_paired" in t else "")),
                 ("peak RSS", f"{t['peak_rss_mb']:,.0f} MB"),
                 ("loss", f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} over {t['warmup'] + t['steps']} steps")]
         _table(f"Training ({t['precision']}, {t['params'] / 1e6:.2f}M parameters)", rows)
