@@ -38,8 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hardware
-from data import TokenDataset, open_source, tokenize_source
+from engine import hardware
+from engine.sources import open_source
+from engine.tokenizer import chunk_text, train_tokenizer
+from engine.windows import TokenDataset, tokenize_source
 from model import GPT, Decoder, ModelConfig
 from response_generator import (
     CHAT_STOPS,
@@ -47,7 +49,6 @@ from response_generator import (
     ResponseGenerator,
     TextStreamer,
 )
-from tokenizer import chunk_text, train_tokenizer
 from trainer import TrainConfig, make_optimizer, train_step
 
 ROOT = Path(__file__).resolve().parent

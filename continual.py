@@ -15,10 +15,17 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-import storage
-from data import Source, TokenDataset, encode_documents, iter_windows, remove_stale_caches, split_documents
-from model_folder import DATASETS_DIR
-from vocab_expansion import expand_tokenizer, tokenization_drift, tokens_per_byte
+from engine import storage
+from engine.model_folder import DATASETS_DIR
+from engine.sources import Source
+from engine.vocab_growth import expand_tokenizer, tokenization_drift, tokens_per_byte
+from engine.windows import (
+    TokenDataset,
+    encode_documents,
+    iter_windows,
+    remove_stale_caches,
+    split_documents,
+)
 
 if TYPE_CHECKING:
     from trainer import StopFlag, Trainer
@@ -167,7 +174,7 @@ def expand_vocabulary(trainer: "Trainer", texts: list[str], max_new_tokens: int,
 
 def train_on_new_data(trainer: "Trainer", new_texts, epochs: int, expand_vocab: bool, max_new_tokens: int,
                       on_event: Event, stop: "StopFlag | None") -> dict:
-    from data import source_from_text
+    from engine.sources import source_from_text
 
     if isinstance(new_texts, Source):
         source = new_texts

@@ -14,13 +14,20 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import hardware
-from data import open_source, source_from_text
-from display import ConsoleOutput, TrainingProgress, human_bytes, human_count, loss_chart, rows_table
+from engine import hardware
+from engine.display import (
+    ConsoleOutput,
+    TrainingProgress,
+    human_bytes,
+    human_count,
+    loss_chart,
+    rows_table,
+)
+from engine.model_folder import ModelFolder
+from engine.sources import open_source, source_from_text
+from engine.tokenizer import normalize_kind, tokenizer_kind_in
 from model import GPT, ModelConfig
-from model_folder import ModelFolder
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
-from tokenizer import normalize_kind, tokenizer_kind_in
 from trainer import StopFlag, Trainer
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "custom_llm"

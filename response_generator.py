@@ -15,10 +15,10 @@ from typing import Iterator
 
 import torch
 
-import hardware
+from engine import hardware
+from engine.model_folder import ModelFolder
+from engine.tokenizer import BaseTokenizer
 from model import GPT, Decoder
-from model_folder import ModelFolder
-from tokenizer import BaseTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,29 @@ import numpy as np
 import torch
 
 import continual
-import hardware
-import storage
-from data import Source, TokenDataset, load_cached_tokens, tokenize_source
+from engine import hardware, storage
+from engine.model_folder import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    DATASETS_FILE,
+    FORMAT_VERSION,
+    HISTORY_FILE,
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    ModelFolder,
+    load_state,
+)
+from engine.sources import Source
+from engine.tokenizer import (
+    TYPE_FILE,
+    BaseTokenizer,
+    normalize_kind,
+    supported_vocab_size,
+    tokenizer_kind_in,
+    train_tokenizer,
+)
+from engine.windows import TokenDataset, load_cached_tokens, tokenize_source
 from model import GPT, ModelConfig
-from model_folder import (CHECKPOINT_FILE, CONFIG_FILE, DATASETS_FILE, FORMAT_VERSION, HISTORY_FILE,
-                          MANIFEST_FILE, WEIGHTS_FILE, ModelFolder, load_state)
-from tokenizer import (TYPE_FILE, BaseTokenizer, normalize_kind, supported_vocab_size, tokenizer_kind_in,
-                       train_tokenizer)
 
 log = logging.getLogger(__name__)
 

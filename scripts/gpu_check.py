@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import hardware  # noqa: E402
 from bench import flops_per_token  # noqa: E402
-from data import source_from_text  # noqa: E402
+from engine import hardware  # noqa: E402
+from engine.sources import source_from_text  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
 from trainer import TrainConfig, Trainer, make_optimizer, train_step  # noqa: E402

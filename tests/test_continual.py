@@ -3,15 +3,14 @@ import json
 
 import pytest
 import torch
-
-import storage
-from data import source_from_text
-from model_folder import ModelFolder
-from tokenizer import KINDS, load_tokenizer, train_tokenizer
-from trainer import Trainer, lr_at
-from vocab_expansion import expand_tokenizer, learn_merges
-
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+from engine import storage
+from engine.model_folder import ModelFolder
+from engine.sources import source_from_text
+from engine.tokenizer import KINDS, load_tokenizer, train_tokenizer
+from engine.vocab_growth import expand_tokenizer, learn_merges
+from trainer import Trainer, lr_at
 
 NEW_DOMAIN = ("Photosynthesis in chloroplasts turns sunlight into sugar, and mitochondria burn it. "
               "Chloroplasts and mitochondria both carry their own DNA. ") * 30

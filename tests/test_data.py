@@ -3,11 +3,11 @@ import codecs
 
 import numpy as np
 import pytest
-
-from data import BUILTIN_NAME, TokenDataset, open_source, source_from_text, tokenize_source
-from tokenizer import EOT_ID, train_tokenizer
-
 from conftest import SAMPLE_TEXT
+
+from engine.sources import BUILTIN_NAME, open_source, source_from_text
+from engine.tokenizer import EOT_ID, train_tokenizer
+from engine.windows import TokenDataset, tokenize_source
 
 
 def test_empty_answer_means_builtin_corpus():
@@ -125,8 +125,9 @@ def test_a_50_mb_file_streams_with_bounded_memory(tmp_path):
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import SAMPLE_TEXT
-from data import open_source, tokenize_source
-from tokenizer import train_tokenizer
+from engine.sources import open_source
+from engine.windows import tokenize_source
+from engine.tokenizer import train_tokenizer
 tok = train_tokenizer("bpe", [SAMPLE_TEXT], 400)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ids = tokenize_source(open_source({str(big)!r}), tok, {str(tmp_path / 'cache')!r})

@@ -2,14 +2,20 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-import hardware
-from model import (GPT, Decoder, _HalfProduct, _Product, causal_attention_with_dropout, cpu_dropout,
-                   half_products_work)
-from response_generator import CHAT_STOPS, TextStreamer
-from tokenizer import chunk_text, train_tokenizer
-
 from conftest import SAMPLE_TEXT
+
+from engine import hardware
+from engine.tokenizer import chunk_text, train_tokenizer
+from model import (
+    GPT,
+    Decoder,
+    _HalfProduct,
+    _Product,
+    causal_attention_with_dropout,
+    cpu_dropout,
+    half_products_work,
+)
+from response_generator import CHAT_STOPS, TextStreamer
 
 
 def test_written_out_attention_equals_sdpa_without_dropout():

@@ -3,15 +3,21 @@ import random
 
 import pytest
 import torch
-
-import hardware
-from data import source_from_text
-from response_generator import (ChatSession, GenerationConfig, ResponseGenerator, TextStreamer,
-                                apply_repetition_penalty, render_conversation, sample_next_token)
-from tokenizer import train_tokenizer
-from trainer import Trainer
-
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+from engine import hardware
+from engine.sources import source_from_text
+from engine.tokenizer import train_tokenizer
+from response_generator import (
+    ChatSession,
+    GenerationConfig,
+    ResponseGenerator,
+    TextStreamer,
+    apply_repetition_penalty,
+    render_conversation,
+    sample_next_token,
+)
+from trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import storage
-import tokenizer as tokenizer_module
-from data import source_from_text
-from model_folder import ModelFolder
+from engine import storage
+from engine import tokenizer as tokenizer_module
+from engine.model_folder import ModelFolder
+from engine.sources import source_from_text
+from engine.tokenizer import train_tokenizer
 from response_generator import sample_next_token
-from tokenizer import train_tokenizer
 from trainer import Trainer
-
-from conftest import ROOT, SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 WORKER = ROOT / "tests" / "train_worker.py"
 EPOCHS = 3
@@ -186,7 +185,7 @@ def test_second_writer_is_refused(trained):
 
 
 def test_lock_of_a_killed_process_does_not_stick(trained):
-    code = ("import sys, os, signal; sys.path.insert(0, %r); from model_folder import ModelFolder\n"
+    code = ("import sys, os, signal; sys.path.insert(0, %r); from engine.model_folder import ModelFolder\n"
             "with ModelFolder(%r).writer_lock(): os.kill(os.getpid(), signal.SIGKILL)") % (str(ROOT), str(trained))
     proc = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert proc.returncode == -signal.SIGKILL

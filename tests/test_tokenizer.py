@@ -1,10 +1,17 @@
 """Both tokenizers: exact round trips, special tokens, byte counts, small data."""
 import pytest
-
-from tokenizer import (EOT_ID, PAD_ID, KINDS, MIN_VOCAB, load_tokenizer, normalize_kind,
-                       supported_vocab_size, train_tokenizer)
-
 from conftest import SAMPLE_TEXT
+
+from engine.tokenizer import (
+    EOT_ID,
+    KINDS,
+    MIN_VOCAB,
+    PAD_ID,
+    load_tokenizer,
+    normalize_kind,
+    supported_vocab_size,
+    train_tokenizer,
+)
 
 ROUND_TRIP = [
     "",

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
-import hardware
-from data import source_from_text
+from engine import hardware
+from engine.sources import source_from_text
 from model import GPT
 from trainer import StopFlag, TrainConfig, Trainer, lr_at
-
-from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 FP32 = hardware.detect_runtime("cpu", "fp32")
 

@@ -12,9 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from conftest import TINY_MODEL, TINY_TRAIN  # noqa: E402
-from data import open_source  # noqa: E402
+
+from engine.sources import open_source  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 

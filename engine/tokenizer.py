@@ -21,8 +21,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-import storage
-from hardware import usable_cpu_cores
+from engine import storage
+from engine.hardware import usable_cpu_cores
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

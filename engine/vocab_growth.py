@@ -19,7 +19,12 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from tokenizer import BaseTokenizer, BPETokenizer, SentencePieceTokenizer, chunk_text
+from engine.tokenizer import (
+    BaseTokenizer,
+    BPETokenizer,
+    SentencePieceTokenizer,
+    chunk_text,
+)
 
 
 @dataclass

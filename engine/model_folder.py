@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-import storage
+from engine import storage
+from engine.tokenizer import BaseTokenizer, load_tokenizer, normalize_kind
 from model import GPT, ModelConfig
-from tokenizer import BaseTokenizer, load_tokenizer, normalize_kind
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
