@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from engine import hardware
+from engine.reports import RunStarted, StepDone
 from engine.sources import open_source
 from engine.tokenizer import chunk_text, train_tokenizer
 from engine.windows import TokenDataset, tokenize_source
@@ -165,7 +166,7 @@ def square_matmul_gflops(n: int, dtype: torch.dtype, repeats: int) -> dict:
 def model_gemms(cfg: ModelConfig, batch: int):
     """The very fp32 matrix products one training step makes (forward and both backward
     products of every linear layer and the head), as a function, and their FLOPs."""
-    m, d = batch * cfg.max_seq_len, cfg.d_model
+    m, d = batch * cfg.context, cfg.d_model
     shapes = [(d, 3 * d), (d, d), (d, cfg.d_ff), (cfg.d_ff, d)] * cfg.n_layer + [(d, cfg.vocab_size)]
     tensors = []
     for k, n in shapes:
@@ -205,7 +206,7 @@ def flops_per_token(model: GPT) -> int:
     head counted as the matrix product it is) + the attention scores and mixing."""
     cfg = model.config
     n = model.num_params() - model.wpe.weight.numel()
-    return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.max_seq_len
+    return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.context
 
 
 def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, warmup: int,
@@ -217,9 +218,9 @@ def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, war
     model.train()
     # Random tokens through the real data path: TokenDataset windows, as in training.
     n_windows = (warmup + steps) * batch + 4
-    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, n_windows * (cfg.max_seq_len + 1) + 2,
+    tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, n_windows * (cfg.context + 1) + 2,
                                                   dtype=np.uint16)
-    dataset = TokenDataset(tokens, cfg.max_seq_len, val_fraction=0.01)
+    dataset = TokenDataset(tokens, cfg.context, val_fraction=0.01)
     plan = dataset.epoch_plan(seed, 0, batch)
     step_times, prep_times, losses = [], [], []
     with OtherLoad() as load:
@@ -233,7 +234,7 @@ def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, war
                 prep_times.append(t1 - t0)
                 step_times.append(t2 - t1)
     rss = peak_rss_mb()  # before the products below add their own tensors
-    tokens_per_step = batch * cfg.max_seq_len
+    tokens_per_step = batch * cfg.context
     step = spread(step_times)
     fpt = flops_per_token(model)
     paired = {}
@@ -320,7 +321,7 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
     exact = ResponseGenerator.from_model(model, _NoEndTokenizer(tokenizer), hardware.detect_runtime("cpu", "fp32"))
     g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(1, cfg.vocab_size, (prompt_len,), generator=g).tolist()
-    n = min(new_tokens, cfg.max_seq_len - prompt_len)
+    n = min(new_tokens, cfg.context - prompt_len)
     # The reference's settings: top-k 50, temperature 0.8, nothing else.
     plain = GenerationConfig(max_new_tokens=n, temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.0,
                              seed=seed)
@@ -440,7 +441,7 @@ def run_reference(script: Path, cfg: ModelConfig, batch: int, steps: int, warmup
     if not script.exists():
         return {"skipped": f"{script} not found"}
     cmd = [sys.executable, str(script), "--d-model", str(cfg.d_model), "--n-layer", str(cfg.n_layer),
-           "--n-head", str(cfg.n_head), "--seq-len", str(cfg.max_seq_len), "--vocab", str(cfg.vocab_size),
+           "--n-head", str(cfg.n_head), "--seq-len", str(cfg.context), "--vocab", str(cfg.vocab_size),
            "--dropout", str(cfg.dropout), "--batch", str(batch), "--train-steps", str(steps),
            "--warmup", str(warmup), "--gen-tokens", str(new_tokens), "--prompt-len", str(prompt_len),
            "--gen-repeats", str(repeats), "--device", "cpu", "--dtype", "float32"]
@@ -507,32 +508,33 @@ def bench_quality(corpus: Path, minutes: float, workdir: Path) -> dict:
         DEFAULT_EPOCHS = 3
     trainer = Trainer(str(workdir / "quality_model"), "bpe", train_overrides={"max_minutes": minutes})
     losses: list[float] = []
-    events: dict = {}
+    started: list[RunStarted] = []
 
-    def on_event(kind: str, info: dict) -> None:
-        if kind == "step":
-            losses.append(info["loss"])
-        elif kind in ("start", "tokenizer"):
-            events[kind] = info
+    def on_event(event) -> None:
+        if isinstance(event, StepDone):
+            losses.append(event.loss)
+        elif isinstance(event, RunStarted):
+            started.append(event)
 
     with OtherLoad() as load:
         t0 = time.perf_counter()
         result = trainer.train(open_source(str(corpus)), DEFAULT_EPOCHS, on_event=on_event)
         wall = time.perf_counter() - t0
-    final = result.final_eval or {}
-    cfg, run = trainer.model.config, trainer.state.get("run") or {}
+    final = result.final_eval
+    cfg, run = trainer.model.config, trainer.progress.run
     text = corpus.read_text(encoding="utf-8", errors="replace")
     held_out = trainer.tokenizer.encode(text[-len(text) // 20:])[-2048:]  # from the validation tail
     return {
         "half_weights": bench_half_weights(trainer.model, held_out) if hardware.cpu_half_weights_available() else None,
         "minutes": minutes, "epochs_requested": DEFAULT_EPOCHS, "stopped": result.stopped_early or "finished",
-        "val_bpb": final.get("bpb"), "val_loss": final.get("val_loss"), "steps": result.steps,
-        "tokens_seen": trainer.state.get("tokens_seen"), "train_tokens": events.get("start", {}).get("train_tokens"),
+        "val_bpb": final.bpb if final else None, "val_loss": final.val_loss if final else None,
+        "steps": result.steps, "tokens_seen": trainer.progress.tokens_seen,
+        "train_tokens": started[0].train_tokens if started else None,
         "wall_s": wall, "final_train_loss": losses[-1] if losses else None,
         "config": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                   "context": cfg.max_seq_len, "vocab": cfg.vocab_size, "dropout": cfg.dropout,
-                   "batch": run.get("batch_size"), "lr": trainer.config.learning_rate,
-                   "warmup_steps": min(trainer.config.warmup_steps, max(1, run.get("total_steps", 0) // 10)),
+                   "context": cfg.context, "vocab": cfg.vocab_size, "dropout": cfg.dropout,
+                   "batch": run.batch_size, "lr": trainer.config.learning_rate,
+                   "warmup_steps": min(trainer.config.warmup_steps, max(1, run.total_steps // 10)),
                    "min_lr_ratio": trainer.config.min_lr_ratio,
                    "precision": trainer.runtime.precision},
         "other_load": load.share,
@@ -544,7 +546,7 @@ def bench_half_weights(model: GPT, ids: list[int]) -> dict:
     one token at a time, with fp32 and with fp16 weight matrices. Bits per token of each
     and how often the two agree on the most likely next token."""
     model = model.to("cpu").eval()
-    window = model.config.max_seq_len
+    window = model.config.context
     out: dict = {"tokens": 0}
     tops = {}
     for name, matrix_dtype in (("fp32", None), ("fp16", torch.float16)):
@@ -711,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     hardware.configure_cpu()
     _, d_model, n_layer, n_head = hardware.preset_by_name(args.preset)
-    cfg = ModelConfig(vocab_size=args.vocab, max_seq_len=args.context, d_model=args.d_model or d_model,
+    cfg = ModelConfig(vocab_size=args.vocab, context=args.context, d_model=args.d_model or d_model,
                       n_layer=args.n_layer or n_layer, n_head=args.n_head or n_head, dropout=args.dropout)
     steps = args.steps or (5 if args.quick else 10)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -729,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         "native_bf16": hardware.cpu_has_native_bf16(), "python": platform.python_version(),
         "torch": torch.__version__, "quick": args.quick,
         "config": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-                   "context": cfg.max_seq_len, "vocab": cfg.vocab_size, "batch": args.batch,
+                   "context": cfg.context, "vocab": cfg.vocab_size, "batch": args.batch,
                    "dropout": cfg.dropout},
     }}
     def idle():

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import continual
 from engine import hardware
 from engine.display import (
     ConsoleOutput,
@@ -24,8 +25,8 @@ from engine.display import (
     rows_table,
 )
 from engine.model_folder import ModelFolder
+from engine.reports import ContinualReport, TrainResult
 from engine.sources import open_source, source_from_text
-from engine.tokenizer import normalize_kind, tokenizer_kind_in
 from model import GPT, ModelConfig
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 from trainer import StopFlag, Trainer
@@ -160,24 +161,17 @@ class App:
 
     # -- start-up --------------------------------------------------------------------------
     def choose_tokenizer(self) -> None:
-        existing = tokenizer_kind_in(self.model_dir) if ModelFolder(self.model_dir).has_model() else None
-        if existing:
-            if self.tokenizer_kind and normalize_kind(self.tokenizer_kind) != existing:
-                self.out(f"Note: {self.model_dir} already holds a {existing} model; using its tokenizer.")
-            else:
-                self.out(f"Model folder {self.model_dir} holds a {existing} model.")
-            self.tokenizer_kind = existing
-            return
-        if self.tokenizer_kind:
-            self.tokenizer_kind = normalize_kind(self.tokenizer_kind)
-            return
-        while True:
+        choice = ModelFolder(self.model_dir).choose_tokenizer(self.tokenizer_kind)
+        if choice.existing:
+            self.out(f"Note: {choice.note}." if choice.note
+                     else f"Model folder {self.model_dir} holds a {choice.kind} model.")
+        while choice.kind is None:
             answer = self.ask("Choose tokenizer (bpe/sentencepiece) [default: bpe]: ")
             try:
-                self.tokenizer_kind = normalize_kind(answer)
-                return
+                choice = ModelFolder(self.model_dir).choose_tokenizer(answer or "bpe")
             except ValueError as exc:
                 self.out(f"{exc}.")
+        self.tokenizer_kind = choice.kind
 
     def run(self) -> int:
         self.out("custom-llm: train your own language model, then talk to it.")
@@ -196,8 +190,8 @@ class App:
         trainer = Trainer(
             str(self.model_dir), self.tokenizer_kind or "bpe",
             model_overrides={"d_model": a.d_model, "n_layer": a.n_layer, "n_head": a.n_head,
-                             "max_seq_len": a.context, "dropout": a.dropout},
-            train_overrides={"learning_rate": a.lr, "batch_size": a.batch_size, "vocab_size": a.vocab_size,
+                             "context": a.context, "dropout": a.dropout},
+            train_overrides={"learning_rate": a.lr, "batch_size": a.batch_size, "target_vocab_size": a.target_vocab_size,
                              "checkpoint_every": a.checkpoint_every, "max_minutes": a.max_minutes,
                              "seed": a.train_seed, "compile": a.compile},
             runtime=self.runtime, preset=a.preset)
@@ -240,8 +234,8 @@ class App:
         trainer = self.make_trainer()
         run = trainer.interrupted_run()
         if run is not None:
-            where = f"epoch {run['epoch'] + 1}/{run['epochs']}, step {run['run_step']}/{run['total_steps']}"
-            if self.ask_yes_no(f"Resume the interrupted run on {run['name']} ({where})?"):
+            where = f"epoch {run.epoch + 1}/{run.epochs}, step {run.run_step}/{run.total_steps}"
+            if self.ask_yes_no(f"Resume the interrupted run on {run.name} ({where})?"):
                 self.drive(trainer, lambda on_event, stop: trainer.resume(on_event, stop))
                 return
         spec = self.ask("New data: file or folder path (or press Enter to type text): ")
@@ -252,32 +246,35 @@ class App:
         max_new = (self.ask_number("Most new tokens to add", 1000, 1, 100_000, "the number of new tokens")
                    if expand else 0)
         epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
-        report = self.drive(trainer, lambda on_event, stop: trainer.train_on_new_data(
-            source, epochs, expand, max_new, on_event, stop))
-        if report is not None:
-            self.show_continual_report(report)
+        reports: list[ContinualReport] = []
 
-    def show_continual_report(self, report: dict) -> None:
-        ex = report["expansion"]
-        if ex is not None:
-            if ex["added"] == 0:
+        def start(on_event, stop) -> TrainResult:
+            reports.append(continual.train_on_new_data(trainer, source, epochs, expand, max_new, on_event, stop))
+            return reports[-1].result
+
+        if self.drive(trainer, start) is not None:
+            self.show_continual_report(reports[-1])
+
+    def show_continual_report(self, report: ContinualReport) -> None:
+        growth = report.growth
+        if growth is not None:
+            if growth.added == 0:
                 self.out("Vocabulary: no new token was frequent enough to add.")
             else:
-                examples = ", ".join(repr(t) for t in ex["examples"][:8])
-                self.out(f"Vocabulary: {ex['old_vocab']:,} -> {ex['new_vocab']:,} tokens "
-                         f"({ex['added']} added, e.g. {examples})")
-                self.out(f"Tokens per byte of the new data: {ex['tokens_per_byte_before']:.3f} -> "
-                         f"{ex['tokens_per_byte_after']:.3f}; earlier validation text tokenized "
-                         f"differently: {ex['drift']:.1%}")
+                examples = ", ".join(repr(t) for t in growth.examples[:8])
+                self.out(f"Vocabulary: {growth.old_vocab:,} -> {growth.new_vocab:,} tokens "
+                         f"({growth.added} added, e.g. {examples})")
+                self.out(f"Tokens per byte of the new data: {growth.tokens_per_byte_before:.3f} -> "
+                         f"{growth.tokens_per_byte_after:.3f}; earlier validation text tokenized "
+                         f"differently: {growth.drift:.1%}")
         rows = [("Dataset", "loss before -> after | bits/byte before -> after")]
-        for row in report["table"]:
-            before, after = row["before"], row["after"]
+        for row in report.table:
+            before, after = row.before, row.after
             if before:
-                text = (f"{before['val_loss']:.4f} -> {after['val_loss']:.4f} | "
-                        f"{before['bpb']:.4f} -> {after['bpb']:.4f}")
+                text = f"{before.val_loss:.4f} -> {after.val_loss:.4f} | {before.bpb:.4f} -> {after.bpb:.4f}"
             else:
-                text = f"(new) -> {after['val_loss']:.4f} | (new) -> {after['bpb']:.4f}"
-            rows.append((row["dataset"], text))
+                text = f"(new) -> {after.val_loss:.4f} | (new) -> {after.bpb:.4f}"
+            rows.append((row.name, text))
         self.out("\nHeld-out results per dataset:")
         self.out(rows_table(rows))
 
@@ -286,15 +283,17 @@ class App:
         trainer = trainer or self.make_trainer()
         self.drive(trainer, lambda on_event, stop: trainer.train(source, epochs, on_event, stop))
 
-    def drive(self, trainer: Trainer, start: Callable):
-        """Run a training call with a progress bar; Ctrl+C saves and returns to the menu."""
+    def drive(self, trainer: Trainer, start: Callable[[TrainingProgress, StopFlag], TrainResult]) -> TrainResult | None:
+        """Run a training call with a progress bar; Ctrl+C saves and returns to the menu.
+
+        Returns the call's result, or None when a second Ctrl+C stopped it at once."""
         for note in trainer.notes:
             self.out(f"Note: {note}")
         trainer.notes.clear()
         progress = TrainingProgress(self.out)
         self.generator = None  # the weights are about to change
         try:
-            outcome = start(progress, StopFlag())
+            result = start(progress, StopFlag())
         except KeyboardInterrupt:
             progress.close()
             self.out("Stopped at once; the last checkpoint on disk is intact.")
@@ -304,7 +303,6 @@ class App:
         for note in trainer.notes:
             self.out(f"Note: {note}")
         trainer.notes.clear()
-        result = outcome["result"] if isinstance(outcome, dict) else outcome
         if result.stopped_early == "terminated":
             self.out(f"Terminated at step {result.global_step}; checkpoint saved.")
             raise Terminated
@@ -314,36 +312,34 @@ class App:
         else:
             self.out(f"Training complete: {result.steps} steps this run, {result.global_step} in total. "
                      f"Model saved in {self.model_dir}")
-        return outcome
+        return result
 
     def training_status(self) -> None:
-        folder = ModelFolder(self.model_dir)
-        if not folder.has_model():
+        status = ModelFolder(self.model_dir).status()
+        if status is None:
             self.out("No model yet: train one first.")
             return
-        status = self.make_trainer().status()
-        last = status["last_eval"]
+        last = status.last_eval
         rows = [("Model folder", str(self.model_dir)),
-                ("Tokenizer", status["tokenizer"]),
-                ("Steps", f"{status['steps']:,}"),
-                ("Tokens seen", f"{status['tokens_seen']:,}"),
-                ("Epochs completed", str(status["epochs"]))]
+                ("Tokenizer", status.tokenizer),
+                ("Steps", f"{status.steps:,}"),
+                ("Tokens seen", f"{status.tokens_seen:,}"),
+                ("Epochs completed", str(status.epochs))]
         if last:
-            rows.append(("Last validation", f"loss {last['val_loss']:.4f} | perplexity {last['perplexity']:.2f} "
-                                            f"| {last['bpb']:.4f} bits/byte (step {last['step']})"))
-            rows.append(("Best validation loss", f"{status['best_val_loss']:.4f}"))
+            rows.append(("Last validation", f"loss {last.val_loss:.4f} | perplexity {last.perplexity:.2f} "
+                                            f"| {last.bpb:.4f} bits/byte (step {last.step})"))
+            rows.append(("Best validation loss", f"{status.best_val_loss:.4f}"))
         else:
             rows.append(("Validation", "none yet (runs at the end of each epoch)"))
-        for run in status["runs"][-5:]:
-            rows.append(("Trained on", f"{run['name']} ({run['tokens']:,} tokens, {run['epochs']} epochs)"))
-        for entry in status["datasets"]:
-            latest = entry.get("latest")
-            rows.append(("Dataset", f"{entry['name']}: " + (f"{latest['bpb']:.4f} bits/byte" if latest
-                                                            else "not evaluated yet")))
+        for run in status.runs[-5:]:
+            rows.append(("Trained on", f"{run.name} ({run.tokens:,} tokens, {run.epochs} epochs)"))
+        for record in status.datasets:
+            rows.append(("Dataset", f"{record.name}: " + (f"{record.latest.bpb:.4f} bits/byte" if record.latest
+                                                          else "not evaluated yet")))
         self.out("\n=== Training Status ===")
         self.out(rows_table(rows))
         self.out("\nTraining loss by step:")
-        self.out(loss_chart(status["losses"]))
+        self.out(loss_chart(status.losses))
 
     # -- response ----------------------------------------------------------------------------
     def load_generator(self) -> bool:
@@ -452,13 +448,14 @@ class App:
         info = self.generator.info()
         self.out("\n=== Model Information ===")
         self.out(rows_table([
-            ("Parameters", f"{info['parameters']:,} ({human_count(info['parameters'])})"),
-            ("Vocabulary size", f"{info['vocab_size']:,} ({info['tokenizer']})"),
-            ("Architecture", f"{info['layers']} layers, {info['heads']} heads, d_model {info['d_model']}"),
-            ("Context", f"{info['context']} tokens"),
-            ("Memory (fp32 weights)", f"{info['memory_mb']:.1f} MB"),
-            ("Training steps", f"{info['training_steps']:,}"),
-            ("Device", info["device"]),
+            ("Parameters", f"{info.parameters:,} ({human_count(info.parameters)})"),
+            ("Vocabulary size", f"{info.config.vocab_size:,} ({info.tokenizer})"),
+            ("Architecture", f"{info.config.n_layer} layers, {info.config.n_head} heads, "
+                             f"d_model {info.config.d_model}"),
+            ("Context", f"{info.config.context} tokens"),
+            ("Memory (fp32 weights)", f"{info.memory_mb:.1f} MB"),
+            ("Training steps", f"{info.training_steps:,}"),
+            ("Device", info.device),
         ]))
 
     # -- system -------------------------------------------------------------------------------
@@ -483,7 +480,7 @@ class App:
             ("Parameters", f"{n_params:,} ({human_count(n_params)})"),
             ("Vocabulary", f"{config.vocab_size:,} ({meta['tokenizer']})"),
             ("Layers / heads", f"{config.n_layer} / {config.n_head} (d_model {config.d_model})"),
-            ("Context", f"{config.max_seq_len} tokens"),
+            ("Context", f"{config.context} tokens"),
             ("Size in memory", human_bytes(n_params * 4) + " (fp32)"),
             ("Training steps", f"{steps:,}"),
         ]))
@@ -511,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-head", type=int)
     g.add_argument("--context", type=int, help="context length in tokens (default 256)")
     g.add_argument("--dropout", type=float)
-    g.add_argument("--vocab-size", type=int, help="requested vocabulary size (default 8000)")
+    g.add_argument("--target-vocab-size", "--vocab-size", dest="target_vocab_size", type=int,
+                   help="the vocabulary size to aim for; lowered for little text (default 8000)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="default answer to the epochs question")
     t.add_argument("--batch-size", type=int)

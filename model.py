@@ -17,7 +17,7 @@ import torch.nn.functional as F
 # make us allocate absurd amounts of memory before anything else is checked.
 MAX_PARAMS = 20_000_000_000
 MAX_VOCAB = 1_000_000
-MAX_SEQ_LEN = 65_536
+MAX_CONTEXT = 65_536
 MAX_LAYERS = 1_000
 MAX_WIDTH = 65_536
 
@@ -25,7 +25,7 @@ MAX_WIDTH = 65_536
 @dataclass
 class ModelConfig:
     vocab_size: int
-    max_seq_len: int = 256
+    context: int = 256
     d_model: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -36,7 +36,7 @@ class ModelConfig:
         if self.d_ff == 0 and isinstance(self.d_model, int):
             self.d_ff = 4 * self.d_model
         problems = []
-        for name in ("vocab_size", "max_seq_len", "d_model", "n_layer", "n_head", "d_ff"):
+        for name in ("vocab_size", "context", "d_model", "n_layer", "n_head", "d_ff"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{name} must be a positive integer (got {value!r})")
@@ -51,20 +51,16 @@ class ModelConfig:
                 problems.append(f"n_layer {self.n_layer} exceeds {MAX_LAYERS}")
             if max(self.d_model, self.d_ff) > MAX_WIDTH or self.n_head > self.d_model:
                 problems.append(f"d_model/d_ff/n_head ({self.d_model}/{self.d_ff}/{self.n_head}) are out of range")
-            if self.max_seq_len > MAX_SEQ_LEN:
-                problems.append(f"max_seq_len {self.max_seq_len} exceeds {MAX_SEQ_LEN}")
+            if self.context > MAX_CONTEXT:
+                problems.append(f"context {self.context} exceeds {MAX_CONTEXT}")
             if self.n_params_estimate() > MAX_PARAMS:
                 problems.append(f"the model would have ~{self.n_params_estimate():,} parameters; too large")
         if problems:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
-
     def n_params_estimate(self) -> int:
         per_layer = 4 * self.d_model * self.d_model + 2 * self.d_model * self.d_ff
-        return self.n_layer * per_layer + (self.vocab_size + self.max_seq_len) * self.d_model
+        return self.n_layer * per_layer + (self.vocab_size + self.context) * self.d_model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,7 +176,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.wpe = nn.Embedding(config.context, config.d_model)
         self.drop = Dropout(config.dropout)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model)
@@ -223,8 +219,8 @@ class GPT(nn.Module):
         that sampling the next token needs. Token-by-token generation uses ``Decoder``.
         """
         B, T = idx.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"cannot attend to {T} tokens; the context is {self.config.max_seq_len}")
+        if T > self.config.context:
+            raise ValueError(f"cannot attend to {T} tokens; the context is {self.config.context}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.h:
@@ -276,7 +272,7 @@ class GPT(nn.Module):
 
 
 class KVCache:
-    """Preallocated attention state for one sequence: (n_layer, max_seq_len, 3 * d_model).
+    """Preallocated attention state for one sequence: (n_layer, context, 3 * d_model).
 
     Row t of a layer holds that position's q|k|v exactly as the layer's fused
     projection produced them, so the product writes straight into the cache. ``pos``
@@ -285,9 +281,9 @@ class KVCache:
     """
 
     def __init__(self, config: ModelConfig, device, dtype: torch.dtype = torch.float32) -> None:
-        C, H, S = config.d_model, config.n_head, config.max_seq_len
+        C, H, S = config.d_model, config.n_head, config.context
         self.rows = torch.zeros(config.n_layer, S, 3 * C, device=device, dtype=dtype)
-        self.max_seq_len = S
+        self.context = S
         self.pos = 0
         # Per layer, q, k and v as (1, H, S, D) views of the rows, made once: a step
         # then only slices them (each tensor operation has a fixed cost at batch 1).
@@ -440,8 +436,8 @@ class Decoder:
         end = start + T
         if T == 0:
             raise ValueError("nothing to decode: ids is empty")
-        if end > cache.max_seq_len:
-            raise ValueError(f"cannot attend to {end} tokens; the context is {cache.max_seq_len}")
+        if end > cache.context:
+            raise ValueError(f"cannot attend to {end} tokens; the context is {cache.context}")
         if T == 1:  # indexing with a Python int is a view: no index tensor to build
             x = (self.wte[ids[0]] + self.wpe[start]).view(1, C)
         else:

@@ -18,7 +18,7 @@ import torch
 from engine import hardware
 from engine.model_folder import ModelFolder
 from engine.tokenizer import BaseTokenizer
-from model import GPT, Decoder
+from model import GPT, Decoder, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,21 @@ class GenerationConfig:
         if unknown:
             raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the Model Information screen shows about the loaded model."""
+
+    config: ModelConfig
+    parameters: int
+    tokenizer: str
+    training_steps: int
+    device: str
+
+    @property
+    def memory_mb(self) -> float:
+        return self.parameters * 4 / 2**20  # fp32 weights
 
 
 def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -221,15 +236,12 @@ class ResponseGenerator:
 
     @property
     def context(self) -> int:
-        return self.model.config.max_seq_len
+        return self.model.config.context
 
-    def info(self) -> dict:
-        cfg = self.model.config
-        n = self.model.num_params()
-        return {"parameters": n, "vocab_size": cfg.vocab_size, "layers": cfg.n_layer, "heads": cfg.n_head,
-                "d_model": cfg.d_model, "context": cfg.max_seq_len, "tokenizer": self.tokenizer.kind,
-                "memory_mb": n * 4 / 2**20, "training_steps": self.meta.get("progress", {}).get("step", 0),
-                "device": str(self.runtime.device)}
+    def info(self) -> ModelInfo:
+        return ModelInfo(config=self.model.config, parameters=self.model.num_params(),
+                         tokenizer=self.tokenizer.kind, training_steps=self.meta.get("progress", {}).get("step", 0),
+                         device=str(self.runtime.device))
 
     # -- the token loop --------------------------------------------------------------------
     def prompt_budget(self, max_new_tokens: int) -> int:
@@ -256,30 +268,30 @@ class ResponseGenerator:
         """
         model, device = self.model, self.runtime.device
         rng = random.Random(cfg.seed)  # None: seeded from the OS
-        context = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
+        visible = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
         decoder = self._decoder() if use_cache else None
         cache = decoder.new_cache() if decoder is not None else None
-        pending = context  # ids the cache has not seen yet
+        pending = visible  # ids the cache has not seen yet
         for _ in range(cfg.max_new_tokens):
-            if len(context) > self.context:  # the same rule for both paths
-                context = context[-(self.context // 2):]
+            if len(visible) > self.context:  # the same rule for both paths
+                visible = visible[-(self.context // 2):]
                 if cache is not None:
                     cache.reset()
-                    pending = context
+                    pending = visible
             if decoder is not None:
                 logits = decoder.step(pending, cache)
             else:
                 with self.runtime.generation_autocast():
-                    logits, _ = model(torch.tensor([context], device=device), last_only=True)
+                    logits, _ = model(torch.tensor([visible], device=device), last_only=True)
                 logits = logits[0, -1].float()
             if cfg.repetition_penalty != 1.0:  # skip the tensor build on the hot path when off
-                recent = torch.tensor(context[-REPETITION_WINDOW:], device=device)
+                recent = torch.tensor(visible[-REPETITION_WINDOW:], device=device)
                 logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
             next_id = sample_next_token(logits, rng, cfg.temperature, cfg.top_k, cfg.top_p)
             if next_id == self.tokenizer.eot_id:
                 return
             yield next_id
-            context.append(next_id)
+            visible.append(next_id)
             pending = [next_id]
 
     def _decoder(self) -> Decoder:

@@ -10,48 +10,60 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import hashlib
-import json
 import logging
 import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
-import continual
-from engine import hardware, storage
-from engine.model_folder import (
-    CHECKPOINT_FILE,
-    CONFIG_FILE,
-    DATASETS_FILE,
-    FORMAT_VERSION,
-    HISTORY_FILE,
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    ModelFolder,
-    load_state,
+from engine import hardware
+from engine.dataset_memory import DatasetMemory, dataset_id_of, mix_in_rehearsal
+from engine.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state, tokenizer_files
+from engine.reports import (
+    Checkpointed,
+    CompileChecked,
+    CompileFailed,
+    EpochEnded,
+    EpochStarted,
+    EvalResult,
+    Evaluated,
+    MemoryBackoff,
+    Notice,
+    OnEvent,
+    RunEnded,
+    RunRecord,
+    RunResumed,
+    RunStarted,
+    StepDone,
+    TokenizerTraining,
+    Tokenizing,
+    TrainResult,
+    VocabGrowing,
+    VocabGrowth,
+    ignore_events,
 )
 from engine.sources import Source
-from engine.tokenizer import (
-    TYPE_FILE,
-    BaseTokenizer,
-    normalize_kind,
-    supported_vocab_size,
-    tokenizer_kind_in,
-    train_tokenizer,
+from engine.tokenizer import BaseTokenizer, supported_vocab_size, train_tokenizer
+from engine.vocab_growth import expand_tokenizer, tokenization_drift, tokens_per_byte
+from engine.windows import (
+    TokenDataset,
+    encode_documents,
+    iter_windows,
+    load_cached_tokens,
+    remove_stale_caches,
+    tokenize_source,
 )
-from engine.windows import TokenDataset, load_cached_tokens, tokenize_source
 from model import GPT, ModelConfig
 
 log = logging.getLogger(__name__)
 
-Event = Callable[[str, dict], None]
+GROWTH_SAMPLE_BYTES = 5_000_000  # text that vocabulary growth learns its merges from
 
 
 @dataclass
@@ -67,7 +79,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     checkpoint_every: int = 100
     eval_batches: int = 50
-    vocab_size: int = 8000  # requested; lowered when the data cannot support it
+    target_vocab_size: int = 8000  # requested; lowered when the data cannot support it
     rehearsal: float = 0.2  # share of each batch replayed from earlier datasets
     seed: int = 1337
     max_minutes: float = 0.0  # 0: no time limit
@@ -75,7 +87,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        positive = ("learning_rate", "checkpoint_every", "eval_batches", "vocab_size")
+        positive = ("learning_rate", "checkpoint_every", "eval_batches", "target_vocab_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be positive (got {getattr(self, name)!r})")
@@ -193,7 +205,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
 
 @torch.no_grad()
 def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: hardware.Runtime,
-                  token_bytes: np.ndarray) -> dict:
+                  token_bytes: np.ndarray) -> EvalResult:
     """Validation loss (nats/token), perplexity and bits per byte; restores train mode.
 
     Bits per byte divide the total loss by the bytes of text the targets stand for,
@@ -215,8 +227,8 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     finally:
         model.train(was_training)
     loss = total_nats / max(1, total_tokens)
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            "bpb": total_nats / math.log(2) / max(1, total_bytes), "val_tokens": total_tokens}
+    return EvalResult(val_loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                      bpb=total_nats / math.log(2) / max(1, total_bytes), val_tokens=total_tokens)
 
 
 def _exclusive(method):
@@ -263,18 +275,52 @@ def graceful_interrupts(flag: StopFlag):
 
 
 @dataclass
-class TrainResult:
-    steps: int  # optimizer steps taken in this call
-    global_step: int
-    stopped_early: str  # "" when the run finished; else why it stopped
-    final_eval: dict | None
-    resumed: bool
+class RunState:
+    """Where a training run stands; saved in the checkpoint so a resume is exact."""
+
+    cache_file: str  # the token cache of the data (the run's identity)
+    name: str
+    epochs: int
+    total_steps: int
+    batch_size: int
+    window: int  # the window length in force (shorter than the context for short texts)
+    start_step: int
+    epoch: int = 0
+    batch: int = 0  # next batch of the current epoch
+    run_step: int = 0
+    micro_batches: int = 1  # > 1 after an out-of-memory back-off
+    finished: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunState:
+        d = dict(d)
+        if "seq_len" in d:  # its name before format 2
+            d["window"] = d.pop("seq_len")
+        return cls(**d)
+
+
+@dataclass
+class Progress:
+    """Counters over the model's whole life, and the current run."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epochs_done: int = 0
+    run: RunState | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Progress:
+        run = d.get("run")
+        return cls(d["step"], d["tokens_seen"], d["epochs_done"], RunState.from_dict(run) if run else None)
 
 
 class Trainer:
     """Builds or loads the model in ``model_dir`` and trains it."""
 
-    def __init__(self, model_dir: str, tokenizer_kind: str = "bpe", model_overrides: dict | None = None,
+    def __init__(self, model_dir: str, tokenizer_kind: str | None = "bpe", model_overrides: dict | None = None,
                  train_overrides: dict | None = None, runtime: hardware.Runtime | None = None,
                  preset: str | None = None) -> None:
         self.folder = ModelFolder(model_dir)
@@ -283,31 +329,28 @@ class Trainer:
         self.model_overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
         self.train_overrides = {k: v for k, v in (train_overrides or {}).items() if v is not None}
         self.preset = preset
-        self.notes: list[str] = []  # things the user should be told once
-        existing = tokenizer_kind_in(self.folder.path) if self.folder.path.is_dir() else None
-        if existing and self.folder.has_model():
-            self.meta = self.folder.read_meta()
-            if normalize_kind(tokenizer_kind) != existing:
-                self.notes.append(f"this model folder already uses the {existing} tokenizer; using it")
-            self.tokenizer_kind = existing
+        self.notes: list[str] = []  # told to the user when training starts
+        choice = self.folder.choose_tokenizer(tokenizer_kind or "bpe")
+        self.tokenizer_kind = choice.kind
+        if choice.note:
+            self.notes.append(choice.note)
+        self.meta = self.folder.read_meta() if choice.existing else None
+        if choice.existing:
             arch = {k: v for k, v in self.model_overrides.items() if k != "dropout"}
             if arch or preset:
                 self.notes.append("the model already exists, so its size settings are kept "
                                   "(use another --model-dir for a new model)")
-        else:
-            self.meta = None
-            self.tokenizer_kind = normalize_kind(tokenizer_kind)
         saved = dict(self.meta["training"]) if self.meta else {}
         self.config = TrainConfig.from_dict({**saved, **self.train_overrides})
         self.model: GPT | None = None
         self.tokenizer: BaseTokenizer | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
-        self.state: dict = {}  # step, tokens_seen, epochs_done, run
+        self.progress = Progress()
         self.history: dict = {"steps": [], "evals": [], "runs": []}
-        self.datasets: list[dict] = []  # every dataset trained on, with its held-out text
+        self.memory = DatasetMemory(self.folder)
         self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
-        self._unsaved_files: dict[str, bytes | str] = {}
+        self._unsaved_files: dict[str, bytes] = {}
         self._compiled: Callable | None = None  # torch.compile's wrapper while it works
 
     # -- building and loading -------------------------------------------------------------
@@ -323,16 +366,17 @@ class Trainer:
         values = {"d_model": d_model, "n_layer": n_layer, "n_head": n_head, **self.model_overrides}
         return ModelConfig(vocab_size=vocab_size, **values)
 
-    def _create(self, source: Source, on_event: Event) -> None:
+    def _create(self, source: Source, on_event: OnEvent) -> None:
         """First training in an empty folder: tokenizer and model, in memory until the first save."""
         self.folder.check_writable()
-        requested = self.config.vocab_size
+        requested = self.config.target_vocab_size
         target = supported_vocab_size(requested, source.n_bytes)
-        on_event("tokenizer", {"kind": self.tokenizer_kind, "vocab_size": target})
+        on_event(TokenizerTraining(self.tokenizer_kind, target))
         tok = train_tokenizer(self.tokenizer_kind, source.sample_for_tokenizer(), target)
         if tok.vocab_size < requested:
-            self.notes.append(f"vocabulary lowered from {requested} to {tok.vocab_size}: "
-                              f"{source.n_bytes:,} bytes of text cannot support more tokens")
+            # Said now, before training starts: it explains the model that follows.
+            on_event(Notice(f"vocabulary lowered from {requested} to {tok.vocab_size}: "
+                            f"{source.n_bytes:,} bytes of text cannot support more tokens"))
         self.tokenizer = tok
         config = self._new_model_config(tok.vocab_size)
         torch.manual_seed(self.config.seed)
@@ -340,11 +384,11 @@ class Trainer:
         self.meta = {"tokenizer": tok.kind, "model": config.to_dict(), "training": self.config.to_dict(),
                      "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         self._make_optimizer()
-        self.state = {"step": 0, "tokens_seen": 0, "epochs_done": 0, "run": None}
+        self.progress = Progress()
         self.history = {"steps": [], "evals": [], "runs": []}
         # Nothing is written yet: if the data turns out unusable, no half-made model is
         # left behind. The tokenizer joins the first save.
-        self._unsaved_files = {tok.filename: tok.to_bytes(), TYPE_FILE: tok.kind + "\n"}
+        self._unsaved_files = tokenizer_files(tok)
 
     def _make_optimizer(self) -> None:
         self.optimizer = make_optimizer(self.model, self.config, self.runtime)
@@ -383,19 +427,19 @@ class Trainer:
         self.model.to(self.runtime.device)
         self._make_optimizer()
         self.history = self.folder.read_history()
-        self.datasets = self.folder.read_datasets()
+        self.memory = DatasetMemory(self.folder, self.folder.read_datasets())
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scaler is not None and ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
-            self.state = dict(ckpt["state"])
+            self.progress = Progress.from_dict(ckpt["state"])
             self._restore_rng(ckpt.get("rng", {}))
             # Steps logged after this checkpoint were lost with the process; drop them.
-            step = self.state["step"]
+            step = self.progress.step
             self.history["steps"] = [row for row in self.history["steps"] if row[0] <= step]
             self.history["evals"] = [e for e in self.history["evals"] if e["step"] <= step]
         else:
-            self.state = {"step": 0, "tokens_seen": 0, "epochs_done": 0, "run": None}
+            self.progress = Progress()
 
     # -- checkpoints ---------------------------------------------------------------------
     def _rng_state(self) -> dict:
@@ -411,51 +455,46 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda"])
 
     def save_checkpoint(self, extra_files: dict[str, bytes] | None = None) -> None:
-        """Save weights, full training state, history, datasets and config as one unit.
+        """Save weights, full training state, history, data sets and config as one unit.
 
-        ``storage.commit_files`` makes the group atomic: after a crash the folder holds
-        either this save or the previous one, never a mix (``extra_files`` join the
-        same unit, e.g. a grown tokenizer).
+        After a crash the folder holds either this save or the previous one, never a
+        mix (``extra_files`` join the same unit, e.g. a grown tokenizer).
         """
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         ckpt = {
             "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "state": self.state,
+            "state": self.progress.to_dict(),
             "rng": self._rng_state(),
         }
         self.meta["model"] = self.model.config.to_dict()
         self.meta["training"] = self.config.to_dict()
-        self.meta["progress"] = {k: self.state[k] for k in ("step", "tokens_seen", "epochs_done")}
-        blobs = {WEIGHTS_FILE: storage.torch_bytes(weights), CHECKPOINT_FILE: storage.torch_bytes(ckpt)}
-        manifest = {"step": self.state["step"],
-                    "files": {name: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-                              for name, b in blobs.items()}}
-        files = {**blobs, HISTORY_FILE: json.dumps(self.history),
-                 DATASETS_FILE: json.dumps(self.datasets, indent=1), **self._unsaved_files, **(extra_files or {}),
-                 CONFIG_FILE: json.dumps(dict(self.meta, format_version=FORMAT_VERSION), indent=2),
-                 MANIFEST_FILE: json.dumps(manifest, indent=1)}
-        storage.commit_files(self.folder.path, files)
+        self.meta["progress"] = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
+                                 "epochs_done": self.progress.epochs_done}
+        self.folder.commit_save(weights, ckpt, self.meta, self.history, self.memory.records,
+                                {**self._unsaved_files, **(extra_files or {})})
         self._unsaved_files = {}
 
     # -- queries ---------------------------------------------------------------------------
-    def interrupted_run(self) -> dict | None:
-        """The unfinished run saved in the checkpoint, if any (without loading weights)."""
-        path = self.folder.file(CHECKPOINT_FILE)
-        if self.model is None and not path.exists():
+    def interrupted_run(self) -> RunState | None:
+        """The unfinished run saved in the checkpoint, if any."""
+        if self.model is None and not self.folder.file(CHECKPOINT_FILE).exists():
             return None
-        if self.model is None:
-            self.load()
-        run = self.state.get("run")
-        return run if run and not run.get("finished") else None
+        self.load()
+        run = self.progress.run
+        return run if run and not run.finished else None
+
+    def _tell_notes(self, on_event: OnEvent) -> None:
+        for note in self.notes:
+            on_event(Notice(note))
+        self.notes.clear()
 
     # -- training ------------------------------------------------------------------------
     @_exclusive
-    def train(self, source: Source, epochs: int, on_event: Event | None = None,
+    def train(self, source: Source, epochs: int, on_event: OnEvent = ignore_events,
               stop: StopFlag | None = None) -> TrainResult:
         """Train on ``source`` for ``epochs``, or resume the interrupted run on it."""
-        on_event = on_event or (lambda kind, info: None)
         if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 100_000:
             raise ValueError(f"epochs must be a whole number from 1 to 100000 (got {epochs!r})")
         if self.model is None:
@@ -463,114 +502,109 @@ class Trainer:
                 self.load()
             else:
                 self._create(source, on_event)
-        for note in source.notes:
-            self.notes.append(note)
-        on_event("tokenizing", {"source": source.name, "bytes": source.n_bytes})
+        self._tell_notes(on_event)
+        on_event(Tokenizing(source.name, source.n_bytes))
         self.folder.cache_dir.mkdir(parents=True, exist_ok=True)
         tokens = tokenize_source(source, self.tokenizer, self.folder.cache_dir)
         return self._train_tokens(tokens, source.name, epochs, on_event, stop)
 
     @_exclusive
-    def resume(self, on_event: Event | None = None, stop: StopFlag | None = None) -> TrainResult:
+    def resume(self, on_event: OnEvent = ignore_events, stop: StopFlag | None = None) -> TrainResult:
         """Continue the interrupted run from its checkpoint, on its cached token ids."""
         run = self.interrupted_run()
         if run is None:
             raise ValueError("there is no interrupted run to resume")
-        tokens = load_cached_tokens(self.folder.cache_dir / run["cache_file"])
-        return self._train_tokens(tokens, run["name"], run["epochs"], on_event or (lambda k, i: None), stop)
+        self._tell_notes(on_event)
+        tokens = load_cached_tokens(self.folder.cache_dir / run.cache_file)
+        return self._train_tokens(tokens, run.name, run.epochs, on_event, stop)
 
-    def _train_tokens(self, tokens: np.ndarray, name: str, epochs: int, on_event: Event,
+    def _train_tokens(self, tokens: np.ndarray, name: str, epochs: int, on_event: OnEvent,
                       stop: StopFlag | None) -> TrainResult:
-        dataset = TokenDataset(tokens, self.model.config.max_seq_len, self.config.val_fraction)
+        context = self.model.config.context
+        dataset = TokenDataset(tokens, context, self.config.val_fraction)
         if dataset.shortened:
-            self.notes.append(f"the text is short ({len(tokens)} tokens): training on windows of "
-                              f"{dataset.seq_len} tokens instead of {self.model.config.max_seq_len}")
+            on_event(Notice(f"the text is short ({len(tokens)} tokens): training on windows of "
+                            f"{dataset.window} tokens instead of {context}"))
         cache_file = Path(tokens.filename).name
-        run = self.state.get("run")
-        resumed = bool(run and not run.get("finished") and run.get("cache_file") == cache_file)
+        run = self.progress.run
+        resumed = bool(run and not run.finished and run.cache_file == cache_file)
         if resumed:
-            on_event("resume", dict(run))
+            on_event(RunResumed(run.name, run.epoch, run.epochs, run.run_step, run.total_steps))
         else:
             batch_size = self.config.batch_size or hardware.default_batch_size(
-                self.runtime, self.model.config.d_model, dataset.seq_len)
+                self.runtime, self.model.config.d_model, dataset.window)
             steps_per_epoch = dataset.epoch_plan(self.config.seed, 0, batch_size).n_batches
-            run = {"cache_file": cache_file, "name": name, "epochs": epochs, "epoch": 0, "batch": 0,
-                   "run_step": 0, "total_steps": epochs * steps_per_epoch, "batch_size": batch_size,
-                   "seq_len": dataset.seq_len, "start_step": self.state["step"], "finished": False}
-            self.state["run"] = run
-            self.history["runs"].append({"name": name, "start_step": self.state["step"],
-                                         "epochs": epochs, "tokens": len(tokens)})
-            continual.register_dataset(self, dataset, name, cache_file)
-        self.rehearsal_pool = continual.rehearsal_pool(self, exclude=cache_file)
+            run = RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=epochs * steps_per_epoch,
+                           batch_size=batch_size, window=dataset.window, start_step=self.progress.step)
+            self.progress.run = run
+            self.history["runs"].append(asdict(RunRecord(name, self.progress.step, epochs, len(tokens))))
+            self.memory.register(self.tokenizer, dataset, name, cache_file)
+        self.rehearsal_pool = (self.memory.rehearsal_pool(self.tokenizer, cache_file, context + 1)
+                               if self.config.rehearsal > 0 else None)
         return self._run_loop(dataset, run, on_event, stop or StopFlag(), resumed)
 
-    def _run_loop(self, dataset: TokenDataset, run: dict, on_event: Event, stop: StopFlag,
+    def _run_loop(self, dataset: TokenDataset, run: RunState, on_event: OnEvent, stop: StopFlag,
                   resumed: bool) -> TrainResult:
-        cfg, model, rt = self.config, self.model, self.runtime
+        cfg, model, rt, progress = self.config, self.model, self.runtime, self.progress
         token_bytes = self.tokenizer.token_bytes()
         model.train()
         self._compiled = None
         if cfg.compile:
             self._compiled, note = hardware.compile_model(model)
-            on_event("compile", {"ok": self._compiled is not None, "note": note})
+            on_event(CompileChecked(self._compiled is not None, note))
         steps_here = 0
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
         final_eval = None
-        on_event("start", {"run": dict(run), "resumed": resumed, "params": model.num_params(),
-                           "train_tokens": dataset.n_train_tokens, "device": str(rt.device),
-                           "precision": rt.precision})
+        on_event(RunStarted(resumed=resumed, params=model.num_params(), train_tokens=dataset.n_train_tokens,
+                            device=str(rt.device), precision=rt.precision, epochs=run.epochs,
+                            batch_size=run.batch_size, window=run.window, micro_batches=run.micro_batches))
         with graceful_interrupts(stop):
-            while run["epoch"] < run["epochs"]:
-                plan = dataset.epoch_plan(cfg.seed, run["epoch"], run["batch_size"])
-                on_event("epoch_start", {"epoch": run["epoch"], "epochs": run["epochs"],
-                                         "n_batches": plan.n_batches, "batch": run["batch"]})
-                while run["batch"] < plan.n_batches:
+            while run.epoch < run.epochs:
+                plan = dataset.epoch_plan(cfg.seed, run.epoch, run.batch_size)
+                on_event(EpochStarted(run.epoch, run.epochs, plan.n_batches, run.batch))
+                while run.batch < plan.n_batches:
                     if stop.requested or (deadline and time.monotonic() > deadline):
                         break
                     t0 = time.perf_counter()
-                    x, y = dataset.train_batch(plan, run["batch"])
+                    x, y = dataset.train_batch(plan, run.batch)
                     if self.rehearsal_pool is not None:
-                        continual.mix_in_rehearsal(x, y, self.rehearsal_pool, self.config,
-                                                   (self.config.seed, run["epoch"], run["batch"]))
-                    lr = lr_at(run["run_step"], run["total_steps"], cfg)
+                        mix_in_rehearsal(x, y, self.rehearsal_pool, cfg.rehearsal, (cfg.seed, run.epoch, run.batch))
+                    lr = lr_at(run.run_step, run.total_steps, cfg)
                     loss = self._step(x, y, lr, run, on_event)
                     dt = time.perf_counter() - t0
-                    run["batch"] += 1
-                    run["run_step"] += 1
-                    self.state["step"] += 1
-                    self.state["tokens_seen"] += x.numel()
+                    run.batch += 1
+                    run.run_step += 1
+                    progress.step += 1
+                    progress.tokens_seen += x.numel()
                     steps_here += 1
-                    self.history["steps"].append([self.state["step"], round(loss, 5), lr])
-                    on_event("step", {"step": self.state["step"], "loss": loss, "lr": lr,
-                                      "tokens_per_s": x.numel() / dt, "batch": run["batch"],
-                                      "n_batches": plan.n_batches})
-                    if self.state["step"] % cfg.checkpoint_every == 0:
+                    self.history["steps"].append([progress.step, round(loss, 5), lr])
+                    on_event(StepDone(progress.step, loss, lr, x.numel() / dt, run.batch, plan.n_batches))
+                    if progress.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
-                        on_event("checkpoint", {"step": self.state["step"]})
+                        on_event(Checkpointed(progress.step))
                 if stop.requested or (deadline and time.monotonic() > deadline):
                     break
-                run["epoch"] += 1
-                run["batch"] = 0
-                self.state["epochs_done"] += 1
+                run.epoch += 1
+                run.batch = 0
+                progress.epochs_done += 1
                 final_eval = self._evaluate(dataset, token_bytes, run)
-                on_event("eval", final_eval)
+                on_event(Evaluated(final_eval))
                 self.save_checkpoint()
-                on_event("epoch_end", {"epoch": run["epoch"], "epochs": run["epochs"]})
+                on_event(EpochEnded(run.epoch, run.epochs))
             stopped = ""
             if stop.requested:
                 stopped = stop.reason
-            elif run["epoch"] < run["epochs"]:
+            elif run.epoch < run.epochs:
                 stopped = "time limit reached"
-                final_eval = self._evaluate(dataset, token_bytes, run)
-                final_eval["partial_epoch"] = True
-                on_event("eval", final_eval)
+                final_eval = self._evaluate(dataset, token_bytes, run, partial_epoch=True)
+                on_event(Evaluated(final_eval))
             else:
-                run["finished"] = True
+                run.finished = True
             self.save_checkpoint()
-        on_event("done", {"stopped": stopped, "step": self.state["step"]})
-        return TrainResult(steps_here, self.state["step"], stopped, final_eval, resumed)
+        on_event(RunEnded(stopped, progress.step))
+        return TrainResult(steps_here, progress.step, stopped, final_eval, resumed)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float, run: dict, on_event: Event) -> float:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float, run: RunState, on_event: OnEvent) -> float:
         """One optimizer step, with two fallbacks that retry the same step.
 
         Out of memory in the forward or backward pass: the micro-batch is halved. The
@@ -578,7 +612,7 @@ class Trainer:
         A failure of the compiled model (``TrainConfig.compile``): training goes on eagerly.
         """
         while True:
-            micro = run.get("micro_batches", 1)
+            micro = run.micro_batches
             forward = self.model if self._compiled is None else self._compiled
             try:
                 loss = accumulate_gradients(forward, x, y, self.runtime, micro, self.scaler)
@@ -595,16 +629,15 @@ class Trainer:
             self._release_memory()
             if not oom:
                 self._compiled = None
-                on_event("compile_failed", {"reason": reason})
+                on_event(CompileFailed(reason))
                 continue
             if micro >= x.shape[0]:
                 raise MemoryError(f"out of memory even with one sequence per micro-batch; use a smaller "
-                                  f"model or context (the last checkpoint, step {self.state['step']}, "
+                                  f"model or context (the last checkpoint, step {self.progress.step}, "
                                   f"is intact)")
-            run["micro_batches"] = min(2 * micro, x.shape[0])
-            rows = -(-x.shape[0] // run["micro_batches"])
-            on_event("oom", {"micro_batches": run["micro_batches"], "micro_batch_size": rows,
-                             "batch_size": x.shape[0]})
+            run.micro_batches = min(2 * micro, x.shape[0])
+            rows = -(-x.shape[0] // run.micro_batches)
+            on_event(MemoryBackoff(run.micro_batches, rows, x.shape[0]))
         apply_update(self.model, self.optimizer, lr, self.config.grad_clip, self.scaler)
         return checked_loss(loss)
 
@@ -613,56 +646,98 @@ class Trainer:
         if self.runtime.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: dict) -> dict:
+    def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: RunState,
+                  partial_epoch: bool = False) -> EvalResult:
         # After an out-of-memory back-off, evaluate in micro-batches too: the same windows.
-        micro = run.get("micro_batches", 1)
-        batches = dataset.val_batches(-(-run["batch_size"] // micro), self.config.eval_batches * micro)
-        result = estimate_loss(self.model, batches, self.runtime, token_bytes)
-        result.update(step=self.state["step"], epoch=run["epoch"], dataset=run["name"])
-        for entry in self.datasets:
-            if run["cache_file"].startswith(entry["id"]):
-                continual.note_latest(entry, result)
-        self.history["evals"].append(result)
+        micro = run.micro_batches
+        batches = dataset.val_batches(-(-run.batch_size // micro), self.config.eval_batches * micro)
+        result = replace(estimate_loss(self.model, batches, self.runtime, token_bytes),
+                         step=self.progress.step, epoch=run.epoch, dataset=run.name, partial_epoch=partial_epoch)
+        self.memory.note_latest(dataset_id_of(run.cache_file), result)
+        self.history["evals"].append(result.to_dict())
         return result
 
-    # -- status -------------------------------------------------------------------------
-    def status(self) -> dict:
-        """Progress summary for the Training Status screen (reads the folder only)."""
-        if not self.has_model:
-            return {}
-        meta = self.folder.read_meta()
-        history = self.folder.read_history()
-        evals = history["evals"]
-        progress = meta.get("progress", {})
-        return {
-            "steps": progress.get("step", 0),
-            "tokens_seen": progress.get("tokens_seen", 0),
-            "epochs": progress.get("epochs_done", 0),
-            "last_eval": evals[-1] if evals else None,
-            "best_val_loss": min((e["val_loss"] for e in evals), default=None),
-            "losses": [row[1] for row in history["steps"]],
-            "runs": history["runs"],
-            "datasets": self.folder.read_datasets(),
-            "model": meta["model"],
-            "tokenizer": meta["tokenizer"],
-        }
-
-    # -- continuous learning (the details live in continual.py) -------------------------------
-    @_exclusive
-    def expand_vocabulary(self, texts: list[str], max_new_tokens: int = 1000,
-                          on_event: Event | None = None) -> dict:
-        """Grow tokenizer and embeddings for ``texts``; every old id and row is kept."""
-        return continual.expand_vocabulary(self, texts, max_new_tokens, on_event or (lambda k, i: None))
-
-    def evaluate_datasets(self) -> dict[str, dict]:
-        """Validation loss and bits per byte on the held-out part of every dataset seen."""
-        return continual.evaluate_datasets(self)
+    # -- what continual learning builds on ------------------------------------------------
+    def evaluate_datasets(self) -> dict[str, EvalResult]:
+        """Validation results on the held-out text of every data set seen, by name."""
+        self.load()
+        token_bytes = self.tokenizer.token_bytes()
+        results = {}
+        for record, docs in self.memory.held_out_texts():
+            tokens = encode_documents(self.tokenizer, docs)
+            if len(tokens) < 2:
+                continue
+            batches = iter_windows(tokens, self.model.config.context, 8, self.config.eval_batches)
+            results[record.name] = estimate_loss(self.model, batches, self.runtime, token_bytes)
+        return results
 
     @_exclusive
-    def train_on_new_data(self, new_texts: list[str] | Source, epochs: int = 5, expand_vocab: bool = True,
-                          max_new_tokens: int = 1000, on_event: Event | None = None,
-                          stop: StopFlag | None = None) -> dict:
-        """Teach the model new material: optional vocabulary growth, then training with
-        rehearsal of earlier data. Returns a report with a before/after table per dataset."""
-        return continual.train_on_new_data(self, new_texts, epochs, expand_vocab, max_new_tokens,
-                                           on_event or (lambda k, i: None), stop)
+    def remember_results(self, results: dict[str, EvalResult]) -> None:
+        """Make ``results`` (from ``evaluate_datasets``) each data set's latest, and save."""
+        for record in self.memory.records:
+            if record.name in results:
+                self.memory.note_latest(record.id, results[record.name])
+        self.save_checkpoint()
+
+    def held_out_documents(self) -> list[str]:
+        """Every data set's held-out documents together (to measure tokenization drift)."""
+        return [doc for _, docs in self.memory.held_out_texts() for doc in docs]
+
+    @_exclusive
+    def grow_vocabulary(self, texts: list[str], max_new_tokens: int = 1000,
+                        on_event: OnEvent = ignore_events) -> VocabGrowth:
+        """Grow tokenizer, embedding rows and optimizer moments together; one journaled save.
+
+        Every old id keeps its row exactly; each new row starts as the mean of the rows
+        of the old tokens it is made of, with zero optimizer moments.
+        """
+        self.load()
+        old_tok = self.tokenizer
+        sample, size = [], 0
+        for text in texts:  # learning merges needs a representative sample, not every byte
+            sample.append(text[:GROWTH_SAMPLE_BYTES - size])
+            size += len(sample[-1])
+            if size >= GROWTH_SAMPLE_BYTES:
+                break
+        on_event(VocabGrowing(old_tok.kind, max_new_tokens))
+        expansion = expand_tokenizer(old_tok, sample, max_new_tokens)
+        if expansion.n_added == 0:
+            return VocabGrowth(0, [], old_tok.vocab_size, old_tok.vocab_size)
+        new_tok = expansion.tokenizer
+        old_val = self.held_out_documents()
+        growth = VocabGrowth(expansion.n_added, expansion.added[:12], old_tok.vocab_size, new_tok.vocab_size,
+                             tokens_per_byte_before=tokens_per_byte(old_tok, sample),
+                             tokens_per_byte_after=tokens_per_byte(new_tok, sample),
+                             drift=tokenization_drift(old_tok, new_tok, old_val) if old_val else 0.0)
+        model = self.model
+        old_param, old_rows = model.wte.weight, model.wte.weight.shape[0]
+        with torch.no_grad():
+            emb = model.wte.weight
+            rows = torch.stack([emb[ids].mean(dim=0) if ids else emb.mean(dim=0) for ids in expansion.parts])
+        model.resize_vocab(new_tok.vocab_size, rows)
+        self._grow_optimizer(old_param, old_rows)
+        self.tokenizer = new_tok
+        if self.progress.run and not self.progress.run.finished:
+            self.progress.run.finished = True  # its token cache used the old vocabulary
+        self.history.setdefault("expansions", []).append(
+            {"step": self.progress.step, "added": growth.added, "new_vocab": growth.new_vocab})
+        self.save_checkpoint(tokenizer_files(new_tok))
+        remove_stale_caches(self.folder.cache_dir, new_tok)
+        return growth
+
+    def _grow_optimizer(self, old_param: torch.Tensor, old_rows: int) -> None:
+        """Give the optimizer's moment tensors rows for the new tokens (zeros), keep the rest."""
+        state = self.optimizer.state_dict()
+        flat = [p for g in self.optimizer.param_groups for p in g["params"]]
+        index = next(i for i, p in enumerate(flat) if p is old_param)
+        slot = state["state"].get(index)
+        new_rows = self.model.wte.weight.shape[0] - old_rows
+        if slot:
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = slot[key]
+                slot[key] = torch.cat([t, torch.zeros(new_rows, *t.shape[1:], dtype=t.dtype, device=t.device)])
+        scaler_state = self.scaler.state_dict() if self.scaler is not None else None
+        self._make_optimizer()
+        self.optimizer.load_state_dict(state)
+        if scaler_state:
+            self.scaler.load_state_dict(scaler_state)

@@ -4,6 +4,22 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from engine.reports import (
+    CompileChecked,
+    CompileFailed,
+    EpochStarted,
+    Evaluated,
+    MemoryBackoff,
+    Notice,
+    RunResumed,
+    RunStarted,
+    StepDone,
+    TokenizerTraining,
+    Tokenizing,
+    TrainingEvent,
+    VocabGrowing,
+)
+
 
 def human_count(n: float) -> str:
     """1234567 -> '1.23M'."""
@@ -76,47 +92,48 @@ class TrainingProgress:
         else:
             self.out(text)
 
-    def __call__(self, kind: str, info: dict) -> None:
+    def __call__(self, event: TrainingEvent) -> None:
         from tqdm import tqdm
 
-        if kind == "tokenizer":
-            self.out(f"Training a {info['kind']} tokenizer (up to {info['vocab_size']:,} tokens)...")
-        elif kind == "expanding":
-            self.out(f"Growing the {info['kind']} vocabulary (up to {info['max_new']:,} new tokens)...")
-        elif kind == "tokenizing":
-            self.out(f"Tokenizing {info['source']}...")
-        elif kind == "resume":
-            self.out(f"Resuming the interrupted run on {info['name']} at epoch {info['epoch'] + 1}/"
-                     f"{info['epochs']}, step {info['run_step']}/{info['total_steps']}.")
-        elif kind == "start":
-            run = info["run"]
-            self.out(f"Training {human_count(info['params'])} parameters on {info['device']} "
-                     f"({info['precision']}): {info['train_tokens']:,} training tokens, "
-                     f"{run['epochs']} epoch(s), batch {run['batch_size']} x {run['seq_len']} tokens"
-                     + (f" in {run['micro_batches']} micro-batches" if run.get("micro_batches", 1) > 1 else "")
-                     + ". Ctrl+C saves and stops.")
-        elif kind == "epoch_start":
+        if isinstance(event, Notice):
+            self.note(f"Note: {event.text}")
+        elif isinstance(event, TokenizerTraining):
+            self.out(f"Training a {event.kind} tokenizer (up to {event.vocab_size:,} tokens)...")
+        elif isinstance(event, VocabGrowing):
+            self.out(f"Growing the {event.kind} vocabulary (up to {event.max_new:,} new tokens)...")
+        elif isinstance(event, Tokenizing):
+            self.out(f"Tokenizing {event.source}...")
+        elif isinstance(event, RunResumed):
+            self.out(f"Resuming the interrupted run on {event.name} at epoch {event.epoch + 1}/"
+                     f"{event.epochs}, step {event.run_step}/{event.total_steps}.")
+        elif isinstance(event, RunStarted):
+            micro = f" in {event.micro_batches} micro-batches" if event.micro_batches > 1 else ""
+            self.out(f"Training {human_count(event.params)} parameters on {event.device} "
+                     f"({event.precision}): {event.train_tokens:,} training tokens, "
+                     f"{event.epochs} epoch(s), batch {event.batch_size} x {event.window} tokens{micro}. "
+                     "Ctrl+C saves and stops.")
+        elif isinstance(event, EpochStarted):
             self.close()
-            self.bar = tqdm(total=info["n_batches"], initial=info["batch"], file=sys.stderr,
-                            desc=f"Epoch {info['epoch'] + 1}/{info['epochs']}", mininterval=0.5,
+            self.bar = tqdm(total=event.n_batches, initial=event.batch, file=sys.stderr,
+                            desc=f"Epoch {event.epoch + 1}/{event.epochs}", mininterval=0.5,
                             dynamic_ncols=True, leave=True)
-        elif kind == "step" and self.bar is not None:
-            self.bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", step=info["step"],
-                                 tok_s=f"{info['tokens_per_s']:.0f}", refresh=False)
+        elif isinstance(event, StepDone) and self.bar is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", step=event.step,
+                                 tok_s=f"{event.tokens_per_s:.0f}", refresh=False)
             self.bar.update(1)
-        elif kind == "compile":
-            self.out(info["note"])
-        elif kind == "compile_failed":
-            self.note(f"torch.compile failed ({info['reason']}); training continues without it.")
-        elif kind == "oom":
-            self.note(f"Out of memory: continuing with micro-batches of {info['micro_batch_size']} sequences, "
-                      f"{info['micro_batches']} per step (the batch of {info['batch_size']} is unchanged).")
-        elif kind == "eval":
+        elif isinstance(event, CompileChecked):
+            self.out(event.note)
+        elif isinstance(event, CompileFailed):
+            self.note(f"torch.compile failed ({event.reason}); training continues without it.")
+        elif isinstance(event, MemoryBackoff):
+            self.note(f"Out of memory: continuing with micro-batches of {event.micro_batch_size} sequences, "
+                      f"{event.micro_batches} per step (the batch of {event.batch_size} is unchanged).")
+        elif isinstance(event, Evaluated):
             self.close()
-            when = (f"at step {info['step']}" if info.get("partial_epoch")
-                    else f"after epoch {info['epoch']}")
-            self.out(f"Validation {when}: loss {info['val_loss']:.4f} | "
-                     f"perplexity {info['perplexity']:.2f} | {info['bpb']:.4f} bits/byte")
+            r = event.result
+            when = f"at step {r.step}" if r.partial_epoch else f"after epoch {r.epoch}"
+            self.out(f"Validation {when}: loss {r.val_loss:.4f} | perplexity {r.perplexity:.2f} | "
+                     f"{r.bpb:.4f} bits/byte")
 
 
 class ConsoleOutput:

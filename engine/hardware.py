@@ -50,10 +50,6 @@ class Runtime:
     decode_weights: torch.dtype | None = None
 
     @property
-    def device_type(self) -> str:
-        return self.device.type
-
-    @property
     def decode_dtype(self) -> torch.dtype | None:
         """Generation's compute dtype: the autocast dtype on accelerators (None: fp32), fp32
         on the CPU, where bf16 element-wise work is slow at batch 1 (a bf16 Decoder: 411
@@ -181,18 +177,18 @@ def preset_by_name(name: str) -> tuple[str, int, int, int]:
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
 
 
-def default_batch_size(runtime: Runtime, d_model: int, max_seq_len: int) -> int:
+def default_batch_size(runtime: Runtime, d_model: int, context: int) -> int:
     """A micro-batch that keeps the device busy without running out of memory.
 
     On the CPU a small fixed batch is fastest per token seen. On a GPU the activation
-    memory grows roughly with batch * seq_len * d_model * layers; this rule of thumb
+    memory grows roughly with batch * window * d_model * layers; this rule of thumb
     leaves head-room for the optimizer and the allocator.
     """
     mem = accelerator_memory_gib(runtime)
     if mem is None:
         return 8
     budget_tokens = mem * 2**30 * 0.35 / (d_model * 4 * 40)  # ~40 activations of d_model per token per layer-ish
-    batch = max(1, int(budget_tokens // max_seq_len))
+    batch = max(1, int(budget_tokens // context))
     # round down to a power of two, a friendly size for the kernels
     return min(256, 1 << (batch.bit_length() - 1))
 

@@ -110,6 +110,14 @@ def source_from_text(text: str, name: str = "typed text") -> Source:
     return Source(name=name, texts=[text])
 
 
+def source_from_texts(texts: list[str], name: str) -> Source:
+    """Several texts (each one document) as one source; empty ones are left out."""
+    kept = [t for t in texts if t and t.strip()]
+    if not kept:
+        raise ValueError("the new data is empty; give some text to train on")
+    return Source(name=name, texts=kept)
+
+
 def builtin_source() -> Source:
     """The Python documentation topics shipped with every CPython (``pydoc_data``).
 

@@ -76,10 +76,6 @@ def read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not valid JSON ({exc}); restore it or remove the folder") from exc
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     """Load tensors without executing code: ``weights_only`` refuses arbitrary pickles."""
     try:

@@ -16,19 +16,16 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from engine import storage
 from engine.hardware import usable_cpu_cores
 
 EOT_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 EOT_ID, PAD_ID = 0, 1
 KINDS = ("bpe", "sentencepiece")
-TYPE_FILE = "tokenizer_type.txt"
 # Below this the BPE alphabet (256 bytes + specials) alone would not fit.
 MIN_VOCAB = 300
 
@@ -89,11 +86,6 @@ class BaseTokenizer:
     def fingerprint(self) -> str:
         """A short hash of the tokenizer file: token caches are keyed by it."""
         return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
-
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        storage.write_bytes(folder / self.filename, self.to_bytes())
-        storage.write_text(folder / TYPE_FILE, self.kind + "\n")
 
 
 class BPETokenizer(BaseTokenizer):
@@ -285,28 +277,19 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int) -> BaseTok
         raise ValueError(f"training the {kind} tokenizer failed: {exc}") from exc
 
 
-def tokenizer_kind_in(folder: str | Path) -> str | None:
-    path = Path(folder) / TYPE_FILE
-    if not path.exists():
-        return None
-    return normalize_kind(path.read_text(encoding="utf-8"))
+def tokenizer_class(kind: str) -> type[BaseTokenizer]:
+    """The class for a tokenizer kind (its ``filename`` says which file holds it)."""
+    return _CLASSES[normalize_kind(kind)]
 
 
-def load_tokenizer(folder: str | Path) -> BaseTokenizer:
-    folder = Path(folder)
-    kind = tokenizer_kind_in(folder)
-    if kind is None:
-        raise FileNotFoundError(f"no tokenizer in {folder}; train a model first")
-    cls = _CLASSES[kind]
-    path = folder / cls.filename
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; the model folder is incomplete")
+def tokenizer_from_bytes(kind: str, data: bytes, where: str) -> BaseTokenizer:
+    """Rebuild a saved tokenizer; ``where`` names the file in the error message."""
     try:
-        return cls.from_bytes(path.read_bytes())
-    except BaseException as exc:
+        return tokenizer_class(kind).from_bytes(data)
+    except BaseException as exc:  # Rust panics surface as BaseException subclasses
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ValueError(f"cannot read the tokenizer {path}: {exc}") from exc
+        raise ValueError(f"cannot read the tokenizer {where}: {exc}") from exc
 
 
 def chunk_text(text: str, max_chars: int = 4000) -> Iterator[str]:

@@ -101,23 +101,23 @@ class EpochPlan:
 class TokenDataset:
     """Token ids split into a training part and a held-out validation tail."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, val_fraction: float = 0.05) -> None:
+    def __init__(self, tokens: np.ndarray, context: int, val_fraction: float = 0.05) -> None:
         n = len(tokens)
         # Short data gets a shorter window rather than an error, as long as both
         # parts hold at least one window.
-        self.seq_len = min(seq_len, (n - 2) // 2)
-        if self.seq_len < MIN_WINDOW:
+        self.window = min(context, (n - 2) // 2)  # the window length in force
+        if self.window < MIN_WINDOW:
             raise ValueError(
                 f"the text is too short: {n} tokens; give at least {2 * MIN_WINDOW + 2} tokens "
                 "(a few sentences)")
-        self.shortened = self.seq_len < seq_len
-        n_val = max(int(n * val_fraction), self.seq_len + 1)
+        self.shortened = self.window < context
+        n_val = max(int(n * val_fraction), self.window + 1)
         self.train = tokens[: n - n_val]
         self.val = tokens[n - n_val:]
-        # Training windows start at offset + i*seq_len; the offset moves every epoch so
+        # Training windows start at offset + i*window; the offset moves every epoch so
         # the model sees the text cut in different places.
-        self.max_offset = min(self.seq_len - 1, len(self.train) - 1 - self.seq_len)
-        self.n_windows = (len(self.train) - 1 - self.max_offset) // self.seq_len
+        self.max_offset = min(self.window - 1, len(self.train) - 1 - self.window)
+        self.n_windows = (len(self.train) - 1 - self.max_offset) // self.window
 
     @property
     def n_train_tokens(self) -> int:
@@ -130,28 +130,28 @@ class TokenDataset:
         return EpochPlan(offset, order, min(batch_size, self.n_windows))
 
     def _windows(self, tokens: np.ndarray, starts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        span = self.seq_len + 1
+        span = self.window + 1
         block = np.stack([tokens[s:s + span] for s in starts]).astype(np.int64)
         block = torch.from_numpy(block)
         return block[:, :-1], block[:, 1:]
 
     def train_batch(self, plan: EpochPlan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = plan.offset + plan.batch_windows(i) * self.seq_len
+        starts = plan.offset + plan.batch_windows(i) * self.window
         return self._windows(self.train, starts)
 
     def val_batches(self, batch_size: int, max_batches: int | None = None):
-        return iter_windows(self.val, self.seq_len, batch_size, max_batches)
+        return iter_windows(self.val, self.window, batch_size, max_batches)
 
 
-def iter_windows(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None):
+def iter_windows(tokens: np.ndarray, window: int, batch_size: int, max_batches: int | None = None):
     """Consecutive, non-overlapping (x, y) windows over ``tokens``, batched (for evaluation)."""
-    seq_len = max(1, min(seq_len, len(tokens) - 1))
-    n_windows = max(1, (len(tokens) - 1) // seq_len)
-    starts = np.arange(n_windows) * seq_len
+    window = max(1, min(window, len(tokens) - 1))
+    n_windows = max(1, (len(tokens) - 1) // window)
+    starts = np.arange(n_windows) * window
     for b, i in enumerate(range(0, n_windows, batch_size)):
         if max_batches is not None and b >= max_batches:
             return
-        block = np.stack([tokens[s:s + seq_len + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
+        block = np.stack([tokens[s:s + window + 1] for s in starts[i:i + batch_size]]).astype(np.int64)
         block = torch.from_numpy(block)
         yield block[:, :-1], block[:, 1:]
 

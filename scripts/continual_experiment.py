@@ -15,14 +15,16 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import continual  # noqa: E402
 from engine.sources import open_source  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
-MODEL = dict(d_model=128, n_layer=4, n_head=4, max_seq_len=128)
+MODEL = dict(d_model=128, n_layer=4, n_head=4, context=128)
 
 
 def main() -> None:
@@ -38,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="continual-"))
-    train = dict(vocab_size=args.vocab, batch_size=8, learning_rate=1e-3, warmup_steps=20, seed=0)
+    train = dict(target_vocab_size=args.vocab, batch_size=8, learning_rate=1e-3, warmup_steps=20, seed=0)
     base = work / "after_a"
     t0 = time.time()
     Trainer(str(base), args.tokenizer, model_overrides=MODEL, train_overrides=train).train(
@@ -51,13 +53,13 @@ def main() -> None:
         shutil.copytree(base, folder)
         trainer = Trainer(str(folder), args.tokenizer, train_overrides={**train, "rehearsal": share})
         t0 = time.time()
-        report = trainer.train_on_new_data(source_b, epochs=args.epochs_b, expand_vocab=True,
-                                           max_new_tokens=args.new_tokens)
+        report = continual.train_on_new_data(trainer, source_b, epochs=args.epochs_b, expand_vocab=True,
+                                             max_new_tokens=args.new_tokens)
         print(f"continued on B with rehearsal {share:.0%} in {time.time() - t0:.0f}s")
-        results[share] = {"expansion": report["expansion"],
-                          "table": [{"dataset": Path(r["dataset"]).name,
-                                     "bpb_before": r["before"]["bpb"] if r["before"] else None,
-                                     "bpb_after": r["after"]["bpb"]} for r in report["table"]]}
+        results[share] = {"expansion": asdict(report.growth),
+                          "table": [{"dataset": Path(r.name).name,
+                                     "bpb_before": r.before.bpb if r.before else None,
+                                     "bpb_after": r.after.bpb} for r in report.table]}
     ex = results[0.2]["expansion"]
     print(f"\nvocabulary {ex['old_vocab']} -> {ex['new_vocab']} ({ex['added']} added), e.g. {ex['examples'][:8]}")
     print(f"tokens per byte on B: {ex['tokens_per_byte_before']:.3f} -> {ex['tokens_per_byte_after']:.3f}; "

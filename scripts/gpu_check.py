@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import flops_per_token  # noqa: E402
 from engine import hardware  # noqa: E402
+from engine.reports import MemoryBackoff  # noqa: E402
 from engine.sources import source_from_text  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
@@ -59,7 +60,7 @@ def check_flash(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     model = GPT(cfg).to(runtime.device).train()
-    x = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len), device=runtime.device)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.context), device=runtime.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         with runtime.autocast():
@@ -76,7 +77,7 @@ def time_training(runtime: hardware.Runtime, cfg: ModelConfig, batch: int, steps
     optimizer = make_optimizer(model, TrainConfig(), runtime)
     scaler = torch.amp.GradScaler("cuda") if runtime.use_grad_scaler else None
     forward = torch.compile(model) if compile_ else model
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.max_seq_len), device=runtime.device)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.context), device=runtime.device)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     times, losses = [], []
@@ -91,7 +92,7 @@ def time_training(runtime: hardware.Runtime, cfg: ModelConfig, batch: int, steps
         if i >= 3:
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
-    tokens_per_s = batch * cfg.max_seq_len / step
+    tokens_per_s = batch * cfg.context / step
     out = {"compile": compile_, "precision": runtime.precision, "batch": batch, "steps": steps,
            "tokens_per_s": tokens_per_s, "step_ms": 1e3 * step, "first_step_s": first_step_s,
            "loss_first": losses[0], "loss_last": losses[-1],
@@ -111,17 +112,17 @@ def check_backoff(runtime: hardware.Runtime, cfg: ModelConfig, batch: int, text:
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(tmp + "/m", "bpe", runtime=runtime,
                           model_overrides={k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head",
-                                                                          "max_seq_len")},
-                          train_overrides={"batch_size": batch, "vocab_size": 2000, "checkpoint_every": 1000})
+                                                                          "context")},
+                          train_overrides={"batch_size": batch, "target_vocab_size": 2000, "checkpoint_every": 1000})
         result = trainer.train(source_from_text(text), 1,
-                               lambda kind, info: events.append(info) if kind == "oom" else None)
-    return {"batch": batch, "backoffs": events, "steps": result.steps, "val_loss": (result.final_eval or {}).get("val_loss")}
+                               lambda event: events.append(event) if isinstance(event, MemoryBackoff) else None)
+    return {"batch": batch, "backoffs": [vars(e) for e in events], "steps": result.steps, "val_loss": result.final_eval.val_loss if result.final_eval else None}
 
 
 def time_generation(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
     torch.manual_seed(0)
     gen = ResponseGenerator.from_model(GPT(cfg), type("Tok", (), {"eot_id": -1})(), runtime)
-    n = min(200, cfg.max_seq_len - 10)
+    n = min(200, cfg.context - 10)
     settings = GenerationConfig(max_new_tokens=n, temperature=0.8, top_k=50, top_p=1.0,
                                 repetition_penalty=1.0, seed=0)
     rates, first = [], []
@@ -153,12 +154,12 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     runtime = hardware.detect_runtime()
     if args.smoke:
-        cfg = ModelConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layer=2, n_head=4)
+        cfg = ModelConfig(vocab_size=512, context=64, d_model=64, n_layer=2, n_head=4)
         batch, steps, big_batch, lines = 4, 2, 8, 2_000
     else:
         _, d_model, n_layer, n_head = hardware.preset_by_name("large")
-        cfg = ModelConfig(vocab_size=8000, max_seq_len=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
-        batch = hardware.default_batch_size(runtime, cfg.d_model, cfg.max_seq_len)
+        cfg = ModelConfig(vocab_size=8000, context=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
+        batch = hardware.default_batch_size(runtime, cfg.d_model, cfg.context)
         # ~1.2M tokens: enough 1024-token windows for one batch of 1024 sequences,
         # which needs several times an H100's memory at this size.
         steps, big_batch, lines = args.steps, 1024, 100_000

@@ -27,10 +27,10 @@ _PARAGRAPHS = [
 ]
 SAMPLE_TEXT = "\n\n".join(f"{p} (part {i})" for i in range(12) for p in _PARAGRAPHS) + "\n"
 
-TINY_MODEL = dict(d_model=32, n_layer=1, n_head=2, max_seq_len=32)
-TINY_TRAIN = dict(vocab_size=320, batch_size=4, checkpoint_every=10, eval_batches=4)
+TINY_MODEL = dict(d_model=32, n_layer=1, n_head=2, context=32)
+TINY_TRAIN = dict(target_vocab_size=320, batch_size=4, checkpoint_every=10, eval_batches=4)
 TINY_CLI = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32",
-            "--vocab-size", "320", "--batch-size", "4", "--seed", "7"]
+            "--target-vocab-size", "320", "--batch-size", "4", "--seed", "7"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +41,7 @@ def _deterministic():
 
 @pytest.fixture
 def tiny_config() -> ModelConfig:
-    return ModelConfig(vocab_size=97, max_seq_len=24, d_model=32, n_layer=2, n_head=2, dropout=0.0)
+    return ModelConfig(vocab_size=97, context=24, d_model=32, n_layer=2, n_head=2, dropout=0.0)
 
 
 @pytest.fixture

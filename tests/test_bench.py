@@ -2,7 +2,7 @@
 import bench
 from model import GPT, ModelConfig
 
-TINY = ModelConfig(vocab_size=300, max_seq_len=16, d_model=32, n_layer=1, n_head=2)
+TINY = ModelConfig(vocab_size=300, context=16, d_model=32, n_layer=1, n_head=2)
 
 
 def test_flops_per_token_counts_the_head_but_not_positions():

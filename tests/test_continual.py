@@ -3,14 +3,17 @@ import json
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
+import continual
 from engine import storage
 from engine.model_folder import ModelFolder
+from engine.reports import StepDone
 from engine.sources import source_from_text
-from engine.tokenizer import KINDS, load_tokenizer, train_tokenizer
+from engine.tokenizer import KINDS, train_tokenizer
 from engine.vocab_growth import expand_tokenizer, learn_merges
 from trainer import Trainer, lr_at
+
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 NEW_DOMAIN = ("Photosynthesis in chloroplasts turns sunlight into sugar, and mitochondria burn it. "
               "Chloroplasts and mitochondria both carry their own DNA. ") * 30
@@ -75,9 +78,9 @@ def test_resize_in_trainer_keeps_old_logits_and_moments(tmp_path):
     before = trainer.model(old_ids)[0].detach()
     old_rows = trainer.model.wte.weight.detach().clone()
     old_moments = {k: v.clone() for k, v in trainer.optimizer.state[trainer.model.wte.weight].items()}
-    report = trainer.expand_vocabulary([NEW_DOMAIN], max_new_tokens=40)
-    assert report["added"] > 0 and report["tokens_per_byte_after"] < report["tokens_per_byte_before"]
-    assert 0.0 <= report["drift"] <= 1.0
+    growth = trainer.grow_vocabulary([NEW_DOMAIN], max_new_tokens=40)
+    assert growth.added > 0 and growth.tokens_per_byte_after < growth.tokens_per_byte_before
+    assert 0.0 <= growth.drift <= 1.0
     after = trainer.model(old_ids)[0].detach()
     n_old = old_rows.shape[0]
     assert torch.equal(trainer.model.wte.weight[:n_old], old_rows)
@@ -88,7 +91,7 @@ def test_resize_in_trainer_keeps_old_logits_and_moments(tmp_path):
         assert not moments[key][n_old:].any()
     # The folder now holds the grown model, consistently.
     model, tok, meta = ModelFolder(folder).load_model()
-    assert tok.vocab_size == model.config.vocab_size == n_old + report["added"]
+    assert tok.vocab_size == model.config.vocab_size == n_old + growth.added
 
 
 def test_train_on_new_data_continues_step_and_schedule(tmp_path):
@@ -96,17 +99,17 @@ def test_train_on_new_data_continues_step_and_schedule(tmp_path):
     first = make_trainer(folder).train(source_from_text(SAMPLE_TEXT), 1)
     trainer = make_trainer(folder, warmup_steps=5)
     lrs = []
-    report = trainer.train_on_new_data([NEW_DOMAIN], epochs=4, expand_vocab=True, max_new_tokens=30,
-                                       on_event=lambda k, i: k == "step" and lrs.append(i["lr"]))
-    result = report["result"]
+    report = continual.train_on_new_data(trainer, [NEW_DOMAIN], epochs=4, expand_vocab=True, max_new_tokens=30,
+                                         on_event=lambda e: isinstance(e, StepDone) and lrs.append(e.lr))
+    result = report.result
     assert result.global_step == first.global_step + result.steps and not result.resumed
-    total = trainer.state["run"]["total_steps"]
+    total = trainer.progress.run.total_steps
     assert total == result.steps
     assert lrs == [lr_at(s, total, trainer.config) for s in range(total)]  # a fresh warm-up and decay
     assert lrs[0] < max(lrs) and lrs[-1] < max(lrs)
-    names = [row["dataset"] for row in report["table"]]
-    assert len(names) == 2 and report["table"][0]["before"] is not None
-    assert report["table"][1]["before"] is None  # the new dataset had no "before"
+    names = [row.name for row in report.table]
+    assert len(names) == 2 and report.table[0].before is not None
+    assert report.table[1].before is None  # the new dataset had no "before"
     saved = json.loads((folder / "datasets.json").read_text())
     assert len(saved) == 2 and all(d["latest"]["bpb"] > 0 for d in saved)
 
@@ -123,7 +126,7 @@ def test_rehearsal_replays_earlier_data(tmp_path):
         return original(x, y, *args)
 
     trainer._step = spy
-    trainer.train_on_new_data([NEW_DOMAIN], epochs=1, expand_vocab=False)
+    continual.train_on_new_data(trainer, [NEW_DOMAIN], epochs=1, expand_vocab=False)
     old_text = trainer.tokenizer.decode(seen[0][-1].tolist())
     new_text = trainer.tokenizer.decode(seen[0][0].tolist())
     assert old_text in SAMPLE_TEXT  # the replayed row comes from the first dataset
@@ -134,7 +137,7 @@ def test_rehearsal_replays_earlier_data(tmp_path):
 def test_failure_before_commit_keeps_previous_model(tmp_path, monkeypatch, point):
     folder = tmp_path / "m"
     make_trainer(folder).train(source_from_text(SAMPLE_TEXT), 1)
-    old_vocab = load_tokenizer(folder).vocab_size
+    old_vocab = ModelFolder(folder).load_tokenizer().vocab_size
 
     def fail(name):
         if name == point:
@@ -142,7 +145,7 @@ def test_failure_before_commit_keeps_previous_model(tmp_path, monkeypatch, point
 
     monkeypatch.setattr(storage, "_crash_point", fail)
     with pytest.raises(OSError, match="No space"):
-        make_trainer(folder).expand_vocabulary([NEW_DOMAIN], max_new_tokens=20)
+        make_trainer(folder).grow_vocabulary([NEW_DOMAIN], max_new_tokens=20)
     monkeypatch.undo()
     model, tok, _ = ModelFolder(folder).load_model()
     assert tok.vocab_size == model.config.vocab_size == old_vocab
@@ -152,7 +155,7 @@ def test_failure_before_commit_keeps_previous_model(tmp_path, monkeypatch, point
 def test_failure_after_commit_point_rolls_forward(tmp_path, monkeypatch):
     folder = tmp_path / "m"
     make_trainer(folder).train(source_from_text(SAMPLE_TEXT), 1)
-    old_vocab = load_tokenizer(folder).vocab_size
+    old_vocab = ModelFolder(folder).load_tokenizer().vocab_size
 
     def fail(name):
         if name == "after-journal":
@@ -160,7 +163,7 @@ def test_failure_after_commit_point_rolls_forward(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage, "_crash_point", fail)
     with pytest.raises(KeyboardInterrupt):
-        make_trainer(folder).expand_vocabulary([NEW_DOMAIN], max_new_tokens=20)
+        make_trainer(folder).grow_vocabulary([NEW_DOMAIN], max_new_tokens=20)
     monkeypatch.undo()
     model, tok, _ = ModelFolder(folder).load_model()  # opening the folder finishes the commit
     assert tok.vocab_size == model.config.vocab_size > old_vocab

@@ -3,11 +3,12 @@ import codecs
 
 import numpy as np
 import pytest
-from conftest import SAMPLE_TEXT
 
 from engine.sources import BUILTIN_NAME, open_source, source_from_text
 from engine.tokenizer import EOT_ID, train_tokenizer
 from engine.windows import TokenDataset, tokenize_source
+
+from conftest import SAMPLE_TEXT
 
 
 def test_empty_answer_means_builtin_corpus():
@@ -90,7 +91,7 @@ def test_tokens_are_cached_and_documents_joined(tmp_path):
 
 def test_windows_split_and_shift():
     tokens = np.arange(1000, dtype=np.uint16)
-    ds = TokenDataset(tokens, seq_len=32, val_fraction=0.05)
+    ds = TokenDataset(tokens, context=32, val_fraction=0.05)
     assert len(ds.val) == 50 and len(ds.train) == 950
     plan = ds.epoch_plan(seed=1, epoch=0, batch_size=4)
     x, y = ds.train_batch(plan, 0)
@@ -103,10 +104,10 @@ def test_windows_split_and_shift():
 
 
 def test_short_text_gets_a_shorter_window_or_a_clear_error():
-    ds = TokenDataset(np.arange(40, dtype=np.uint16), seq_len=256)
-    assert ds.shortened and ds.seq_len == 19 and ds.n_windows >= 1
+    ds = TokenDataset(np.arange(40, dtype=np.uint16), context=256)
+    assert ds.shortened and ds.window == 19 and ds.n_windows >= 1
     with pytest.raises(ValueError, match="too short"):
-        TokenDataset(np.arange(10, dtype=np.uint16), seq_len=256)
+        TokenDataset(np.arange(10, dtype=np.uint16), context=256)
 
 
 def test_a_50_mb_file_streams_with_bounded_memory(tmp_path):

@@ -2,7 +2,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SAMPLE_TEXT
 
 from engine import hardware
 from engine.tokenizer import chunk_text, train_tokenizer
@@ -16,6 +15,8 @@ from model import (
     half_products_work,
 )
 from response_generator import CHAT_STOPS, TextStreamer
+
+from conftest import SAMPLE_TEXT
 
 
 def test_written_out_attention_equals_sdpa_without_dropout():

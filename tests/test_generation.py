@@ -3,7 +3,6 @@ import random
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 from engine import hardware
 from engine.sources import source_from_text
@@ -18,6 +17,8 @@ from response_generator import (
     sample_next_token,
 )
 from trainer import Trainer
+
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

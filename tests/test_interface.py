@@ -5,10 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SAMPLE_TEXT, TINY_CLI
 
 import interface
 from interface import main, parse_whole_number
+
+from conftest import ROOT, SAMPLE_TEXT, TINY_CLI
 
 MENU_TRAIN_STATUS_QA_CHAT_INFO = [
     "1",  # Main: Training

@@ -34,7 +34,7 @@ def test_decoder_matches_the_full_forward(tiny_model, tiny_config):
 def test_decoder_refuses_to_overflow_and_restarts_after_reset(tiny_model, tiny_config):
     decoder = Decoder(tiny_model)
     cache = decoder.new_cache()
-    ids = list(range(tiny_config.max_seq_len))
+    ids = list(range(tiny_config.context))
     decoder.step(ids, cache)
     with pytest.raises(ValueError, match="context is 24"):
         decoder.step([1], cache)
@@ -113,7 +113,7 @@ def test_param_groups_do_not_decay_biases_or_norms(tiny_model):
 
 
 def test_dropout_only_in_training():
-    cfg = ModelConfig(vocab_size=50, max_seq_len=16, d_model=32, n_layer=1, n_head=2, dropout=0.5)
+    cfg = ModelConfig(vocab_size=50, context=16, d_model=32, n_layer=1, n_head=2, dropout=0.5)
     model = GPT(cfg)
     x = torch.randint(0, 50, (1, 16))
     model.eval()

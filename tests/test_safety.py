@@ -10,17 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import storage
 from engine import tokenizer as tokenizer_module
-from engine.model_folder import ModelFolder
+from engine.model_folder import ModelFolder, tokenizer_files
 from engine.sources import source_from_text
 from engine.tokenizer import train_tokenizer
 from response_generator import sample_next_token
 from trainer import Trainer
+
+from conftest import ROOT, SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 WORKER = ROOT / "tests" / "train_worker.py"
 EPOCHS = 3
@@ -144,7 +145,7 @@ def test_damaged_checkpoint_falls_back_to_the_weights(trained):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda text: text[:-20], "not valid JSON"),
-    (lambda text: text.replace('"format_version": 1', '"format_version": 99'), "newer version"),
+    (lambda text: text.replace('"format_version": 2', '"format_version": 99'), "newer version"),
     (lambda text: text.replace('"n_layer": 1', '"n_layer": 100000'), "n_layer 100000 exceeds"),
     (lambda text: text.replace('"n_layer": 1', '"n_layer": 900'), "describes ~.* MiB of weights"),
     (lambda text: text.replace('"dropout"', '"__import__": "os", "dropout"'), "unknown model config keys"),
@@ -159,7 +160,7 @@ def test_bad_config_is_refused_before_allocating(trained, edit, message):
 
 def test_tokenizer_that_disagrees_with_the_embedding_is_refused(trained):
     other = train_tokenizer("bpe", [SAMPLE_TEXT * 3], 360)
-    other.save(trained)
+    storage.commit_files(trained, tokenizer_files(other))
     with pytest.raises(ValueError, match="tokens but the model expects"):
         ModelFolder(trained).load_model()
 
@@ -249,3 +250,23 @@ def test_sampling_never_leaves_the_vocabulary(logits, temperature, top_k, top_p,
     g = random.Random(seed)
     token = sample_next_token(torch.tensor(logits), g, temperature, top_k, top_p)
     assert 0 <= token < len(logits)
+
+
+def test_a_version_1_folder_is_read_and_upgraded_at_its_next_save(trained):
+    """Folders written before format 2 named the context max_seq_len and the target vocab_size."""
+    import json
+
+    path = trained / "config.json"
+    meta = json.loads(path.read_text())
+    meta["format_version"] = 1
+    meta["model"]["max_seq_len"] = meta["model"].pop("context")
+    meta["training"]["vocab_size"] = meta["training"].pop("target_vocab_size")
+    path.write_text(json.dumps(meta))
+    model, _, _ = ModelFolder(trained).load_model()
+    assert model.config.context == TINY_MODEL["context"]
+    trainer = Trainer(str(trained))
+    assert trainer.config.target_vocab_size == TINY_TRAIN["target_vocab_size"]
+    trainer.train(source_from_text(SAMPLE_TEXT), 1)
+    saved = json.loads(path.read_text())
+    assert saved["format_version"] == 2 and saved["model"]["context"] == TINY_MODEL["context"]
+    assert "max_seq_len" not in saved["model"] and "vocab_size" not in saved["training"]

@@ -1,17 +1,19 @@
 """Both tokenizers: exact round trips, special tokens, byte counts, small data."""
 import pytest
-from conftest import SAMPLE_TEXT
 
+from engine import storage
+from engine.model_folder import ModelFolder, tokenizer_files
 from engine.tokenizer import (
     EOT_ID,
     KINDS,
     MIN_VOCAB,
     PAD_ID,
-    load_tokenizer,
     normalize_kind,
     supported_vocab_size,
     train_tokenizer,
 )
+
+from conftest import SAMPLE_TEXT
 
 ROUND_TRIP = [
     "",
@@ -50,8 +52,8 @@ def test_token_bytes_count_utf8_bytes(trained):
 
 
 def test_save_and_load(trained, tmp_path):
-    trained.save(tmp_path)
-    again = load_tokenizer(tmp_path)
+    storage.commit_files(tmp_path, tokenizer_files(trained))
+    again = ModelFolder(tmp_path).load_tokenizer()
     assert again.kind == trained.kind and again.vocab_size == trained.vocab_size
     assert again.encode(SAMPLE_TEXT) == trained.encode(SAMPLE_TEXT)
     assert (tmp_path / "tokenizer_type.txt").read_text().strip() == trained.kind
@@ -79,4 +81,4 @@ def test_kind_names():
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="train a model first"):
-        load_tokenizer(tmp_path)
+        ModelFolder(tmp_path).load_tokenizer()

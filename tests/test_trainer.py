@@ -4,12 +4,15 @@ import math
 
 import pytest
 import torch
-from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 from engine import hardware
+from engine.model_folder import ModelFolder
+from engine.reports import CompileChecked, CompileFailed, MemoryBackoff, Notice, RunStarted, StepDone, TokenizerTraining
 from engine.sources import source_from_text
 from model import GPT
 from trainer import StopFlag, TrainConfig, Trainer, lr_at
+
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 FP32 = hardware.detect_runtime("cpu", "fp32")
 
@@ -19,13 +22,13 @@ def make_trainer(folder, kind="bpe", **train):
 
 
 def record(losses, stop_at=None, flag=None, crash_at=None):
-    def on_event(kind, info):
-        if kind != "step":
+    def on_event(event):
+        if not isinstance(event, StepDone):
             return
-        losses[info["step"]] = info["loss"]
-        if stop_at is not None and info["step"] == stop_at:
+        losses[event.step] = event.loss
+        if stop_at is not None and event.step == stop_at:
             flag.set("interrupted")
-        if crash_at is not None and info["step"] == crash_at:
+        if crash_at is not None and event.step == crash_at:
             raise RuntimeError("simulated crash")
     return on_event
 
@@ -63,7 +66,7 @@ def test_stopped_run_resumes_with_identical_losses(tmp_path, kind):
 
     resumed = {}
     again = make_trainer(tmp_path / "b", kind)  # a fresh process would build a new Trainer
-    assert again.interrupted_run()["run_step"] == 7
+    assert again.interrupted_run().run_step == 7
     result = again.train(src, 2, record(resumed))
     assert result.resumed and not result.stopped_early
     assert min(resumed) == 8
@@ -90,8 +93,8 @@ def test_model_folder_is_complete_and_loads_weights_only(tmp_path):
             "history.json", "cache"} <= names
     assert not [n for n in names if n.startswith(".tmp-")]
     meta = json.loads((folder / "config.json").read_text())
-    assert meta["format_version"] == 1 and meta["tokenizer"] == "bpe"
-    assert meta["model"]["d_model"] == 32 and meta["training"]["vocab_size"] == 320
+    assert meta["format_version"] == 2 and meta["tokenizer"] == "bpe"
+    assert meta["model"]["d_model"] == 32 and meta["training"]["target_vocab_size"] == 320
     state = torch.load(folder / "checkpoint.pth", weights_only=True)
     assert {"model", "optimizer", "scaler", "state", "rng"} <= set(state)
     assert state["state"]["run"]["finished"] is True
@@ -107,9 +110,9 @@ def test_continue_on_new_data_keeps_step_count_and_optimizer(tmp_path):
     more = trainer.train(source_from_text("Completely new material about ships and harbours. " * 30), 1)
     assert not more.resumed
     assert more.global_step == first.global_step + more.steps
-    status = make_trainer(folder).status()
-    assert status["steps"] == more.global_step and len(status["runs"]) == 2
-    assert math.isfinite(status["last_eval"]["bpb"])
+    status = ModelFolder(folder).status()
+    assert status.steps == more.global_step and len(status.runs) == 2
+    assert math.isfinite(status.last_eval.bpb)
 
 
 def test_existing_model_keeps_its_tokenizer_and_size(tmp_path):
@@ -129,9 +132,20 @@ def test_bad_epochs_are_refused(tmp_path, epochs):
 
 def test_text_shorter_than_the_context_trains_on_shorter_windows(tmp_path):
     trainer = make_trainer(tmp_path / "m")
-    result = trainer.train(source_from_text("A short note about the mill and the river, nothing more."), 2)
+    events = []
+    result = trainer.train(source_from_text("A short note about the mill and the river, nothing more."), 2,
+                           events.append)
     assert result.global_step > 0
-    assert any("the text is short" in n and "instead of 32" in n for n in trainer.notes)
+    notes = [e.text for e in events if isinstance(e, Notice)]
+    assert any("the text is short" in n and "instead of 32" in n for n in notes)
+
+
+def test_a_lowered_vocabulary_is_told_before_training_starts(tmp_path):
+    events = []
+    make_trainer(tmp_path / "m", target_vocab_size=5000).train(source_from_text(SAMPLE_TEXT), 1, events.append)
+    kinds = [type(e) for e in events]
+    lowered = next(i for i, e in enumerate(events) if isinstance(e, Notice) and "lowered from 5000" in e.text)
+    assert kinds.index(TokenizerTraining) < lowered < kinds.index(RunStarted) < kinds.index(StepDone)
 
 
 def test_text_too_short_to_learn_from_is_a_clear_error(tmp_path):
@@ -168,17 +182,17 @@ def test_out_of_memory_halves_the_micro_batch_and_learns_the_same(tmp_path, monk
     backoffs, losses = [], {}
     step_losses = record(losses, stop_at=6, flag=(flag := StopFlag()))
 
-    def on_event(kind, info):
-        if kind == "oom":
-            backoffs.append(info)
-        step_losses(kind, info)
+    def on_event(event):
+        if isinstance(event, MemoryBackoff):
+            backoffs.append(event)
+        step_losses(event)
 
     result = trainer("b").train(src, 2, on_event, flag)
     assert result.stopped_early == "interrupted"
     # Halved twice on the first step (4 -> 2 -> 1 rows), then never again.
-    assert [(b["micro_batches"], b["micro_batch_size"]) for b in backoffs] == [(2, 2), (4, 1)]
+    assert [(b.micro_batches, b.micro_batch_size) for b in backoffs] == [(2, 2), (4, 1)]
     again = trainer("b")
-    assert again.interrupted_run()["micro_batches"] == 4  # the setting is saved with the run
+    assert again.interrupted_run().micro_batches == 4  # the setting is saved with the run
     backoffs.clear()
     again.train(src, 2, on_event)
     assert backoffs == []
@@ -229,15 +243,15 @@ def test_a_failing_torch_compile_falls_back_to_eager_without_losing_the_step(tmp
     events, losses = [], {}
     step_losses = record(losses)
 
-    def on_event(kind, info):
-        events.append((kind, info))
-        step_losses(kind, info)
+    def on_event(event):
+        events.append(event)
+        step_losses(event)
 
     make_trainer(tmp_path / "b", compile=True).train(src, 1, on_event)
-    kinds = [k for k, _ in events]
-    assert kinds.count("compile") == 1 and kinds.count("compile_failed") == 1
-    assert kinds.index("compile_failed") < kinds.index("step")  # the first step was retried eagerly
-    assert "C++ compiler is missing" in dict(events)["compile_failed"]["reason"]
+    kinds = [type(e) for e in events]
+    assert kinds.count(CompileChecked) == 1 and kinds.count(CompileFailed) == 1
+    assert kinds.index(CompileFailed) < kinds.index(StepDone)  # the first step was retried eagerly
+    assert "C++ compiler is missing" in next(e for e in events if isinstance(e, CompileFailed)).reason
     assert losses == eager
 
 
@@ -258,13 +272,13 @@ def test_torch_compile_really_trains_and_saves_plain_weights(tmp_path):
         losses, events = {}, []
         step_losses = record(losses)
 
-        def on_event(kind, info, events=events, step_losses=step_losses):
-            events.append(kind)
-            step_losses(kind, info)
+        def on_event(event, events=events, step_losses=step_losses):
+            events.append(type(event))
+            step_losses(event)
 
         Trainer(str(tmp_path / name), "bpe", model_overrides=no_dropout,
                 train_overrides={**TINY_TRAIN, "compile": compiled}, runtime=FP32).train(src, 1, on_event)
-        assert "compile_failed" not in events
+        assert CompileFailed not in events
         runs[name] = losses
     assert runs["compiled"].keys() == runs["eager"].keys()
     for step, loss in runs["eager"].items():

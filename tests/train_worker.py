@@ -12,19 +12,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from conftest import TINY_MODEL, TINY_TRAIN  # noqa: E402
 
+from engine.reports import StepDone  # noqa: E402
 from engine.sources import open_source  # noqa: E402
 from trainer import Trainer  # noqa: E402
+
+from conftest import TINY_MODEL, TINY_TRAIN  # noqa: E402
 
 
 def main() -> None:
     model_dir, data_file, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.set_num_threads(1)  # identical arithmetic in every process
 
-    def on_event(kind, info):
-        if kind == "step":
-            print(f"step {info['step']} {info['loss']!r}", flush=True)
+    def on_event(event):
+        if isinstance(event, StepDone):
+            print(f"step {event.step} {event.loss!r}", flush=True)
 
     trainer = Trainer(model_dir, "bpe", model_overrides=TINY_MODEL,
                       train_overrides={**TINY_TRAIN, "checkpoint_every": 5})
