@@ -7,6 +7,7 @@ preallocated KV cache so each new token costs one position of compute.
 from __future__ import annotations
 
 import bisect
+import codecs
 import itertools
 import logging
 import random
@@ -116,21 +117,26 @@ def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: flo
 class TextStreamer:
     """Turns a stream of ids into a stream of text, safely.
 
-    Holds back (a) a trailing incomplete UTF-8 sequence, which decodes as U+FFFD
-    until its last byte arrives, and (b) any tail that could be the start of a stop
-    string, so a stop string never leaks to the screen.
+    Each id's bytes (``tokenizer.token_byte_strings()``) go through one incremental
+    UTF-8 decoder. A character whose bytes are still arriving is held back until its
+    last byte comes. Bytes that can never form a character are dropped: a model can
+    sample byte pieces that are not UTF-8 (a lone continuation byte, a lead byte
+    followed by a word), and the screen must not fill with U+FFFD it never meant. A
+    U+FFFD the model did write, as its own bytes EF BF BD, is shown.
 
-    Only the ids since the last clean break are decoded: once all the text so far has
-    been handed out (nothing held back, no partial character), the next ids start a
-    new window. Each token then costs the same, however long the answer.
+    Text that could be the start of a stop string is held back too, so a stop string
+    never leaks to the screen. Only that held tail, shorter than the longest stop
+    string, is looked at again, so each token costs the same however long the answer.
     """
 
     def __init__(self, tokenizer: BaseTokenizer, stop_strings: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
-        self.ids: list[int] = []
-        self.start = 0  # first id of the window that is decoded
-        self.emitted = 0  # characters of the window's text already handed out
+        self._bytes = tokenizer.token_byte_strings()
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.held = ""  # decoded text not shown yet: it could be the start of a stop string
+        self.n_ids = 0  # ids pushed so far
+        self.start = 0  # the text of every id before this one has been handed out
         self.stopped = False
 
     def _held_back(self, text: str) -> int:
@@ -144,34 +150,30 @@ class TextStreamer:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text that is now safe to show."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids[self.start:])
-        for stop in self.stop_strings:
-            at = text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                self.stopped = True
-                out = text[self.emitted:at] if at > self.emitted else ""
-                self.emitted = max(self.emitted, at)
-                return out
-        end = len(text)
-        while end > self.emitted and text[end - 1] == "\ufffd":
-            end -= 1
-        end -= self._held_back(text[:end])
-        if end <= self.emitted:
-            return ""
-        out = text[self.emitted:end]
-        self.emitted = end
-        if end == len(text):  # a clean break: no stop string or character can straddle it
-            self.start, self.emitted = len(self.ids), 0
-        return out
-
-    def flush(self) -> str:
-        """Whatever is left once generation ends (a held-back prefix was not a stop)."""
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.ids[self.start:])
-        out = text[self.emitted:]
-        self.emitted = len(text)
+        self.n_ids += 1
+        text = self.held + self._utf8.decode(self._bytes[token_id])
+        found = [at for stop in self.stop_strings if (at := text.find(stop)) != -1]
+        if found:
+            self.stopped, self.held = True, ""
+            return text[:min(found)]
+        shown = len(text) - self._held_back(text)
+        self.held = text[shown:]
+        if not self.held and not self._utf8.getstate()[0]:  # no partial character either
+            self.start = self.n_ids
+        return text[:shown]
+
+    def flush(self) -> str:
+        """Whatever is left once generation ends (a held-back prefix was not a stop).
+
+        An unfinished character at the very end can no longer complete: it is dropped.
+        """
+        if self.stopped:
+            return ""
+        out = self.held + self._utf8.decode(b"", final=True)
+        self.held = ""
+        self.start = self.n_ids
         return out
 
 

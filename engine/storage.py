@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -77,13 +79,41 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def load_torch(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load tensors without executing code: ``weights_only`` refuses arbitrary pickles."""
+    """Load tensors without executing code: ``weights_only`` refuses arbitrary pickles.
+
+    PyTorch's own messages for a refused or broken file run to several lines and
+    suggest loading it the unsafe way. A user must never be steered there, so each
+    failure becomes one line of our own that says what to do instead.
+    """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises several types for a bad or hostile file
-        raise ValueError(f"cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        if _is_weights_only_refusal(exc):
+            raise ValueError(f"{path} holds something other than tensors (it may be malicious) and was "
+                             "not loaded; delete it and restore the folder from a source you trust") from exc
+        raise ValueError(f"cannot load {path}: {_short_reason(exc)}; restore it from a backup or retrain") from exc
+
+
+def _is_weights_only_refusal(exc: Exception) -> bool:
+    """True when the safe unpickler met an object it will not build (code, classes, ...)."""
+    text = str(exc).lower()
+    return isinstance(exc, pickle.UnpicklingError) and ("weights only" in text or "weights_only" in text)
+
+
+def _short_reason(exc: Exception) -> str:
+    """The first clause of an exception's message, without PyTorch's advice that follows it.
+
+    >>> _short_reason(RuntimeError("PytorchStreamReader failed reading zip archive: failed finding "
+    ...                            "central directory. This is an internal miniz error. If you ..."))
+    'damaged or not a weight file (PytorchStreamReader failed reading zip archive: failed finding central directory)'
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # PyTorch colours some words
+    first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    if not first or "weights_only" in first.lower():
+        first = "the file ends early" if isinstance(exc, EOFError) else type(exc).__name__
+    return f"damaged or not a weight file ({first[:120]})"
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> int:

@@ -72,17 +72,33 @@ class BaseTokenizer:
     def id_to_piece(self, token_id: int) -> str:
         raise NotImplementedError
 
-    def token_bytes(self) -> np.ndarray:
-        """How many UTF-8 bytes of text each id stands for (0 for special tokens).
-
-        Used for bits per byte, which compares models across tokenizers.
-        """
+    def _byte_strings(self) -> list[bytes]:
+        """The bytes of each id, built from the vocabulary (see ``token_byte_strings``)."""
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
         raise NotImplementedError
 
     # -- shared ------------------------------------------------------------------
+    def token_byte_strings(self) -> tuple[bytes, ...]:
+        """The UTF-8 bytes each id stands for, indexed by id; b"" for special and control tokens.
+
+        Decoding ids is joining their bytes and reading them as UTF-8, so a streamer
+        can decode one token at a time and decide itself what to do with bytes that do
+        not form a character (a byte piece can hold half of one). Built once per tokenizer.
+        """
+        table = self.__dict__.get("_byte_table")
+        if table is None:
+            table = self.__dict__["_byte_table"] = tuple(self._byte_strings())
+        return table
+
+    def token_bytes(self) -> np.ndarray:
+        """How many UTF-8 bytes of text each id stands for (0 for special tokens).
+
+        Used for bits per byte, which compares models across tokenizers.
+        """
+        return np.array([len(b) for b in self.token_byte_strings()], dtype=np.int64)
+
     def fingerprint(self) -> str:
         """A short hash of the tokenizer file: token caches are keyed by it."""
         return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
@@ -136,14 +152,14 @@ class BPETokenizer(BaseTokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id)
 
-    def token_bytes(self) -> np.ndarray:
+    def _byte_strings(self) -> list[bytes]:
+        # Each piece is spelt in the byte-level alphabet: map its characters back to bytes.
         back = {c: b for b, c in byte_to_unicode().items()}
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        table = [b""] * self.vocab_size
         for piece, idx in self._tok.get_vocab().items():
-            if idx in (EOT_ID, PAD_ID):
-                continue
-            lengths[idx] = sum(1 for ch in piece if ch in back)
-        return lengths
+            if idx not in (EOT_ID, PAD_ID):
+                table[idx] = bytes(back[ch] for ch in piece if ch in back)
+        return table
 
     def to_bytes(self) -> bytes:
         return self._tok.to_str().encode("utf-8")
@@ -226,16 +242,18 @@ class SentencePieceTokenizer(BaseTokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
 
-    def token_bytes(self) -> np.ndarray:
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+    def _byte_strings(self) -> list[bytes]:
+        # Byte-fallback pieces are spelt "<0xE6>"; the others are text with U+2581 for a space.
+        table = []
         for i in range(self.vocab_size):
+            piece = self._sp.id_to_piece(i)
             if self._sp.is_control(i) or self._sp.is_unknown(i):
-                continue
-            if self._sp.is_byte(i):
-                lengths[i] = 1
+                table.append(b"")
+            elif self._sp.is_byte(i):
+                table.append(bytes([int(piece[3:-1], 16)]))
             else:
-                lengths[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-        return lengths
+                table.append(piece.replace("\u2581", " ").encode("utf-8"))
+        return table
 
     def to_bytes(self) -> bytes:
         return self._proto

@@ -3,11 +3,14 @@ import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import hardware
 from engine.sources import source_from_text
-from engine.tokenizer import train_tokenizer
+from engine.tokenizer import KINDS, chunk_text, train_tokenizer
 from response_generator import (
+    CHAT_STOPS,
     ChatSession,
     GenerationConfig,
     ResponseGenerator,
@@ -119,6 +122,9 @@ class FakeTokenizer:
     def decode(self, ids):
         return "".join(self.alphabet[i] for i in ids)
 
+    def token_byte_strings(self):
+        return tuple(ch.encode("utf-8") for ch in self.alphabet)
+
 
 def test_streamer_hides_stop_strings_and_partial_prefixes():
     alphabet = "abc\nUser:"
@@ -145,6 +151,85 @@ def test_streamer_waits_for_complete_utf8_characters():
     pieces = [streamer.push(i) for i in ids] + [streamer.flush()]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == "日本😀"
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def any_tokenizer(request):
+    return train_tokenizer(request.param, list(chunk_text(SAMPLE_TEXT, 400)), 400)
+
+
+def byte_id(tok, value):
+    """The id of the token that is exactly this one byte (BPE's byte alphabet, SentencePiece's <0xNN>)."""
+    return tok.token_byte_strings().index(bytes([value]))
+
+
+def stream_pieces(tok, parts, stops=()):
+    """Push ``parts`` (text -> its ids, int -> one byte token) one id at a time; pieces shown, then the flush."""
+    ids = [i for part in parts for i in ([byte_id(tok, part)] if isinstance(part, int) else tok.encode(part))]
+    streamer = TextStreamer(tok, stops)
+    return [streamer.push(i) for i in ids] + [streamer.flush()], streamer
+
+
+# Byte tokens a model can sample in an order that is not UTF-8, and what must be shown.
+INVALID_BYTE_RUNS = {
+    "lone continuation byte": (["ok ", 0x80, "fine"], "ok fine"),
+    "3-byte lead cut short by ASCII": (["x", 0xE6, 0x97, "yz"], "xyz"),
+    "lead byte cut short by another lead": ([0xE6, 0xF0, 0x9F, 0x98, 0x80, "!"], "😀!"),
+    "surrogate spelt in UTF-8": ([0xED, 0xA0, 0x80, "x"], "x"),
+    "overlong slash": ([0xC0, 0xAF, "x"], "x"),
+    "unfinished character at the end": (["end", 0xF0, 0x9F], "end"),
+}
+
+
+@pytest.mark.parametrize("case", INVALID_BYTE_RUNS, ids=list(INVALID_BYTE_RUNS))
+def test_streamer_drops_bytes_that_are_not_utf8_and_keeps_the_rest(any_tokenizer, case):
+    parts, expected = INVALID_BYTE_RUNS[case]
+    pieces, _ = stream_pieces(any_tokenizer, parts)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == expected
+
+
+def test_streamer_shows_an_emoji_only_once_its_last_byte_arrives(any_tokenizer):
+    pieces, _ = stream_pieces(any_tokenizer, ["a", 0xF0, 0x9F, 0x98, 0x80, "b"])
+    assert "".join(pieces) == "a😀b"
+    assert "😀" in pieces[-3] + pieces[-2] and "".join(pieces[:-3]) in ("", "a")  # nothing half-shown
+
+
+def test_streamer_shows_a_replacement_character_the_model_really_wrote(any_tokenizer):
+    pieces, _ = stream_pieces(any_tokenizer, ["a", 0xEF, 0xBF, 0xBD, "b"])
+    assert "".join(pieces) == "a\ufffdb"
+
+
+def test_invalid_bytes_do_not_hide_a_stop_string(any_tokenizer):
+    pieces, streamer = stream_pieces(any_tokenizer, ["hi", 0x80, "\nUs", 0xE6, "er: more"], CHAT_STOPS)
+    assert streamer.stopped and "".join(pieces) == "hi"
+
+
+# SentencePiece reads a literal U+2581 as its own space marker and decodes it as a space
+# (a limit of the library, the same in tok.decode), so valid text here is text without it.
+# Any text Python can encode as UTF-8: no lone surrogates (category Cs).
+VALID_TEXT = st.text(st.characters(exclude_characters="\u2581", exclude_categories=("Cs",)), max_size=80)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=VALID_TEXT)
+def test_streaming_valid_text_token_by_token_reproduces_it(any_tokenizer, text):
+    pieces, _ = stream_pieces(any_tokenizer, [text])
+    assert "".join(pieces) == text
+
+
+STOP_HEAVY = st.one_of(st.sampled_from(["\nUser:", "\nAI:", "\n", "User", "AI", ":", "😀", "é"]),
+                         st.text(st.characters(exclude_characters="\u2581"), max_size=6))
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(STOP_HEAVY, max_size=12))
+def test_streaming_with_stop_strings_shows_exactly_the_text_before_the_first_stop(any_tokenizer, parts):
+    text = "".join(parts)
+    pieces, streamer = stream_pieces(any_tokenizer, [text], CHAT_STOPS)
+    cut = min((text.find(stop) for stop in CHAT_STOPS if stop in text), default=len(text))
+    assert "".join(pieces) == text[:cut]
+    assert streamer.stopped == (cut < len(text))
 
 
 def test_render_conversation_is_the_one_chat_format():

@@ -114,9 +114,24 @@ def test_crafted_pickle_is_refused_and_never_runs(trained, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"wte.weight": Malicious(str(marker))}, trained / "model.pth")
     (trained / "manifest.json").unlink()  # so the pickle reaches the loader itself
-    with pytest.raises(ValueError, match="cannot load"):
+    with pytest.raises(ValueError) as refused:
         ModelFolder(trained).load_model()
     assert not marker.exists()
+    message = str(refused.value)
+    assert "model.pth holds something other than tensors" in message and "may be malicious" in message
+    assert "not loaded" in message and "\n" not in message
+    assert "weights_only" not in message and "trust the source" not in message  # no unsafe advice
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty"])
+def test_damaged_weight_file_without_manifest_gets_one_line_without_torch_advice(tmp_path, damage):
+    path = tmp_path / "model.pth"
+    storage.write_bytes(path, storage.torch_bytes({"w": torch.ones(64)}))
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2] if damage == "truncate" else b"")
+    with pytest.raises(ValueError, match="cannot load .*damaged or not a weight file.*restore it") as failed:
+        storage.load_torch(path)
+    message = str(failed.value)
+    assert "\n" not in message and "weights_only" not in message and "miniz" not in message
 
 
 @pytest.mark.parametrize("damage", ["truncate", "empty", "bitflip"])

@@ -1,4 +1,5 @@
 """Both tokenizers: exact round trips, special tokens, byte counts, small data."""
+import numpy as np
 import pytest
 
 from engine import storage
@@ -8,10 +9,12 @@ from engine.tokenizer import (
     KINDS,
     MIN_VOCAB,
     PAD_ID,
+    byte_to_unicode,
     normalize_kind,
     supported_vocab_size,
     train_tokenizer,
 )
+from engine.vocab_growth import expand_tokenizer
 
 from conftest import SAMPLE_TEXT
 
@@ -49,6 +52,33 @@ def test_token_bytes_count_utf8_bytes(trained):
     assert lengths[EOT_ID] == 0 and lengths[PAD_ID] == 0
     for text in ROUND_TRIP:
         assert int(lengths[trained.encode(text)].sum()) == len(text.encode("utf-8"))
+
+
+def reference_token_bytes(tok):
+    """token_bytes as it was computed before it came from the byte table: the anchor."""
+    lengths = np.zeros(tok.vocab_size, dtype=np.int64)
+    if tok.kind == "bpe":
+        back = {c: b for b, c in byte_to_unicode().items()}
+        for piece, idx in tok._tok.get_vocab().items():
+            if idx not in (EOT_ID, PAD_ID):
+                lengths[idx] = sum(1 for ch in piece if ch in back)
+        return lengths
+    sp = tok._sp
+    for i in range(tok.vocab_size):
+        if not (sp.is_control(i) or sp.is_unknown(i)):
+            lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def test_byte_table_spells_every_text_and_gives_the_same_byte_counts(trained):
+    grown = expand_tokenizer(trained, ["zebra quokka narwhal " * 50], max_new=10).tokenizer
+    for tok in (trained, grown):
+        table = tok.token_byte_strings()
+        assert len(table) == tok.vocab_size and table[EOT_ID] == table[PAD_ID] == b""
+        assert np.array_equal(tok.token_bytes(), reference_token_bytes(tok))
+        for text in ROUND_TRIP + ["zebra quokka"]:
+            assert b"".join(table[i] for i in tok.encode(text)) == text.encode("utf-8")
+    assert grown.vocab_size > trained.vocab_size  # the grown pieces were in the table too
 
 
 def test_save_and_load(trained, tmp_path):
