@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 
 from engine import hardware
+from engine.chat_format import ChatTokenIds, Message, check_messages, render
 from engine.model_folder import ModelFolder
 from engine.tokenizer import BaseTokenizer
 from model import GPT, Decoder, ModelConfig
@@ -59,6 +60,15 @@ class GenerationConfig:
         if unknown:
             raise ValueError(f"unknown generation settings: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """How the last generation went: what a server reports as usage and finish reason."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop": end-of-text, end of turn or a stop string; "length": max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -177,17 +187,22 @@ class TextStreamer:
         return out
 
 
-def render_conversation(turns: list[tuple[str, str | None]]) -> str:
-    """The one chat format: 'User: ...' and 'AI: ...' lines; the last reply may be open.
+def render_plain(messages: list[Message]) -> str:
+    """The fallback chat prompt for a model that never learned the chat format.
 
-    >>> render_conversation([("hi", "hello"), ("how are you?", None)])
+    A system message becomes the first line; turns are 'User:' and 'AI:' lines, and
+    the text ends with an open 'AI:' for the model to continue.
+
+    >>> render_plain([Message("user", "hi"), Message("assistant", "hello"), Message("user", "how are you?")])
     'User: hi\\nAI: hello\\nUser: how are you?\\nAI:'
     """
     lines = []
-    for user, reply in turns:
-        lines.append(f"User: {user}")
-        lines.append("AI:" if reply is None else f"AI: {reply}")
-    return "\n".join(lines)
+    for m in messages:
+        if m.role == "system":
+            lines.append(m.content)
+        else:
+            lines.append(f"{'User' if m.role == 'user' else 'AI'}: {m.content}")
+    return "\n".join(lines + ["AI:"])
 
 
 def strip_leading_space(pieces: Iterator[str]) -> Iterator[str]:
@@ -222,6 +237,8 @@ class ResponseGenerator:
         self.folder = ModelFolder(model_dir)
         self.model, self.tokenizer, self.meta = self.folder.load_model(self.runtime.device)
         self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
+        self.finish_reason = "length"  # why the last generation ended
+        self.last_stats: GenerationStats | None = None
 
     @classmethod
     def from_model(cls, model: GPT, tokenizer: BaseTokenizer,
@@ -234,6 +251,8 @@ class ResponseGenerator:
         self.tokenizer = tokenizer
         self.meta = {}
         self.notices = []
+        self.finish_reason = "length"
+        self.last_stats = None
         return self
 
     @property
@@ -259,8 +278,11 @@ class ResponseGenerator:
         return ids or [self.tokenizer.eot_id]
 
     @torch.inference_mode()
-    def generate_ids(self, prompt_ids: list[int], cfg: GenerationConfig, use_cache: bool = True) -> Iterator[int]:
-        """Yield new ids until end-of-text or ``max_new_tokens``.
+    def generate_ids(self, prompt_ids: list[int], cfg: GenerationConfig, use_cache: bool = True,
+                     stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
+        """Yield new ids until end-of-text, one of ``stop_ids`` or ``max_new_tokens``.
+
+        The stopping id itself is never yielded; ``self.finish_reason`` says why it ended.
 
         ``use_cache=False`` recomputes the whole context every step, in the same
         compute precision: the slow, obviously-correct reference that the cached path
@@ -270,6 +292,7 @@ class ResponseGenerator:
         """
         model, device = self.model, self.runtime.device
         rng = random.Random(cfg.seed)  # None: seeded from the OS
+        self.finish_reason = "length"
         visible = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
         decoder = self._decoder() if use_cache else None
         cache = decoder.new_cache() if decoder is not None else None
@@ -290,7 +313,8 @@ class ResponseGenerator:
                 recent = torch.tensor(visible[-REPETITION_WINDOW:], device=device)
                 logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
             next_id = sample_next_token(logits, rng, cfg.temperature, cfg.top_k, cfg.top_p)
-            if next_id == self.tokenizer.eot_id:
+            if next_id == self.tokenizer.eot_id or next_id in stop_ids:
+                self.finish_reason = "stop"
                 return
             yield next_id
             visible.append(next_id)
@@ -308,63 +332,115 @@ class ResponseGenerator:
         """Yield the completion of ``prompt`` as text pieces, as soon as they are safe to show."""
         self.notices = []
         ids = self.fit_prompt(self.tokenizer.encode(prompt), cfg.max_new_tokens)
+        return self.stream_ids(ids, cfg, stop_strings)
+
+    def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig, stop_strings: tuple[str, ...] = (),
+                   stop_ids: frozenset[int] = frozenset()) -> Iterator[str]:
+        """Yield the text that follows ``prompt_ids``; ``self.last_stats`` is set when it ends."""
         streamer = TextStreamer(self.tokenizer, stop_strings)
-        for token_id in self.generate_ids(ids, cfg):
-            piece = streamer.push(token_id)
-            if piece:
-                yield piece
-            if streamer.stopped:
-                return
-        tail = streamer.flush()
-        if tail:
-            yield tail
+        produced = 0
+        self.last_stats = None
+        try:
+            for token_id in self.generate_ids(prompt_ids, cfg, stop_ids=stop_ids):
+                produced += 1
+                piece = streamer.push(token_id)
+                if piece:
+                    yield piece
+                if streamer.stopped:
+                    self.finish_reason = "stop"
+                    return
+            tail = streamer.flush()
+            if tail:
+                yield tail
+        finally:  # also when the caller stops early (Ctrl+C, a client that went away)
+            self.last_stats = GenerationStats(len(prompt_ids), produced, self.finish_reason)
 
     # -- the three modes -----------------------------------------------------------------------
     def answer(self, question: str, cfg: GenerationConfig) -> Iterator[str]:
+        """A single question. A chat-tuned model gets it as a one-turn conversation."""
         question = question.strip()
         if not question:
             raise ValueError("the question is empty; type a question")
+        if self.chat_ids is not None:
+            return self.chat([Message("user", question)], cfg)
         return strip_leading_space(self.stream(f"Question: {question}\nAnswer:", cfg, QA_STOPS))
 
-    def complete(self, prompt: str, cfg: GenerationConfig) -> Iterator[str]:
+    def complete(self, prompt: str, cfg: GenerationConfig, stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Continue ``prompt``; an empty prompt samples freely from the start of a document."""
-        return self.stream(prompt, cfg)
+        return self.stream(prompt, cfg, stop_strings)
+
+    @property
+    def chat_ids(self) -> ChatTokenIds | None:
+        """The chat tokens, when this model has been fine-tuned on conversations (else None)."""
+        if not self.meta.get("chat_tuned"):
+            return None
+        return self.tokenizer.chat_token_ids()
+
+    def chat(self, messages: list[Message], cfg: GenerationConfig) -> Iterator[str]:
+        """Stream the assistant's reply to ``messages`` (which end with the user's turn).
+
+        A chat-tuned model gets the learned format and stops at its end-of-turn token;
+        any other model gets the plain 'User:/AI:' text and stops where a new line
+        starts the next turn. When the conversation does not fit the context, the
+        oldest turns are dropped (a system message is kept) and a notice says so.
+        """
+        check_messages(messages, need_reply=False)
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        self.notices = []
+        system = [m for m in messages[:1] if m.role == "system"]
+        turns = messages[len(system):]
+        budget = self.prompt_budget(cfg.max_new_tokens)
+        dropped = 0
+        while True:
+            kept = system + turns[dropped:]
+            if self.chat_ids is not None:
+                ids, _ = render(self.tokenizer, self.chat_ids, kept, open_reply=True)
+            else:
+                ids = self.tokenizer.encode(render_plain(kept))
+            if len(ids) <= budget or len(turns) - dropped <= 1:
+                break
+            dropped += 2  # a user turn and the reply to it
+        if dropped:
+            self.notices.append(f"the {dropped // 2} oldest exchange(s) no longer fit the context and were left out")
+        ids = self.fit_prompt(ids, cfg.max_new_tokens)
+        if self.chat_ids is not None:
+            return strip_leading_space(self.stream_ids(ids, cfg, stop_ids=frozenset({self.chat_ids.end})))
+        return strip_leading_space(self.stream_ids(ids, cfg, CHAT_STOPS))
 
 
 class ChatSession:
-    """A multi-turn conversation whose oldest turns are dropped when the window is full."""
+    """A conversation in the menu: an optional system message and the turns so far."""
 
     def __init__(self, generator: ResponseGenerator, cfg: GenerationConfig) -> None:
         self.generator = generator
         self.cfg = cfg
-        self.turns: list[tuple[str, str]] = []
+        self.system = ""
+        self.messages: list[Message] = []  # user and assistant turns, alternating
 
     def reset(self) -> None:
-        self.turns = []
+        self.messages = []
 
-    def _prompt(self, message: str) -> tuple[str, int]:
-        """The rendered conversation that fits the window, and how many turns were dropped."""
-        tok, budget = self.generator.tokenizer, self.generator.prompt_budget(self.cfg.max_new_tokens)
-        kept = list(self.turns)
-        dropped = 0
-        while True:
-            text = render_conversation(kept + [(message, None)])
-            if len(tok.encode(text)) <= budget or not kept:
-                return text, dropped
-            kept.pop(0)
-            dropped += 1
+    def conversation(self) -> list[Message]:
+        """The whole conversation, system message first (what /save writes)."""
+        return ([Message("system", self.system)] if self.system else []) + self.messages
+
+    def load(self, messages: list[Message]) -> None:
+        """Continue a saved conversation: its system message and turns replace these."""
+        check_messages(messages, need_reply=False)
+        self.system = messages[0].content if messages[0].role == "system" else ""
+        self.messages = [m for m in messages if m.role != "system"]
 
     def send(self, message: str) -> Iterator[str]:
         message = message.strip()
         if not message:
             raise ValueError("the message is empty; type something, or /help")
-        prompt, dropped = self._prompt(message)
-        if dropped:
-            self.turns = self.turns[dropped:]
+        asked = Message("user", message)
         pieces: list[str] = []
-        for piece in strip_leading_space(self.generator.stream(prompt, self.cfg, CHAT_STOPS)):
+        for piece in self.generator.chat(self.conversation() + [asked], self.cfg):
             pieces.append(piece)
             yield piece
-        if dropped:
-            self.generator.notices.append(f"the {dropped} oldest turn(s) no longer fit the context and were dropped")
-        self.turns.append((message, "".join(pieces).strip()))
+        reply = "".join(pieces).strip()
+        # An empty reply cannot be sent back as a turn; keep the question unanswered out.
+        if reply:
+            self.messages += [asked, Message("assistant", reply)]

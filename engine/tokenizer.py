@@ -7,7 +7,9 @@
   identity normalizer, so ``decode(encode(text)) == text`` for any text. Saved as
   ``tokenizer.model``.
 
-Both put the shared special tokens first: id 0 is end-of-text, id 1 is padding.
+Both put the shared special tokens first: id 0 is end-of-text, id 1 is padding; a new
+tokenizer also reserves the chat tokens (``engine.chat_format.CHAT_TOKENS``), and an
+older one gets them appended when its model is first fine-tuned on conversations.
 Special tokens are never produced from user text (typing "<|endoftext|>" encodes as
 ordinary characters), so data cannot inject control tokens.
 """
@@ -20,6 +22,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from engine.chat_format import CHAT_TOKENS, ChatTokenIds
 from engine.hardware import usable_cpu_cores
 
 EOT_TOKEN = "<|endoftext|>"
@@ -99,6 +102,14 @@ class BaseTokenizer:
         """
         return np.array([len(b) for b in self.token_byte_strings()], dtype=np.int64)
 
+    def chat_token_ids(self) -> ChatTokenIds | None:
+        """The ids of the reserved chat tokens, or None if this tokenizer predates them."""
+        ids = [self._special_id(token) for token in CHAT_TOKENS]
+        return None if None in ids else ChatTokenIds(*ids)
+
+    def _special_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
     def fingerprint(self) -> str:
         """A short hash of the tokenizer file: token caches are keyed by it."""
         return hashlib.sha256(self.to_bytes()).hexdigest()[:16]
@@ -123,7 +134,7 @@ class BPETokenizer(BaseTokenizer):
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=2,
-            special_tokens=[EOT_TOKEN, PAD_TOKEN],
+            special_tokens=[EOT_TOKEN, PAD_TOKEN, *CHAT_TOKENS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -152,12 +163,17 @@ class BPETokenizer(BaseTokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id)
 
+    def _special_id(self, token: str) -> int | None:
+        added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        return added.get(token)
+
     def _byte_strings(self) -> list[bytes]:
         # Each piece is spelt in the byte-level alphabet: map its characters back to bytes.
         back = {c: b for b, c in byte_to_unicode().items()}
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         table = [b""] * self.vocab_size
         for piece, idx in self._tok.get_vocab().items():
-            if idx not in (EOT_ID, PAD_ID):
+            if idx not in special:
                 table[idx] = bytes(back[ch] for ch in piece if ch in back)
         return table
 
@@ -201,6 +217,8 @@ class SentencePieceTokenizer(BaseTokenizer):
                     character_coverage=0.9999,
                     unk_id=2, bos_id=-1, eos_id=EOT_ID, pad_id=PAD_ID,
                     eos_piece=EOT_TOKEN, pad_piece=PAD_TOKEN,
+                    # Control pieces are never produced from text, only placed by id.
+                    control_symbols=list(CHAT_TOKENS),
                     # Newlines would otherwise cost a byte-fallback token each.
                     user_defined_symbols=["\n"],
                     max_sentence_length=1 << 16,
@@ -241,6 +259,10 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
+
+    def _special_id(self, token: str) -> int | None:
+        i = self._sp.piece_to_id(token)
+        return i if self._sp.is_control(i) and self._sp.id_to_piece(i) == token else None
 
     def _byte_strings(self) -> list[bytes]:
         # Byte-fallback pieces are spelt "<0xE6>"; the others are text with U+2581 for a space.

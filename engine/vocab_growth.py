@@ -19,6 +19,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from engine.chat_format import CHAT_TOKENS
 from engine.tokenizer import (
     BaseTokenizer,
     BPETokenizer,
@@ -189,6 +190,36 @@ def _expand_sentencepiece(old: SentencePieceTokenizer, texts: list[str], max_new
         parts.append(old.encode(added[-1]))
     grown = SentencePieceTokenizer(proto.SerializeToString())
     return Expansion(grown, added, parts)
+
+
+# -- the chat tokens --------------------------------------------------------------------------
+
+
+def add_chat_tokens(old: BaseTokenizer) -> BaseTokenizer:
+    """``old`` with the reserved chat tokens appended as special tokens (new ids at the end).
+
+    Every existing id keeps its meaning. Like the tokens a new tokenizer reserves, they
+    are never produced from text: BPE matches no special token in text it encodes, and
+    SentencePiece places control pieces only by id.
+    """
+    if old.chat_token_ids() is not None:
+        return old
+    if isinstance(old, BPETokenizer):
+        spec = json.loads(old.to_bytes())
+        next_id = old.vocab_size
+        for token in CHAT_TOKENS:
+            spec["added_tokens"].append({"id": next_id, "content": token, "single_word": False, "lstrip": False,
+                                         "rstrip": False, "normalized": False, "special": True})
+            next_id += 1
+        return BPETokenizer.from_bytes(json.dumps(spec, ensure_ascii=False).encode("utf-8"))
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(old.to_bytes())
+    for token in CHAT_TOKENS:
+        piece = proto.pieces.add()
+        piece.piece, piece.score, piece.type = token, 0.0, pb.ModelProto.SentencePiece.Type.CONTROL
+    return SentencePieceTokenizer(proto.SerializeToString())
 
 
 # -- measurements ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ in seconds on two CPU cores. Model folders always live under ``tmp_path``.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,3 +61,37 @@ def sample_file(tmp_path) -> Path:
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
     return tmp_path / "model"
+
+
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory):
+    """Train a tiny model per (tokenizer, epochs) once per test session; return its folder.
+
+    Training is the slow part of most tests. Tests that only read a model share these
+    folders; tests that change one take a private copy (``trained_copy``).
+    """
+    from engine.sources import source_from_text
+    from trainer import Trainer
+
+    made: dict[tuple[str, int], Path] = {}
+
+    def get(kind: str = "bpe", epochs: int = 1) -> Path:
+        if (kind, epochs) not in made:
+            folder = tmp_path_factory.mktemp(f"trained-{kind}-{epochs}") / "model"
+            Trainer(str(folder), kind, model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN).train(
+                source_from_text(SAMPLE_TEXT), epochs)
+            made[kind, epochs] = folder
+        return made[kind, epochs]
+
+    return get
+
+
+@pytest.fixture
+def trained_copy(trained_once, tmp_path):
+    """A private copy of a shared trained folder, for a test that writes to it."""
+    def copy(kind: str = "bpe", epochs: int = 1) -> Path:
+        target = tmp_path / f"model-{kind}-{epochs}"
+        shutil.copytree(trained_once(kind, epochs), target)
+        return target
+
+    return copy

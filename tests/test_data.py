@@ -110,6 +110,7 @@ def test_short_text_gets_a_shorter_window_or_a_clear_error():
         TokenDataset(np.arange(10, dtype=np.uint16), context=256)
 
 
+@pytest.mark.slow
 def test_a_50_mb_file_streams_with_bounded_memory(tmp_path):
     """Tokenizing a 50 MB file must not hold the file, or all its ids as Python ints, in RAM."""
     import subprocess

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import hardware
-from engine.sources import source_from_text
+from engine.chat_format import Message
 from engine.tokenizer import KINDS, chunk_text, train_tokenizer
 from response_generator import (
     CHAT_STOPS,
@@ -16,20 +16,16 @@ from response_generator import (
     ResponseGenerator,
     TextStreamer,
     apply_repetition_penalty,
-    render_conversation,
+    render_plain,
     sample_next_token,
 )
-from trainer import Trainer
 
-from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+from conftest import SAMPLE_TEXT
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gen") / "model"
-    trainer = Trainer(str(folder), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN)
-    trainer.train(source_from_text(SAMPLE_TEXT), 2)
-    return folder
+def trained_dir(trained_once):
+    return trained_once("bpe", 2)
 
 
 @pytest.fixture
@@ -232,21 +228,24 @@ def test_streaming_with_stop_strings_shows_exactly_the_text_before_the_first_sto
     assert streamer.stopped == (cut < len(text))
 
 
-def test_render_conversation_is_the_one_chat_format():
-    assert render_conversation([("hi", "hello"), ("and you?", None)]) == "User: hi\nAI: hello\nUser: and you?\nAI:"
+def test_the_plain_fallback_format():
+    messages = [Message("system", "Be kind."), Message("user", "hi"), Message("assistant", "hello"),
+                Message("user", "and you?")]
+    assert render_plain(messages) == "Be kind.\nUser: hi\nAI: hello\nUser: and you?\nAI:"
 
 
 def test_chat_keeps_history_and_drops_oldest_turns(generator):
-    session = ChatSession(generator, GenerationConfig(max_new_tokens=8, seed=1))
+    session = ChatSession(generator, GenerationConfig(max_new_tokens=8, seed=1, temperature=0))
+    answered = 0
     for i in range(6):
-        "".join(session.send(f"tell me about the river and the mill number {i}"))
-    budget = generator.prompt_budget(8)
-    prompt, _ = session._prompt("one more")
-    assert len(generator.tokenizer.encode(prompt)) <= budget
-    assert session.turns[-1][0].endswith("number 5")
-    assert len(session.turns) < 6  # the window is 32 tokens: old turns had to go
+        reply = "".join(session.send(f"tell me about the river and the mill number {i}"))
+        answered += bool(reply.strip())
+        assert generator.last_stats.prompt_tokens <= generator.prompt_budget(8)
+    # The whole conversation is kept (for /save); only the prompt leaves old turns out.
+    assert len(session.messages) == 2 * answered and answered >= 2
+    assert any("oldest exchange" in n for n in generator.notices)  # the window is 32 tokens
     session.reset()
-    assert session.turns == []
+    assert session.messages == []
 
 
 def test_long_prompt_is_cut_from_the_left_with_a_notice(generator):

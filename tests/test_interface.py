@@ -39,6 +39,7 @@ def run_program(model_dir: Path, lines: list[str], *extra: str, timeout: int = 1
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
 def test_whole_workflow_through_stdin(tmp_path, sample_file, kind):
     model_dir = tmp_path / "model"
@@ -171,7 +172,7 @@ def start_long_training(model_dir, sample_file, later_lines):
     """Start the real program on a long run; return it once epoch 3 is under way."""
     import threading
 
-    lines = ["bpe", "1", "1", str(sample_file), "60", *later_lines]
+    lines = ["bpe", "1", "1", str(sample_file), "8", *later_lines]
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "interface.py"), "--model-dir", str(model_dir), *TINY_CLI,
          "--checkpoint-every", "1000"],
@@ -197,6 +198,7 @@ def start_long_training(model_dir, sample_file, later_lines):
     return proc
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file):
     """A real SIGINT in the middle of training: checkpoint, back to the menu, resume later."""
     import signal
@@ -212,6 +214,7 @@ def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file
     assert "Training complete" in out
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
     import json
     import signal
@@ -229,6 +232,7 @@ def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
     assert json.loads((tmp_path / "model" / "manifest.json").read_text())["step"] == step
 
 
+@pytest.mark.slow
 def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
     # A time budget keeps this short; the corpus itself is ~460 KB of Python docs.
     code, out = run_app(tmp_path, ["", "1", "1", "", "1", "5", "2", "3", "The with statement", "", "5", "4"],
@@ -240,6 +244,7 @@ def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
     assert "Error" not in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
 def test_continue_training_with_vocabulary_growth_through_stdin(tmp_path, sample_file, kind):
     new_file = tmp_path / "biology.txt"

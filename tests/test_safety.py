@@ -68,6 +68,7 @@ def assert_exact_resume(model_dir, data_file, reference, killed_steps):
     assert {s: resumed[s] for s in resumed} == {s: reference[s] for s in resumed}  # bit-exact losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["staged:checkpoint.pth#3", "before-journal#3", "after-journal#3"])
 def test_sigkill_during_a_save_then_exact_resume(tmp_path, data_file, reference, point):
     code, killed, _ = run_worker(tmp_path / "model", data_file, kill_at=point)
@@ -76,6 +77,7 @@ def test_sigkill_during_a_save_then_exact_resume(tmp_path, data_file, reference,
     assert_exact_resume(tmp_path / "model", data_file, reference, killed)
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_exact_resume(tmp_path, data_file, reference):
     model_dir = tmp_path / "model"
     proc = subprocess.Popen([sys.executable, str(WORKER), str(model_dir), str(data_file), str(EPOCHS)],
@@ -93,11 +95,8 @@ def test_sigkill_at_a_random_step_then_exact_resume(tmp_path, data_file, referen
 
 
 @pytest.fixture
-def trained(tmp_path):
-    folder = tmp_path / "model"
-    Trainer(str(folder), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN).train(
-        source_from_text(SAMPLE_TEXT), 1)
-    return folder
+def trained(trained_copy):
+    return trained_copy("bpe", 1)
 
 
 class Malicious:

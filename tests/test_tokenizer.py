@@ -59,8 +59,9 @@ def reference_token_bytes(tok):
     lengths = np.zeros(tok.vocab_size, dtype=np.int64)
     if tok.kind == "bpe":
         back = {c: b for b, c in byte_to_unicode().items()}
+        special = {i for i, t in tok._tok.get_added_tokens_decoder().items() if t.special}
         for piece, idx in tok._tok.get_vocab().items():
-            if idx not in (EOT_ID, PAD_ID):
+            if idx not in special:
                 lengths[idx] = sum(1 for ch in piece if ch in back)
         return lengths
     sp = tok._sp
