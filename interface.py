@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 import continual
+from chat_repl import ChatLoop
 from engine import hardware
+from engine.conversations import open_conversations
 from engine.display import (
     ConsoleOutput,
     TrainingProgress,
@@ -42,20 +44,16 @@ MAIN_MENU = ("Main Menu", [("Training", "training_menu"), ("Response", "response
 TRAINING_MENU = ("Training Menu", [("Train from File", "train_from_file"),
                                    ("Train from Input", "train_from_input"),
                                    ("Continue Training", "continue_training"),
-                                   ("Training Status", "training_status"), ("Back to Main Menu", None)])
+                                   ("Training Status", "training_status"),
+                                   ("Train on Conversations", "train_on_conversations"),
+                                   ("Back to Main Menu", None)])
 RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
                                    ("Text Generation", "text_generation"),
                                    ("Model Information", "model_information"), ("Back to Main Menu", None)])
 # What a user can cause: shown as one line, and the menu carries on.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
-CHAT_HELP = """Chat commands:
-  /reset        forget the conversation so far
-  /temp X       set the temperature (0 = always the most likely token)
-  /len N        set the longest reply, in tokens
-  /topk N       sample only from the N most likely tokens (0 = off)
-  /seed N       make replies repeatable (/seed off to undo)
-  /help         this list
-  /exit         back to the Response Menu"""
+# Conversation sets are small; more passes than over text (measured: scripts/chat_experiment.py).
+DEFAULT_CHAT_EPOCHS = 12
 
 
 class EndOfInput(Exception):
@@ -314,6 +312,19 @@ class App:
                      f"Model saved in {self.model_dir}")
         return result
 
+    def train_on_conversations(self) -> None:
+        if not ModelFolder(self.model_dir).has_model():
+            self.out("There is no model yet: train it on text first (Train from File), then on conversations.")
+            return
+        spec = self.ask("Conversation file or folder, JSONL (press Enter for the built-in conversations): ")
+        source = open_conversations(spec)
+        self.out(f"Data: {source.name} ({len(source.conversations):,} conversations, {human_bytes(source.n_bytes)})")
+        for note in source.notes:
+            self.out(f"Note: {note}")
+        epochs = self.ask_number("Number of epochs", DEFAULT_CHAT_EPOCHS, 1, MAX_EPOCHS, "the number of epochs")
+        trainer = self.make_trainer()
+        self.drive(trainer, lambda on_event, stop: trainer.train_conversations(source, epochs, on_event, stop))
+
     def training_status(self) -> None:
         status = ModelFolder(self.model_dir).status()
         if status is None:
@@ -322,6 +333,8 @@ class App:
         last = status.last_eval
         rows = [("Model folder", str(self.model_dir)),
                 ("Tokenizer", status.tokenizer),
+                ("Stage", status.stage + ("" if status.chat_tuned else
+                                          " (Train on Conversations makes it a chat model)")),
                 ("Steps", f"{status.steps:,}"),
                 ("Tokens seen", f"{status.tokens_seen:,}"),
                 ("Epochs completed", str(status.epochs))]
@@ -332,10 +345,17 @@ class App:
         else:
             rows.append(("Validation", "none yet (runs at the end of each epoch)"))
         for run in status.runs[-5:]:
-            rows.append(("Trained on", f"{run.name} ({run.tokens:,} tokens, {run.epochs} epochs)"))
+            what = "Fine-tuned on" if run.kind == "chat" else "Trained on"
+            rows.append((what, f"{run.name} ({run.tokens:,} tokens, {run.epochs} epochs)"))
         for record in status.datasets:
-            rows.append(("Dataset", f"{record.name}: " + (f"{record.latest.bpb:.4f} bits/byte" if record.latest
-                                                          else "not evaluated yet")))
+            latest = record.latest
+            if latest is None:
+                result = "not evaluated yet"
+            elif record.kind == "chat":
+                result = f"held-out assistant loss {latest.val_loss:.4f}, {latest.bpb:.4f} bits/byte"
+            else:
+                result = f"{latest.bpb:.4f} bits/byte"
+            rows.append(("Dataset", f"{record.name}: {result}"))
         self.out("\n=== Training Status ===")
         self.out(rows_table(rows))
         self.out("\nTraining loss by step:")
@@ -399,50 +419,17 @@ class App:
 
     def chat(self) -> None:
         session = ChatSession(self.generator, self.gen_cfg)
-        self.out("Chat: the model remembers the conversation. /help for commands, /exit to leave.")
-        while True:
-            message = self.ask("You: ").strip()
-            if not message:
-                self.out("(type a message, or /exit to leave)")
-                continue
-            if message.startswith("/"):
-                if not self.chat_command(session, message):
-                    return
-                continue
-            self.show_stream("AI: ", session.send(message))
-
-    def chat_command(self, session: ChatSession, command: str) -> bool:
-        """Apply a /command; returns False when the chat should end."""
-        name, _, value = command.partition(" ")
-        name, value = name.lower(), value.strip()
-        settings = session.cfg.to_dict()
+        learned = self.generator.chat_ids is not None
+        self.out("Chat: the model remembers the conversation. /help for commands, /bye to leave.")
+        if not learned:
+            self.out("Note: this model was not fine-tuned on conversations, so it tends to continue text rather "
+                     "than take turns; Training Menu 5 (Train on Conversations) makes it a chat model.")
+        model_line = (f"Model: {self.model_dir} ({self.generator.model.num_params():,} parameters, "
+                      + ("learned chat format)" if learned else "plain User:/AI: prompt, not chat-tuned)"))
         try:
-            if name in ("/exit", "/quit", "/back"):
-                return False
-            if name == "/reset":
-                session.reset()
-                self.out("(conversation cleared)")
-            elif name == "/help":
-                self.out(CHAT_HELP)
-            elif name in ("/temp", "/temperature"):
-                settings["temperature"] = float(value)
-            elif name in ("/len", "/length"):
-                settings["max_new_tokens"] = parse_whole_number(value, 1, 100_000, "the length")
-            elif name == "/topk":
-                settings["top_k"] = parse_whole_number(value, 0, 1_000_000, "top-k")
-            elif name == "/seed":
-                settings["seed"] = None if value == "off" else parse_whole_number(value, 0, 2**31, "the seed")
-            else:
-                self.out(f"Unknown command {name}; /help lists them.")
-                return True
-            session.cfg = GenerationConfig.from_dict(settings)
-            self.gen_cfg = session.cfg
-            if name not in ("/reset", "/help"):
-                self.out(f"(temperature {session.cfg.temperature}, length {session.cfg.max_new_tokens}, "
-                         f"top-k {session.cfg.top_k}, seed {session.cfg.seed})")
-        except ValueError as exc:
-            self.out(f"Invalid value: {exc}")
-        return True
+            ChatLoop(session, self.ask, self.out, self.show_stream, model_line).run()
+        finally:
+            self.gen_cfg = session.cfg  # settings changed in the chat stay for the next one
 
     def model_information(self) -> None:
         info = self.generator.info()
@@ -533,12 +520,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def enable_line_editing() -> None:
+    """Arrow keys, history and Ctrl+R in every prompt: the terminal's own readline.
+
+    Importing the module is all ``input()`` needs. Windows has no readline; there the
+    console's own line editing stays.
+    """
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
          output_fn: Callable[[str], None] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     hardware.configure_cpu()
     out = output_fn or ConsoleOutput()
+    if input_fn is input and sys.stdin.isatty():
+        enable_line_editing()
     try:
         app = App(args, input_fn, out)
         return app.run()

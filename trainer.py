@@ -23,6 +23,9 @@ import numpy as np
 import torch
 
 from engine import hardware
+from engine.chat_format import ChatTokenIds, Message
+from engine.chat_windows import ChatDataset, split_conversations
+from engine.conversations import ConversationSource
 from engine.dataset_memory import DatasetMemory, dataset_id_of, mix_in_rehearsal
 from engine.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state, tokenizer_files
 from engine.reports import (
@@ -50,7 +53,7 @@ from engine.reports import (
 )
 from engine.sources import Source
 from engine.tokenizer import BaseTokenizer, supported_vocab_size, train_tokenizer
-from engine.vocab_growth import expand_tokenizer, tokenization_drift, tokens_per_byte
+from engine.vocab_growth import add_chat_tokens, expand_tokenizer, tokenization_drift, tokens_per_byte
 from engine.windows import (
     TokenDataset,
     encode_documents,
@@ -209,7 +212,8 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     """Validation loss (nats/token), perplexity and bits per byte; restores train mode.
 
     Bits per byte divide the total loss by the bytes of text the targets stand for,
-    which makes models with different tokenizers comparable.
+    which makes models with different tokenizers comparable. Targets of -1 are not
+    counted (in conversations, everything but the assistant's replies).
     """
     was_training = model.training
     model.eval()
@@ -219,11 +223,12 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
         for x, y in batches:
             with runtime.autocast():
                 logits, _ = model(x.to(runtime.device))
-            nats = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), y.to(runtime.device).reshape(-1), reduction="sum")
+            nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                                     y.to(runtime.device).reshape(-1), reduction="sum", ignore_index=-1)
+            learned = y >= 0  # conversations learn only the assistant's ids; the rest is -1
             total_nats += nats.item()
-            total_tokens += y.numel()
-            total_bytes += int(token_bytes_t[y].sum())
+            total_tokens += int(learned.sum())
+            total_bytes += int(token_bytes_t[y[learned]].sum())
     finally:
         model.train(was_training)
     loss = total_nats / max(1, total_tokens)
@@ -290,6 +295,7 @@ class RunState:
     run_step: int = 0
     micro_batches: int = 1  # > 1 after an out-of-memory back-off
     finished: bool = False
+    kind: str = "text"  # "text", or "chat" for fine-tuning on conversations
 
     @classmethod
     def from_dict(cls, d: dict) -> RunState:
@@ -515,6 +521,9 @@ class Trainer:
         if run is None:
             raise ValueError("there is no interrupted run to resume")
         self._tell_notes(on_event)
+        if run.kind == "chat":
+            dataset = ChatDataset.load(self.folder.cache_dir / run.cache_file)
+            return self._run_on(dataset, run.name, run.cache_file, run.epochs, "chat", on_event, stop)
         tokens = load_cached_tokens(self.folder.cache_dir / run.cache_file)
         return self._train_tokens(tokens, run.name, run.epochs, on_event, stop)
 
@@ -525,7 +534,11 @@ class Trainer:
         if dataset.shortened:
             on_event(Notice(f"the text is short ({len(tokens)} tokens): training on windows of "
                             f"{dataset.window} tokens instead of {context}"))
-        cache_file = Path(tokens.filename).name
+        return self._run_on(dataset, name, Path(tokens.filename).name, epochs, "text", on_event, stop)
+
+    def _run_on(self, dataset: TokenDataset | ChatDataset, name: str, cache_file: str, epochs: int, kind: str,
+                on_event: OnEvent, stop: StopFlag | None, held_out: list[list[Message]] | None = None) -> TrainResult:
+        """Resume the interrupted run on this data, or start a new one; then train."""
         run = self.progress.run
         resumed = bool(run and not run.finished and run.cache_file == cache_file)
         if resumed:
@@ -535,13 +548,50 @@ class Trainer:
                 self.runtime, self.model.config.d_model, dataset.window)
             steps_per_epoch = dataset.epoch_plan(self.config.seed, 0, batch_size).n_batches
             run = RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=epochs * steps_per_epoch,
-                           batch_size=batch_size, window=dataset.window, start_step=self.progress.step)
+                           batch_size=batch_size, window=dataset.window, start_step=self.progress.step, kind=kind)
             self.progress.run = run
-            self.history["runs"].append(asdict(RunRecord(name, self.progress.step, epochs, len(tokens))))
-            self.memory.register(self.tokenizer, dataset, name, cache_file)
-        self.rehearsal_pool = (self.memory.rehearsal_pool(self.tokenizer, cache_file, context + 1)
+            self.history["runs"].append(asdict(RunRecord(name, self.progress.step, epochs, dataset.n_train_tokens,
+                                                         kind)))
+            if kind == "chat":
+                self.memory.register_conversations(name, cache_file, held_out or [])
+            else:
+                self.memory.register(self.tokenizer, dataset, name, cache_file)
+        self.rehearsal_pool = (self.memory.rehearsal_pool(self.tokenizer, cache_file, self.model.config.context + 1)
                                if self.config.rehearsal > 0 else None)
         return self._run_loop(dataset, run, on_event, stop or StopFlag(), resumed)
+
+    @_exclusive
+    def train_conversations(self, source: ConversationSource, epochs: int, on_event: OnEvent = ignore_events,
+                            stop: StopFlag | None = None) -> TrainResult:
+        """Fine-tune on conversations: the loss is on the assistant's replies only.
+
+        A model made before the chat tokens existed gets them first (one journaled save).
+        Rehearsal of earlier text stays on, so the model keeps what it knew.
+        """
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 100_000:
+            raise ValueError(f"epochs must be a whole number from 1 to 100000 (got {epochs!r})")
+        if not self.has_model:
+            raise ValueError("there is no model to fine-tune yet: train it on text first (Training Menu 1), "
+                             "then on conversations")
+        self.load()
+        self._tell_notes(on_event)
+        chat_ids = self.tokenizer.chat_token_ids()
+        if chat_ids is None:
+            chat_ids = self.add_chat_tokens()
+            on_event(Notice(f"added the chat tokens to this older model (vocabulary now {self.tokenizer.vocab_size:,})"))
+        on_event(Tokenizing(source.name, source.n_bytes))
+        context = self.model.config.context
+        cache_file = f"{source.content_hash()[:20]}-{self.tokenizer.fingerprint()}.ctx{context}.chat.npz"
+        path = self.folder.cache_dir / cache_file
+        self.folder.cache_dir.mkdir(parents=True, exist_ok=True)
+        train, held_out = split_conversations(source.conversations, self.config.seed)
+        if path.exists():
+            dataset = ChatDataset.load(path)
+        else:
+            dataset = ChatDataset.build(self.tokenizer, chat_ids, train, held_out, context)
+            dataset.save(path)
+        self.meta["chat_tuned"] = True  # saved with the run's first checkpoint
+        return self._run_on(dataset, source.name, cache_file, epochs, "chat", on_event, stop, held_out)
 
     def _run_loop(self, dataset: TokenDataset, run: RunState, on_event: OnEvent, stop: StopFlag,
                   resumed: bool) -> TrainResult:
@@ -669,6 +719,11 @@ class Trainer:
                 continue
             batches = iter_windows(tokens, self.model.config.context, 8, self.config.eval_batches)
             results[record.name] = estimate_loss(self.model, batches, self.runtime, token_bytes)
+        chat_ids = self.tokenizer.chat_token_ids()
+        for record, conversations in self.memory.held_out_conversations():
+            held_out = ChatDataset.build(self.tokenizer, chat_ids, [], conversations, self.model.config.context)
+            batches = held_out.val_batches(8, self.config.eval_batches)
+            results[record.name] = estimate_loss(self.model, batches, self.runtime, token_bytes)
         return results
 
     @_exclusive
@@ -709,21 +764,42 @@ class Trainer:
                              tokens_per_byte_before=tokens_per_byte(old_tok, sample),
                              tokens_per_byte_after=tokens_per_byte(new_tok, sample),
                              drift=tokenization_drift(old_tok, new_tok, old_val) if old_val else 0.0)
-        model = self.model
-        old_param, old_rows = model.wte.weight, model.wte.weight.shape[0]
         with torch.no_grad():
-            emb = model.wte.weight
+            emb = self.model.wte.weight
             rows = torch.stack([emb[ids].mean(dim=0) if ids else emb.mean(dim=0) for ids in expansion.parts])
-        model.resize_vocab(new_tok.vocab_size, rows)
+        self._adopt_tokenizer(new_tok, rows)
+        return growth
+
+    @_exclusive
+    def add_chat_tokens(self) -> ChatTokenIds:
+        """Give an older model the reserved chat tokens (appended; every old id unchanged).
+
+        Their rows start sensibly: the role tokens as the mean embedding (no word in
+        particular), <|end|> as a copy of end-of-text, the end the model already knows.
+        """
+        self.load()
+        new_tok = add_chat_tokens(self.tokenizer)
+        chat_ids = new_tok.chat_token_ids()
+        with torch.no_grad():
+            emb = self.model.wte.weight
+            mean, eot = emb.mean(dim=0), emb[self.tokenizer.eot_id]
+            rows = torch.stack([eot.clone() if i == chat_ids.end else mean.clone()
+                                for i in range(self.tokenizer.vocab_size, new_tok.vocab_size)])
+        self._adopt_tokenizer(new_tok, rows)
+        return chat_ids
+
+    def _adopt_tokenizer(self, new_tok: BaseTokenizer, new_rows: torch.Tensor) -> None:
+        """Switch to a grown tokenizer: embedding rows, optimizer moments and one journaled save."""
+        old_param, old_rows = self.model.wte.weight, self.model.wte.weight.shape[0]
+        self.model.resize_vocab(new_tok.vocab_size, new_rows)
         self._grow_optimizer(old_param, old_rows)
         self.tokenizer = new_tok
         if self.progress.run and not self.progress.run.finished:
             self.progress.run.finished = True  # its token cache used the old vocabulary
         self.history.setdefault("expansions", []).append(
-            {"step": self.progress.step, "added": growth.added, "new_vocab": growth.new_vocab})
+            {"step": self.progress.step, "added": new_tok.vocab_size - old_rows, "new_vocab": new_tok.vocab_size})
         self.save_checkpoint(tokenizer_files(new_tok))
         remove_stale_caches(self.folder.cache_dir, new_tok)
-        return growth
 
     def _grow_optimizer(self, old_param: torch.Tensor, old_rows: int) -> None:
         """Give the optimizer's moment tensors rows for the new tokens (zeros), keep the rest."""

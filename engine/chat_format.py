@@ -98,3 +98,22 @@ def render_text(messages: list[Message], open_reply: bool = False, eot_token: st
     """The same rendering as text (for export templates and for reading); never encode it."""
     text = eot_token + "".join(f"{ROLE_TOKENS[m.role]}{m.content}{END_TOKEN}" for m in messages)
     return text + (ASSISTANT_TOKEN if open_reply else "")
+
+
+def parse(tok, chat_ids: ChatTokenIds, ids: list[int]) -> list[Message]:
+    """Messages back from rendered ids: the inverse of ``render`` (a leading end-of-text is skipped)."""
+    roles = {chat_ids.system: "system", chat_ids.user: "user", chat_ids.assistant: "assistant"}
+    messages, role, content = [], None, []
+    for i in ids:
+        if i in roles and role is None:
+            role, content = roles[i], []
+        elif i == chat_ids.end and role is not None:
+            messages.append(Message(role, tok.decode(content)))
+            role = None
+        elif role is not None:
+            content.append(i)
+        elif i != tok.eot_id:
+            raise ValueError(f"id {i} stands outside any message")
+    if role is not None:
+        raise ValueError("the last message has no end")
+    return messages

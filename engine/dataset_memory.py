@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from engine.chat_format import Message
 from engine.model_folder import ModelFolder
 from engine.reports import DatasetRecord, EvalResult
 from engine.tokenizer import BaseTokenizer
@@ -52,10 +53,32 @@ class DatasetMemory:
                                                                 "rehearsal": rehearsal})
         self.records.append(DatasetRecord(dataset_id, name, relative, time.strftime("%Y-%m-%d %H:%M:%S")))
 
+    def register_conversations(self, name: str, cache_file: str, held_out: list[list[Message]]) -> None:
+        """Keep the held-out conversations of a conversation set (chat runs are not replayed)."""
+        dataset_id = dataset_id_of(cache_file)
+        if any(r.id == dataset_id for r in self.records):
+            return
+        texts = {"name": name, "val": [], "rehearsal": [],
+                 "conversations": [[m.to_dict() for m in conv] for conv in held_out]}
+        relative = self.folder.write_dataset_texts(dataset_id, texts)
+        self.records.append(DatasetRecord(dataset_id, name, relative, time.strftime("%Y-%m-%d %H:%M:%S"),
+                                          kind="chat"))
+
     def held_out_texts(self) -> list[tuple[DatasetRecord, list[str]]]:
-        """Every data set's held-out documents (those that have any)."""
-        texts = [(r, self.folder.read_dataset_texts(r)["val"]) for r in self.records]
+        """Every text data set's held-out documents (those that have any)."""
+        texts = [(r, self.folder.read_dataset_texts(r)["val"]) for r in self.records if r.kind == "text"]
         return [(record, docs) for record, docs in texts if docs]
+
+    def held_out_conversations(self) -> list[tuple[DatasetRecord, list[list[Message]]]]:
+        """Every conversation set's held-out conversations."""
+        found = []
+        for record in self.records:
+            if record.kind == "chat":
+                saved = self.folder.read_dataset_texts(record).get("conversations", [])
+                convs = [[Message(m["role"], m["content"]) for m in conv] for conv in saved]
+                if convs:
+                    found.append((record, convs))
+        return found
 
     def rehearsal_pool(self, tok: BaseTokenizer, exclude_cache_file: str, min_tokens: int) -> np.ndarray | None:
         """Token ids of every other data set's rehearsal sample (None if too little to replay)."""

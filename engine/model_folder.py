@@ -268,7 +268,8 @@ class ModelFolder:
             last_eval=evals[-1] if evals else None,
             best_val_loss=min((e.val_loss for e in evals), default=None),
             losses=[row[1] for row in history["steps"]],
-            runs=[RunRecord(**r) for r in history["runs"]], datasets=self.read_datasets())
+            runs=[RunRecord(**r) for r in history["runs"]], datasets=self.read_datasets(),
+            chat_tuned=bool(meta.get("chat_tuned")))
 
     def load_model(self, device: torch.device | str = "cpu") -> tuple[GPT, BaseTokenizer, dict]:
         """The trained model in eval mode, its tokenizer and metadata, all cross-checked."""

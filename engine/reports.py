@@ -53,16 +53,17 @@ class DatasetRecord:
     file: str  # held-out text and rehearsal sample, relative to the model folder
     added: str
     latest: EvalResult | None = None
+    kind: str = "text"  # "chat": conversations, judged on the assistant's replies
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "file": self.file, "added": self.added,
+        return {"id": self.id, "name": self.name, "file": self.file, "added": self.added, "kind": self.kind,
                 "latest": self.latest.to_dict() if self.latest else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> DatasetRecord:
         latest = d.get("latest")
         return cls(id=d["id"], name=d["name"], file=d["file"], added=d.get("added", ""),
-                   latest=EvalResult.from_dict(latest) if latest else None)
+                   latest=EvalResult.from_dict(latest) if latest else None, kind=d.get("kind", "text"))
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class RunRecord:
     start_step: int
     epochs: int
     tokens: int
+    kind: str = "text"  # "chat": fine-tuning on conversations
 
 
 @dataclass
@@ -89,6 +91,11 @@ class FolderStatus:
     losses: list[float]
     runs: list[RunRecord]
     datasets: list[DatasetRecord]
+    chat_tuned: bool = False  # fine-tuned on conversations: Chat uses the learned format
+
+    @property
+    def stage(self) -> str:
+        return "chat-tuned" if self.chat_tuned else "text only"
 
 
 @dataclass(frozen=True)

@@ -69,10 +69,10 @@ def load_cached_tokens(path: Path) -> np.ndarray:
 
 
 def remove_stale_caches(cache_dir: Path, tok: BaseTokenizer) -> None:
-    """Token caches made with another tokenizer can never be used again."""
+    """Token caches (text and conversations) made with another tokenizer can never be used again."""
     fp = tok.fingerprint()
-    for p in Path(cache_dir).glob("*.bin"):
-        if f"-{fp}." not in p.name:
+    for p in Path(cache_dir).glob("*"):
+        if p.suffix in (".bin", ".npz") and f"-{fp}." not in p.name:
             p.unlink(missing_ok=True)
 
 

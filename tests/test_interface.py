@@ -17,7 +17,7 @@ MENU_TRAIN_STATUS_QA_CHAT_INFO = [
     "{file}",
     "2",  # epochs
     "4",  # Training Status
-    "5",  # Back
+    "6",  # Back
     "2",  # Main: Response
     "1",  # Q&A
     "Where did the river run?",
@@ -71,7 +71,8 @@ def test_bad_input_is_answered_and_the_program_carries_on(tmp_path):
         "1", str(empty),  # an empty file
         "3",  # Continue Training before any model exists
         "4",  # Training Status before any model exists
-        "5", "2",  # Response Mode before any model exists
+        "5",  # Train on Conversations before any model exists
+        "6", "2",  # Response Mode before any model exists
         "3",  # System Information
     ]  # then end of input (Ctrl+D) at the main menu
     proc = run_program(tmp_path / "model", lines)
@@ -119,7 +120,7 @@ def test_letters_where_epochs_are_asked_then_typed_text(tmp_path):
 
 
 def test_ctrl_c_at_a_prompt_cancels_without_traceback(tmp_path):
-    code, out = run_app(tmp_path, ["", "1", KeyboardInterrupt, "5", "4"])
+    code, out = run_app(tmp_path, ["", "1", KeyboardInterrupt, "6", "4"])
     assert code == 0 and "(cancelled)" in out and "Goodbye." in out
 
 
@@ -129,15 +130,19 @@ def test_eof_in_the_middle_of_a_dialog_exits_cleanly(tmp_path, sample_file):
 
 
 def test_chat_commands(tmp_path, sample_file):
-    answers = ["bpe", "1", "1", str(sample_file), "1", "5", "2", "2",
-               "/help", "/temp 0", "/len 5", "/topk 3", "/seed 4", "/temp hot", "/bogus", "", "hi", "/reset", "/exit",
-               "3", "The river", "", "4", "5", "4"]
+    answers = ["bpe", "1", "1", str(sample_file), "1", "6", "2", "2",
+               "/help", "/temp 0", "/len 5", "/topk 3", "/seed 4", "/set top_p 0.5", "/set repeat_penalty 1.2",
+               "/temp hot", "/set warmth 3", "/bogus", "", "hi", '"""two', "lines", 'here"""', "/show", "/reset",
+               "/exit", "3", "The river", "", "4", "5", "4"]
     code, out = run_app(tmp_path, answers)
     assert code == 0
-    assert "Chat commands:" in out
-    assert "(temperature 0.0, length 5, top-k 3, seed 4)" in out
-    assert "Invalid value" in out and "Unknown command /bogus" in out
-    assert "(conversation cleared)" in out
+    assert "Chat commands:" in out and "/system TEXT" in out
+    assert ("(temperature 0.0, top_k 3, top_p 0.5, repetition_penalty 1.2, max_new_tokens 5, seed 4)" in out)
+    assert "temperature needs a number" in out and "unknown setting 'warmth'" in out
+    assert "Unknown command /bogus" in out
+    assert sum(line.startswith("AI: ") for line in out.splitlines()) == 2  # "hi" and the three-line message
+    assert "Turns so far: 2" in out or "Turns so far: 1" in out  # an empty reply is not a turn
+    assert "(conversation cleared; the system message stays)" in out
     assert "=== Model Information ===" in out and "Parameters" in out
 
 
@@ -149,7 +154,7 @@ def test_parse_whole_number_accepts_only_ascii_digits():
 
 
 def test_existing_model_tokenizer_wins(tmp_path, sample_file):
-    run_app(tmp_path, ["sentencepiece", "1", "1", str(sample_file), "1", "5", "4"])
+    run_app(tmp_path, ["sentencepiece", "1", "1", str(sample_file), "1", "6", "4"])
     code, out = run_app(tmp_path, ["4"], "--tokenizer", "bpe")
     assert "already holds a sentencepiece model" in out
     assert interface.ModelFolder(tmp_path / "model").has_model()
@@ -203,7 +208,7 @@ def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file
     """A real SIGINT in the middle of training: checkpoint, back to the menu, resume later."""
     import signal
 
-    proc = start_long_training(tmp_path / "model", sample_file, ["3", "y", "5", "4"])
+    proc = start_long_training(tmp_path / "model", sample_file, ["3", "y", "6", "4"])
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=240)
     err = "".join(proc.stderr_chunks)
@@ -235,7 +240,7 @@ def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
 @pytest.mark.slow
 def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
     # A time budget keeps this short; the corpus itself is ~460 KB of Python docs.
-    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "5", "2", "3", "The with statement", "", "5", "4"],
+    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "5", "4"],
                         "--max-minutes", "0.05")
     assert code == 0
     assert "built-in corpus (Python documentation topics)" in out
@@ -252,7 +257,7 @@ def test_continue_training_with_vocabulary_growth_through_stdin(tmp_path, sample
                          "mitochondria burn it for energy.\n") * 40, encoding="utf-8")
     lines = [kind, "1", "1", str(sample_file), "1",  # first model
              "3", str(new_file), "y", "40", "1",  # Continue Training: expand, up to 40 tokens, 1 epoch
-             "4", "5", "4"]
+             "4", "6", "4"]
     proc = run_program(tmp_path / "model", lines)
     out = proc.stdout
     assert proc.returncode == 0 and "Traceback" not in out + proc.stderr, proc.stderr[-2000:]
