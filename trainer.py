@@ -150,21 +150,37 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def accumulate_gradients(model: GPT, x: torch.Tensor, y: torch.Tensor, runtime: hardware.Runtime,
-                         micro_batches: int = 1, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                         micro_batches: int = 1, scaler: torch.amp.GradScaler | None = None,
+                         segments: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over the batch (x, y) in ``micro_batches`` slices.
 
-    Each slice's mean loss is weighted by its share of the rows, so the gradients add
-    up to those of the whole batch at once: a smaller micro-batch changes memory use,
-    not what is learned. Returns the batch's mean loss (a tensor; no device sync).
+    Each slice's mean loss is weighted by its share of the learned targets (all of them
+    for text; the replies in conversations), so the gradients add up to those of the
+    whole batch at once: a smaller micro-batch changes memory use, not what is learned.
+    Returns the batch's mean loss (a tensor; no device sync for a single slice).
+    ``segments`` marks packed conversations (see ``GPT.forward``).
     """
     x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-    total = None
-    for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches)):
+    if segments is not None:
+        segments = segments.to(runtime.device, non_blocking=True)
+    if micro_batches == 1:
         with runtime.autocast():
-            _, loss = model(xs, ys)
-        part = loss * (xs.shape[0] / x.shape[0])
+            _, loss = model(x, y, segments=segments)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss.detach()
+    learned = int((y >= 0).sum())
+    total = torch.zeros((), device=x.device)
+    parts = zip(x.chunk(micro_batches), y.chunk(micro_batches),
+                segments.chunk(micro_batches) if segments is not None else [None] * micro_batches)
+    for xs, ys, ss in parts:
+        share = int((ys >= 0).sum()) / max(1, learned)
+        if share == 0:
+            continue  # nothing to learn in this slice (its mean loss would be NaN)
+        with runtime.autocast():
+            _, loss = model(xs, ys, segments=ss)
+        part = loss * share
         (scaler.scale(part) if scaler is not None else part).backward()
-        total = part.detach() if total is None else total + part.detach()
+        total = total + part.detach()
     return total
 
 
@@ -207,7 +223,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 @torch.no_grad()
-def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], runtime: hardware.Runtime,
+def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, ...]], runtime: hardware.Runtime,
                   token_bytes: np.ndarray) -> EvalResult:
     """Validation loss (nats/token), perplexity and bits per byte; restores train mode.
 
@@ -220,9 +236,10 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     token_bytes_t = torch.from_numpy(token_bytes)
     try:
-        for x, y in batches:
+        for x, y, *segments in batches:  # conversations come with segments (see GPT.forward)
+            segments = segments[0].to(runtime.device) if segments else None
             with runtime.autocast():
-                logits, _ = model(x.to(runtime.device))
+                logits, _ = model(x.to(runtime.device), segments=segments)
             nats = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
                                                      y.to(runtime.device).reshape(-1), reduction="sum", ignore_index=-1)
             learned = y >= 0  # conversations learn only the assistant's ids; the rest is -1
@@ -585,6 +602,9 @@ class Trainer:
         path = self.folder.cache_dir / cache_file
         self.folder.cache_dir.mkdir(parents=True, exist_ok=True)
         train, held_out = split_conversations(source.conversations, self.config.seed)
+        if held_out is train:
+            on_event(Notice(f"only {len(train)} conversation(s): all are trained on, so the held-out loss is "
+                            "measured on them too"))
         if path.exists():
             dataset = ChatDataset.load(path)
         else:
@@ -616,11 +636,15 @@ class Trainer:
                     if stop.requested or (deadline and time.monotonic() > deadline):
                         break
                     t0 = time.perf_counter()
-                    x, y = dataset.train_batch(plan, run.batch)
+                    x, y, *segments = dataset.train_batch(plan, run.batch)
+                    segments = segments[0] if segments else None  # packed conversations
                     if self.rehearsal_pool is not None:
-                        mix_in_rehearsal(x, y, self.rehearsal_pool, cfg.rehearsal, (cfg.seed, run.epoch, run.batch))
+                        replayed = mix_in_rehearsal(x, y, self.rehearsal_pool, cfg.rehearsal,
+                                                    (cfg.seed, run.epoch, run.batch))
+                        if segments is not None and replayed:
+                            segments[-replayed:] = 0  # a replayed text row is one plain window
                     lr = lr_at(run.run_step, run.total_steps, cfg)
-                    loss = self._step(x, y, lr, run, on_event)
+                    loss = self._step(x, y, lr, run, on_event, segments)
                     dt = time.perf_counter() - t0
                     run.batch += 1
                     run.run_step += 1
@@ -654,7 +678,8 @@ class Trainer:
         on_event(RunEnded(stopped, progress.step))
         return TrainResult(steps_here, progress.step, stopped, final_eval, resumed)
 
-    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float, run: RunState, on_event: OnEvent) -> float:
+    def _step(self, x: torch.Tensor, y: torch.Tensor, lr: float, run: RunState, on_event: OnEvent,
+              segments: torch.Tensor | None = None) -> float:
         """One optimizer step, with two fallbacks that retry the same step.
 
         Out of memory in the forward or backward pass: the micro-batch is halved. The
@@ -665,7 +690,7 @@ class Trainer:
             micro = run.micro_batches
             forward = self.model if self._compiled is None else self._compiled
             try:
-                loss = accumulate_gradients(forward, x, y, self.runtime, micro, self.scaler)
+                loss = accumulate_gradients(forward, x, y, self.runtime, micro, self.scaler, segments)
                 break
             except Exception as error:
                 oom = is_out_of_memory(error)

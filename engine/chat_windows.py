@@ -8,10 +8,10 @@ of the question and the start of the reply (then without its ``<|end|>``, so a c
 reply never teaches the model to stop there).
 
 Examples are packed whole into rows of ``context + 1`` ids, padded at the end, and
-never split across rows: every target has its own conversation's turns before it.
-Each example starts with end-of-text, the same separator pretraining saw between
-documents, so a later conversation in a row starts fresh after it. Targets that are
-not learned are -1, which the loss ignores.
+never split across rows. Each starts with end-of-text, and the model is told where
+each one begins (``segments``): its positions restart at 0 and it attends to nothing
+of its neighbours, so a packed conversation trains exactly as it is later used, alone
+at the start of the context. Targets that are not learned are -1, which the loss ignores.
 """
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ import torch
 
 from engine import storage
 from engine.chat_format import ChatTokenIds, Message
-from engine.tokenizer import BaseTokenizer
+from engine.tokenizer import EOT_ID, BaseTokenizer
 from engine.windows import EpochPlan
 
 IGNORE = -1  # the target value the loss skips
 CHAT_VAL_FRACTION = 0.1  # a tenth of the conversations is held out
+MIN_TO_HOLD_OUT = 10
 
 
 @dataclass
@@ -106,21 +107,28 @@ def pack_rows(examples: list[ChatExample], context: int, pad_id: int) -> tuple[n
     return ids, targets
 
 
-def inputs_and_targets(ids: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) for rows: y is the next id where it is learned, else IGNORE."""
+def inputs_and_targets(ids: np.ndarray, targets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, segments) for rows: y is the next id where it is learned, else IGNORE.
+
+    Every example starts with end-of-text and holds no other, so counting them labels
+    the examples of a row: the model then keeps each one to itself (``GPT.forward``).
+    """
     x = torch.from_numpy(ids[:, :-1].copy())
     y = torch.from_numpy(np.where(targets[:, 1:], ids[:, 1:], IGNORE))
-    return x, y
+    segments = torch.from_numpy(np.cumsum(ids[:, :-1] == EOT_ID, axis=1))
+    return x, y, segments
 
 
 def split_conversations(conversations: list[list[Message]],
                         seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
-    """(training, held-out): a seeded shuffle, then a tenth held out (at least one).
+    """(training, held-out): a seeded shuffle, then a tenth held out.
 
-    A single conversation is both learned and checked on: there is nothing else.
+    Fewer than ``MIN_TO_HOLD_OUT`` conversations are all trained on, and the "held-out"
+    loss is then measured on them too: holding out one of three would teach a third
+    less and measure nothing useful.
     """
     order = np.random.default_rng([seed, 7]).permutation(len(conversations))
-    n_val = max(1, int(len(conversations) * CHAT_VAL_FRACTION)) if len(conversations) > 1 else 0
+    n_val = int(len(conversations) * CHAT_VAL_FRACTION) if len(conversations) >= MIN_TO_HOLD_OUT else 0
     val = [conversations[i] for i in order[:n_val]]
     train = [conversations[i] for i in order[n_val:]]
     return train, val or train
@@ -159,7 +167,7 @@ class ChatDataset:
         rng = np.random.default_rng([seed, epoch, 3])
         return EpochPlan(0, rng.permutation(len(self.train_ids)), min(batch_size, len(self.train_ids)))
 
-    def train_batch(self, plan: EpochPlan, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(self, plan: EpochPlan, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = plan.batch_windows(i)
         return inputs_and_targets(self.train_ids[rows], self.train_targets[rows])
 
@@ -183,5 +191,9 @@ class ChatDataset:
     def load(cls, path: Path) -> ChatDataset:
         if not path.exists():
             raise FileNotFoundError(f"the conversation cache {path.name} is gone; train on the conversations again")
-        with np.load(path, allow_pickle=False) as data:  # plain arrays only: nothing is executed
-            return cls(data["train_ids"], data["train_targets"], data["val_ids"], data["val_targets"])
+        try:
+            with np.load(path, allow_pickle=False) as data:  # plain arrays only: nothing is executed
+                return cls(data["train_ids"], data["train_targets"], data["val_ids"], data["val_targets"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"the conversation cache {path.name} is damaged ({exc}); delete it and train on "
+                             "the conversations again") from None

@@ -96,15 +96,19 @@ class DatasetMemory:
                 record.latest = result
 
 
-def mix_in_rehearsal(x: torch.Tensor, y: torch.Tensor, pool: np.ndarray, share: float, seed_key: tuple) -> None:
-    """Overwrite the last rows of a batch with random windows of earlier data (in place)."""
+def mix_in_rehearsal(x: torch.Tensor, y: torch.Tensor, pool: np.ndarray, share: float, seed_key: tuple) -> int:
+    """Overwrite the last rows of a batch with random windows of earlier data (in place).
+
+    Returns how many rows were replaced.
+    """
     batch, window = x.shape
     n = int(round(share * batch))
     if n == 0 or batch < 2:
-        return
+        return 0
     n = min(n, batch - 1)  # always keep some new data in the batch
     rng = np.random.default_rng([*seed_key, 1])
     starts = rng.integers(0, len(pool) - window - 1, size=n)
     block = torch.from_numpy(np.stack([pool[s:s + window + 1] for s in starts]).astype(np.int64))
     x[-n:] = block[:, :-1]
     y[-n:] = block[:, 1:]
+    return n
