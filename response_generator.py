@@ -405,7 +405,9 @@ class ResponseGenerator:
             self.notices.append(f"the {dropped // 2} oldest exchange(s) no longer fit the context and were left out")
         ids = self.fit_prompt(ids, cfg.max_new_tokens)
         if self.chat_ids is not None:
-            return strip_leading_space(self.stream_ids(ids, cfg, stop_ids=frozenset({self.chat_ids.end})))
+            # <|end|> closes the reply; a role token would start someone else's turn: never shown.
+            ends = frozenset({self.chat_ids.end, self.chat_ids.user, self.chat_ids.system})
+            return strip_leading_space(self.stream_ids(ids, cfg, stop_ids=ends))
         return strip_leading_space(self.stream_ids(ids, cfg, CHAT_STOPS))
 
 
