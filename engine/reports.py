@@ -246,3 +246,18 @@ class ContinualReport:
     growth: VocabGrowth | None
     result: TrainResult
     table: list[DatasetComparison] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model's size and progress, read from its config without loading the weights."""
+
+    parameters: int
+    tokenizer: str
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    context: int
+    training_steps: int
+    chat_tuned: bool
