@@ -249,6 +249,18 @@ class ContinualReport:
 
 
 @dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote: the format, where, its files and size, and notes for the user."""
+
+    format: str  # "hf" or "gguf"
+    path: str
+    files: list[str]
+    n_bytes: int
+    chat_template: bool  # the model has a chat format and the export carries its template
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class ModelSummary:
     """A model's size and progress, read from its config without loading the weights."""
 
