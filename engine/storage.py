@@ -39,31 +39,18 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(f)`` on a temp file beside ``path`` and move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # Whatever went wrong (disk full, Ctrl+C), the old file is untouched.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` for a writer that insists on opening the file
-    itself (e.g. ``gguf.GGUFWriter``); once the block ends, fsync it and move it into place.
+    """Yield a temporary path beside ``path``; once the block has written it, fsync it and
+    move it over ``path``. Also for writers that insist on opening the file themselves
+    (``gguf.GGUFWriter``).
 
-    If the block raises, the temporary file is removed and ``path`` is untouched.
+    Whatever goes wrong in the block (disk full, Ctrl+C), the temporary file is removed
+    and ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
