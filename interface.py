@@ -565,8 +565,10 @@ class App:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = MenuParser(prog="interface.py", description="Train your own GPT-style model and talk to it. Subcommands "
-                   f"for scripts ({', '.join(cli.COMMANDS)}): python interface.py SUBCOMMAND --help.")
+    commands = "\n".join(f"  {name:<10}{entry[0]}" for name, entry in cli.COMMANDS.items())
+    p = MenuParser(prog="interface.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                   description="Train your own GPT-style model and talk to it: without a subcommand, the menu.",
+                   epilog=f"subcommands (python interface.py SUBCOMMAND --help):\n{commands}")
     cli.add_all_flags(p)
     return p
 
