@@ -25,14 +25,14 @@ import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from engine import hardware
 from engine.display import ConsoleOutput
 from engine.loss_plot import draw_loss_plot
 from engine.model_export import DTYPES, FORMATS, DestinationInUse, export_model, guess_format
 from engine.model_folder import LOSS_PLOT_FILE, ModelFolder
-from engine.sources import open_source, source_from_text
+from engine.sources import Source, open_source, source_from_text
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "custom_llm"
 DEFAULT_EPOCHS = 3
@@ -41,6 +41,30 @@ MAX_EPOCHS = 10_000
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 # 130 and 143 are 128 + SIGINT and 128 + SIGTERM, as a shell reports a process those signals ended.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class MenuApp(Protocol):
+    """What the subcommands use of the menu's ``interface.App``, which ``interface.main`` hands in."""
+
+    args: argparse.Namespace
+    model_dir: Path
+    tokenizer_kind: str | None
+    resume_hint: str
+    generator: Any  # a ResponseGenerator once load_generator() has run
+    gen_cfg: Any  # GenerationConfig from the flags
+    runtime: Any  # hardware.Runtime from --device and --precision
+
+    def run_action(self, action: Callable[[], int]) -> int: ...
+    def describe_source(self, source: Source) -> Source: ...
+    def make_trainer(self) -> Any: ...
+    def drive(self, trainer: Any, start: Callable) -> Any: ...
+    def train_on(self, source: Source, epochs: int) -> Any: ...
+    def continue_on(self, trainer: Any, source: Source, expand: bool, max_new: int, epochs: int) -> Any: ...
+    def load_generator(self) -> bool: ...
+    def chat(self) -> None: ...
+    def training_status(self) -> None: ...
+    def system_information(self) -> None: ...
+    def export_summary(self, report: Any) -> str: ...
 
 
 class UsageError(Exception):
@@ -169,21 +193,21 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace DEST even if it is not an earlier export")
 
 
-def _read_stdin_or(path: str):
-    """A training source: '-' is standard input, anything else a path ('' the built-in corpus)."""
+def training_source(path: str) -> Source:
+    """'-' is standard input, anything else a path ('' the built-in corpus)."""
     if path == "-":
         return source_from_text(sys.stdin.read())
     return open_source(path)
 
 
-def _choose_tokenizer(app: Any) -> None:
+def _choose_tokenizer(app: MenuApp) -> None:
     choice = ModelFolder(app.model_dir).choose_tokenizer(app.args.tokenizer or "bpe")
     if choice.note:
         _note(choice.note)
     app.tokenizer_kind = choice.kind
 
 
-def _require_model(app: Any) -> None:
+def _require_model(app: MenuApp) -> None:
     if not ModelFolder(app.model_dir).has_model():
         raise FileNotFoundError(f"no trained model in {app.model_dir}; train one first: python interface.py train")
 
@@ -195,13 +219,13 @@ def _training_status(result) -> int:
     return EXIT_OK
 
 
-def run_train(args: argparse.Namespace, app: Any) -> int:
+def run_train(args: argparse.Namespace, app: MenuApp) -> int:
     _choose_tokenizer(app)
-    source = app.describe_source(_read_stdin_or(args.path))
+    source = app.describe_source(training_source(args.path))
     return _training_status(app.train_on(source, args.epochs))
 
 
-def run_continue(args: argparse.Namespace, app: Any) -> int:
+def run_continue(args: argparse.Namespace, app: MenuApp) -> int:
     if args.resume == bool(args.path):
         raise UsageError("give the new data (PATH, or - for standard input) or --resume, not both")
     _require_model(app)
@@ -211,7 +235,7 @@ def run_continue(args: argparse.Namespace, app: Any) -> int:
         if trainer.interrupted_run() is None:
             raise ValueError(f"there is no interrupted run to resume in {app.model_dir}")
         return _training_status(app.drive(trainer, lambda on_event, stop: trainer.resume(on_event, stop)))
-    source = app.describe_source(_read_stdin_or(args.path))
+    source = app.describe_source(training_source(args.path))
     run = trainer.interrupted_run()
     if run is not None:
         _note(f"the interrupted run on {run.name} is left unfinished; continue --resume would have finished it")
@@ -219,14 +243,14 @@ def run_continue(args: argparse.Namespace, app: Any) -> int:
     return _training_status(app.continue_on(trainer, source, expand, args.new_tokens if expand else 0, args.epochs))
 
 
-def run_chat(args: argparse.Namespace, app: Any) -> int:
+def run_chat(args: argparse.Namespace, app: MenuApp) -> int:
     _require_model(app)
     app.load_generator()
     app.chat()
     return EXIT_OK
 
 
-def _stream(app: Any, pieces, end: str) -> None:
+def _stream(app: MenuApp, pieces, end: str) -> None:
     """Write generated text to stdout as it comes; notes go to stderr."""
     for piece in pieces:
         sys.stdout.write(piece)
@@ -237,14 +261,14 @@ def _stream(app: Any, pieces, end: str) -> None:
         _note(notice)
 
 
-def run_ask(args: argparse.Namespace, app: Any) -> int:
+def run_ask(args: argparse.Namespace, app: MenuApp) -> int:
     _require_model(app)
     app.load_generator()
     _stream(app, app.generator.answer(args.question, app.gen_cfg), "\n")
     return EXIT_OK
 
 
-def run_generate(args: argparse.Namespace, app: Any) -> int:
+def run_generate(args: argparse.Namespace, app: MenuApp) -> int:
     prompt = args.prompt
     if prompt is None:
         if sys.stdin is None or sys.stdin.isatty():
@@ -258,7 +282,7 @@ def run_generate(args: argparse.Namespace, app: Any) -> int:
     return EXIT_OK
 
 
-def run_status(args: argparse.Namespace, app: Any) -> int:
+def run_status(args: argparse.Namespace, app: MenuApp) -> int:
     _require_model(app)
     folder = ModelFolder(app.model_dir)
     plot = None
@@ -278,7 +302,7 @@ def run_status(args: argparse.Namespace, app: Any) -> int:
     return EXIT_OK
 
 
-def run_info(args: argparse.Namespace, app: Any) -> int:
+def run_info(args: argparse.Namespace, app: MenuApp) -> int:
     if not args.json:
         app.system_information()
         return EXIT_OK
@@ -290,7 +314,7 @@ def run_info(args: argparse.Namespace, app: Any) -> int:
     return EXIT_OK
 
 
-def run_export(args: argparse.Namespace, app: Any) -> int:
+def run_export(args: argparse.Namespace, app: MenuApp) -> int:
     fmt = args.format or guess_format(args.destination)
     try:
         report = export_model(app.model_dir, fmt, args.destination, args.dtype, args.force)
@@ -311,7 +335,7 @@ def _note(text: str) -> None:
 
 
 # name: (help, flag groups, its own arguments, runner)
-COMMANDS: dict[str, tuple[str, tuple, Callable, Callable[[argparse.Namespace, Any], int]]] = {
+COMMANDS: dict[str, tuple[str, tuple, Callable, Callable[[argparse.Namespace, MenuApp], int]]] = {
     "train": ("train a model (a new one, or the folder's model further)",
               (add_general_flags, add_model_size_flags, add_training_flags, add_runtime_flags), _train_args,
               run_train),
@@ -354,7 +378,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv, namespace=defaults.parse_args([]))
 
 
-def main(argv: list[str], app_class: Callable[..., Any]) -> int:
+def main(argv: list[str], app_class: Callable[..., MenuApp]) -> int:
     """Run one subcommand with ``app_class`` (``interface.App``); returns the exit status."""
     try:
         args = parse(argv)

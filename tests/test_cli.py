@@ -57,9 +57,8 @@ def test_train_ctrl_c_resume_status_generate_export(tmp_path, capsys):
     assert main(["continue", "--resume", "--model-dir", model_dir]) == 0
     assert "Resuming the interrupted run" in capsys.readouterr().out
 
-    status = run("status", "--json", "--model-dir", model_dir)
-    assert status.returncode == 0, status.stderr
-    report = json.loads(status.stdout)
+    assert main(["status", "--json", "--model-dir", model_dir]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["epochs"] == 2 and report["last_eval"]["bpb"] > 0 and report["loss_plot"] is None
 
     settings = ["--temperature", "0", "--max-new-tokens", "12"]

@@ -201,6 +201,8 @@ def test_where_an_export_may_go(trained_once, tmp_path):
         check_destination("gguf", busy)
     with pytest.raises(ValueError, match="unknown export format"):
         check_destination("onnx", tmp_path / "x")
+    with pytest.raises(ValueError, match="cannot be created"):  # unwritable: its parent is a file
+        export_model(folder, "gguf", busy / "notes.txt" / "m.gguf")
 
     export_model(folder, "hf", tmp_path / "hf")
     export_model(folder, "hf", tmp_path / "hf")  # an earlier export is replaced without --force
