@@ -111,8 +111,8 @@ class TrainingProgress:
         """A progress line when a tenth of the epoch or ``PLAIN_EVERY_S`` has passed, and at its end."""
         epoch, now = self.epoch, time.monotonic()
         last_batch, last_time = self._last_line
-        done = event.batch >= event.n_batches
-        if not (done or event.batch - last_batch >= max(1, event.n_batches // 10) or now - last_time >= self.PLAIN_EVERY_S):
+        tenth_more = event.batch - last_batch >= max(1, event.n_batches // 10)
+        if not (event.batch >= event.n_batches or tenth_more or now - last_time >= self.PLAIN_EVERY_S):
             return
         self._last_line = (event.batch, now)
         print(f"Epoch {epoch.epoch + 1}/{epoch.epochs}: batch {event.batch}/{event.n_batches} "

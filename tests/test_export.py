@@ -142,7 +142,8 @@ def test_gguf_reads_back_with_every_tensor_and_key(chat_model, tmp_path, kind, d
     assert types[tok.eot_id] == types[tok.chat_token_ids().user] == TokenType.CONTROL
     if kind == "bpe":
         assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
-        assert [tokens.contents(i) for i in range(tok.vocab_size)] == [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+        ids = range(tok.vocab_size)
+        assert [tokens.contents(i) for i in ids] == [tok.id_to_piece(i) for i in ids]
         assert all(" " in m for m in value("tokenizer.ggml.merges"))
     else:
         assert value("tokenizer.ggml.model") == "llama" and value("tokenizer.ggml.add_space_prefix") is False
