@@ -125,7 +125,7 @@ def test_chat_ask_and_info(trained_once, capsys, monkeypatch):
 
 def test_status_plot_and_where_the_menu_says_it_is(trained_copy, tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    model = trained_copy("bpe", 1)
+    model = trained_copy("bpe", 2)  # the folder the other tests here share
     assert main(["status", "--model-dir", str(model)]) == 0
     assert "none yet; draw them with: python interface.py status --plot" in capsys.readouterr().out
     assert main(["status", "--plot", "--model-dir", str(model)]) == 0
