@@ -503,8 +503,8 @@ def bench_quality(corpus: Path, minutes: float, workdir: Path) -> dict:
     from trainer import Trainer
 
     try:
-        from interface import DEFAULT_EPOCHS
-    except ImportError:  # the interface is not needed to train; fall back to its documented default
+        from cli import DEFAULT_EPOCHS
+    except ImportError:  # the command line is not needed to train; fall back to its documented default
         DEFAULT_EPOCHS = 3
     trainer = Trainer(str(workdir / "quality_model"), "bpe", train_overrides={"max_minutes": minutes})
     losses: list[float] = []

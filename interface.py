@@ -1,6 +1,7 @@
 """custom-llm's console: menus that train a model and talk to it.
 
     python interface.py [--model-dir DIR] [--tokenizer bpe|sentencepiece] [size options]
+    python interface.py SUBCOMMAND ...      (the command line: see cli.py)
 
 The interface only parses input, calls the engine (``trainer``, ``response_generator``)
 and formats results. Input and output are injected (``App(input_fn, output_fn)``), so
@@ -14,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import cli
 import continual
 from chat_repl import ChatLoop
+from cli import MAX_EPOCHS, USER_ERRORS
 from engine import hardware
 from engine.conversations import open_conversations
 from engine.display import (
@@ -26,21 +29,18 @@ from engine.display import (
     loss_chart,
     rows_table,
 )
-from engine.model_folder import ModelFolder
-from engine.reports import ContinualReport, TrainResult
-from engine.sources import open_source, source_from_text
-from model import GPT, ModelConfig
+from engine.model_export import DTYPES, DestinationInUse, default_destination, export_model
+from engine.model_folder import HISTORY_FILE, LOSS_PLOT_FILE, ModelFolder
+from engine.reports import ContinualReport, ExportReport, TrainResult
+from engine.sources import Source, open_source, source_from_text
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 from trainer import StopFlag, Trainer
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "custom_llm"
-DEFAULT_EPOCHS = 3
-MAX_EPOCHS = 10_000
 END_OF_TEXT_INPUT = "END"
 
 # Each menu: its title and (label, App method to call); None leaves the menu.
 MAIN_MENU = ("Main Menu", [("Training", "training_menu"), ("Response", "response_menu"),
-                           ("System Information", "system_information"), ("Exit", None)])
+                           ("System Information", "system_information"), ("Export", "export"), ("Exit", None)])
 TRAINING_MENU = ("Training Menu", [("Train from File", "train_from_file"),
                                    ("Train from Input", "train_from_input"),
                                    ("Continue Training", "continue_training"),
@@ -50,8 +50,7 @@ TRAINING_MENU = ("Training Menu", [("Train from File", "train_from_file"),
 RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
                                    ("Text Generation", "text_generation"),
                                    ("Model Information", "model_information"), ("Back to Main Menu", None)])
-# What a user can cause: shown as one line, and the menu carries on.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
+# USER_ERRORS (from cli): what a user can cause, shown as one line; the menu carries on.
 # Conversation sets are small; more passes than over text (measured: scripts/chat_experiment.py).
 DEFAULT_CHAT_EPOCHS = 12
 
@@ -92,6 +91,7 @@ class App:
         self.gen_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                         top_k=args.top_k, top_p=args.top_p,
                                         repetition_penalty=args.repetition_penalty, seed=args.seed)
+        self.resume_hint = "Choose Continue Training to resume."  # the command line names its own way
 
     # -- input helpers ---------------------------------------------------------------------
     def ask(self, prompt: str) -> str:
@@ -182,6 +182,17 @@ class App:
         self.out("Goodbye.")
         return 0
 
+    def run_action(self, action: Callable[[], int]) -> int:
+        """Run one action as a command-line subcommand: its exit status, or how input ended it."""
+        try:
+            return action()
+        except EndOfInput:
+            return 0
+        except Cancelled:
+            return cli.EXIT_INTERRUPTED
+        except Terminated:
+            return cli.EXIT_TERMINATED
+
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self) -> Trainer:
         a = self.args
@@ -215,11 +226,14 @@ class App:
 
     def train_from_file(self) -> None:
         spec = self.ask("File or folder path (press Enter for the built-in corpus): ")
-        source = open_source(spec)
+        self.run_training(self.describe_source(open_source(spec)))
+
+    def describe_source(self, source: Source) -> Source:
+        """Say what the data is, and any note about reading it; returns the source."""
         self.out(f"Data: {source.name} ({human_bytes(source.n_bytes)})")
         for note in source.notes:
             self.out(f"Note: {note}")
-        self.run_training(source)
+        return source
 
     def train_from_input(self) -> None:
         source = source_from_text(self.read_typed_text())
@@ -244,14 +258,21 @@ class App:
         max_new = (self.ask_number("Most new tokens to add", 1000, 1, 100_000, "the number of new tokens")
                    if expand else 0)
         epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
+        self.continue_on(trainer, source, expand, max_new, epochs)
+
+    def continue_on(self, trainer: Trainer, source: Source, expand: bool, max_new: int,
+                    epochs: int) -> TrainResult | None:
+        """Teach the model ``source`` (growth, rehearsal), then show the before/after table."""
         reports: list[ContinualReport] = []
 
         def start(on_event, stop) -> TrainResult:
             reports.append(continual.train_on_new_data(trainer, source, epochs, expand, max_new, on_event, stop))
             return reports[-1].result
 
-        if self.drive(trainer, start) is not None:
+        result = self.drive(trainer, start)
+        if result is not None:
             self.show_continual_report(reports[-1])
+        return result
 
     def show_continual_report(self, report: ContinualReport) -> None:
         growth = report.growth
@@ -276,10 +297,13 @@ class App:
         self.out("\nHeld-out results per dataset:")
         self.out(rows_table(rows))
 
-    def run_training(self, source, trainer: Trainer | None = None) -> None:
+    def run_training(self, source: Source) -> None:
         epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
-        trainer = trainer or self.make_trainer()
-        self.drive(trainer, lambda on_event, stop: trainer.train(source, epochs, on_event, stop))
+        self.train_on(source, epochs)
+
+    def train_on(self, source: Source, epochs: int) -> TrainResult | None:
+        trainer = self.make_trainer()
+        return self.drive(trainer, lambda on_event, stop: trainer.train(source, epochs, on_event, stop))
 
     def drive(self, trainer: Trainer, start: Callable[[TrainingProgress, StopFlag], TrainResult]) -> TrainResult | None:
         """Run a training call with a progress bar; Ctrl+C saves and returns to the menu.
@@ -306,7 +330,7 @@ class App:
             raise Terminated
         if result.stopped_early:
             self.out(f"Training stopped ({result.stopped_early}) at step {result.global_step}; "
-                     "checkpoint saved. Choose Continue Training to resume.")
+                     f"checkpoint saved. {self.resume_hint}")
         else:
             self.out(f"Training complete: {result.steps} steps this run, {result.global_step} in total. "
                      f"Model saved in {self.model_dir}")
@@ -356,10 +380,22 @@ class App:
             else:
                 result = f"{latest.bpb:.4f} bits/byte"
             rows.append(("Dataset", f"{record.name}: {result}"))
+        rows.append(("Loss curves (PNG)", self.loss_plot_note()))
         self.out("\n=== Training Status ===")
         self.out(rows_table(rows))
         self.out("\nTraining loss by step:")
         self.out(loss_chart(status.losses))
+
+    def loss_plot_note(self) -> str:
+        """Where the drawn loss curves are, and whether training has moved on since."""
+        folder = ModelFolder(self.model_dir)
+        plot, history = folder.file(LOSS_PLOT_FILE), folder.file(HISTORY_FILE)
+        redraw = f"python interface.py status --plot --model-dir {self.model_dir}"
+        if not plot.exists():
+            return f"none yet; draw them with: {redraw}"
+        if history.exists() and history.stat().st_mtime > plot.stat().st_mtime:
+            return f"{plot} (drawn before the latest training; redraw: {redraw})"
+        return str(plot)
 
     # -- response ----------------------------------------------------------------------------
     def load_generator(self) -> bool:
@@ -452,71 +488,75 @@ class App:
         self.out(rows_table(hardware.system_summary(self.runtime)))
         folder = ModelFolder(self.model_dir)
         self.out(f"\nModel folder: {self.model_dir}")
-        if not folder.has_model():
-            self.out("  (no trained model yet)")
-            return
         try:
-            meta = folder.read_meta()
-            config = ModelConfig.from_dict(meta["model"])
+            m = folder.summary()
         except ValueError as exc:
             self.out(f"  cannot read config.json: {exc}")
             return
-        n_params = count_parameters(config)
-        steps = meta.get("progress", {}).get("step", 0)
+        if m is None:
+            self.out("  (no trained model yet)")
+            return
         self.out(rows_table([
-            ("Parameters", f"{n_params:,} ({human_count(n_params)})"),
-            ("Vocabulary", f"{config.vocab_size:,} ({meta['tokenizer']})"),
-            ("Layers / heads", f"{config.n_layer} / {config.n_head} (d_model {config.d_model})"),
-            ("Context", f"{config.context} tokens"),
-            ("Size in memory", human_bytes(n_params * 4) + " (fp32)"),
-            ("Training steps", f"{steps:,}"),
+            ("Parameters", f"{m.parameters:,} ({human_count(m.parameters)})"),
+            ("Vocabulary", f"{m.vocab_size:,} ({m.tokenizer})"),
+            ("Layers / heads", f"{m.n_layer} / {m.n_head} (d_model {m.d_model})"),
+            ("Context", f"{m.context} tokens"),
+            ("Size in memory", human_bytes(m.parameters * 4) + " (fp32)"),
+            ("Training steps", f"{m.training_steps:,}"),
         ]))
         self.out("Files:")
         files = sorted(p for p in self.model_dir.rglob("*") if p.is_file())
         self.out(rows_table([(str(p.relative_to(self.model_dir)), human_bytes(p.stat().st_size)) for p in files]))
 
 
-def count_parameters(config: ModelConfig) -> int:
-    """Exact parameter count without allocating weights (built on the meta device)."""
-    import torch
+    # -- export -------------------------------------------------------------------------------
+    def export(self) -> None:
+        """Main Menu 5: the model for transformers (a folder) or llama.cpp/Ollama (a file)."""
+        if not ModelFolder(self.model_dir).has_model():
+            self.out("No trained model to export yet: train one first (Main Menu -> 1).")
+            return
+        while True:
+            fmt = self.ask("Format: hf (transformers) or gguf (llama.cpp, Ollama) [default: hf]: ").strip().lower()
+            fmt = fmt or "hf"
+            if fmt in ("hf", "gguf"):
+                break
+            self.out("Please answer hf or gguf.")
+        default = default_destination(self.model_dir, fmt)
+        what = "Folder" if fmt == "hf" else "File"
+        dest = self.ask(f"{what} to write [default: {default}]: ").strip() or str(default)
+        dtype = "f32"
+        if fmt == "gguf":
+            dtype = self.ask("Weights: f32 (exact) or f16 (half the size) [default: f32]: ").strip().lower() or "f32"
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown weight type {dtype!r}; choose f32 or f16")
+        try:
+            report = export_model(self.model_dir, fmt, dest, dtype)
+        except DestinationInUse as exc:
+            self.out(f"{exc}.")
+            if not self.ask_yes_no("Replace it?", default=False):
+                return
+            report = export_model(self.model_dir, fmt, dest, dtype, force=True)
+        for note in report.notes:
+            self.out(f"Note: {note}")
+        self.out(self.export_summary(report))
 
-    with torch.device("meta"):
-        return GPT(config).num_params()
+    @staticmethod
+    def export_summary(report: ExportReport) -> str:
+        """What was written, and the one step to use it."""
+        chat = " with the chat template" if report.chat_template else ""
+        if report.format == "hf":
+            return (f"Exported{chat} to {report.path} ({len(report.files)} files, {human_bytes(report.n_bytes)}). "
+                    f"Load it with transformers: AutoModelForCausalLM.from_pretrained({report.path!r})")
+        return (f"Exported{chat} to {report.path} ({human_bytes(report.n_bytes)}). "
+                f"Run it with llama.cpp: llama-cli -m {report.path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="interface.py", description="Train your own GPT-style model and talk to it.")
-    p.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR), help="model folder (default: %(default)s)")
-    p.add_argument("--tokenizer", choices=["bpe", "sentencepiece"], help="skip the tokenizer question")
-    g = p.add_argument_group("model size (new models only; default: chosen from the hardware)")
-    g.add_argument("--preset", choices=hardware.PRESET_NAMES, help="a size preset")
-    g.add_argument("--d-model", type=int)
-    g.add_argument("--n-layer", type=int)
-    g.add_argument("--n-head", type=int)
-    g.add_argument("--context", type=int, help="context length in tokens (default 256)")
-    g.add_argument("--dropout", type=float)
-    g.add_argument("--target-vocab-size", "--vocab-size", dest="target_vocab_size", type=int,
-                   help="the vocabulary size to aim for; lowered for little text (default 8000)")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="default answer to the epochs question")
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
-    t.add_argument("--max-minutes", type=float, help="stop a training run after this many minutes")
-    t.add_argument("--train-seed", type=int, help="seed for initialisation and data order")
-    t.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the model for training (meant for GPUs; off by default)")
-    t.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast dtype; fp32 also keeps generation's weights in fp32 (default: auto)")
-    s = p.add_argument_group("generation")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--top-p", type=float, default=0.95)
-    s.add_argument("--repetition-penalty", type=float, default=1.1)
-    s.add_argument("--seed", type=int, help="seed for sampling (repeatable answers)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    commands = "\n".join(f"  {name:<10}{entry[0]}" for name, entry in cli.COMMANDS.items())
+    p = MenuParser(prog="interface.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                   description="Train your own GPT-style model and talk to it: without a subcommand, the menu.",
+                   epilog=f"subcommands (python interface.py SUBCOMMAND --help):\n{commands}")
+    cli.add_all_flags(p)
     return p
 
 
@@ -532,8 +572,22 @@ def enable_line_editing() -> None:
         pass
 
 
+class MenuParser(cli.Parser):
+    """The menu's flags; a subcommand placed after them gets a hint (subcommands come first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        misplaced = [word for word in message.replace(":", " ").split() if word in cli.COMMANDS]
+        if "unrecognized arguments" in message and misplaced:
+            message = f"put the subcommand first: python interface.py {misplaced[0]} [flags]"
+        super().error(message)
+
+
 def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
          output_fn: Callable[[str], None] | None = None) -> int:
+    """The menu; or, when ``argv`` starts with a subcommand name, the command line (cli.py)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if cli.is_subcommand(argv):
+        return cli.main(argv, App)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     hardware.configure_cpu()

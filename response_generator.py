@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 
 from engine import hardware
-from engine.chat_format import ChatTokenIds, Message, check_messages, render
+from engine.chat_format import ChatTokenIds, Message, chat_ids_in_force, check_messages, render
 from engine.model_folder import ModelFolder
 from engine.tokenizer import BaseTokenizer
 from model import GPT, Decoder, ModelConfig
@@ -372,9 +372,7 @@ class ResponseGenerator:
     @property
     def chat_ids(self) -> ChatTokenIds | None:
         """The chat tokens, when this model has been fine-tuned on conversations (else None)."""
-        if not self.meta.get("chat_tuned"):
-            return None
-        return self.tokenizer.chat_token_ids()
+        return chat_ids_in_force(self.meta, self.tokenizer)
 
     def chat(self, messages: list[Message], cfg: GenerationConfig) -> Iterator[str]:
         """Stream the assistant's reply to ``messages`` (which end with the user's turn).

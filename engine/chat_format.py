@@ -117,3 +117,33 @@ def parse(tok, chat_ids: ChatTokenIds, ids: list[int]) -> list[Message]:
     if role is not None:
         raise ValueError("the last message has no end")
     return messages
+
+
+def chat_ids_in_force(meta: dict, tok) -> ChatTokenIds | None:
+    """The chat tokens when the model has a chat format, else None.
+
+    A model has one once it is fine-tuned on conversations (``"chat_tuned"`` in its
+    config.json) and its tokenizer holds the chat tokens; a model that never learned
+    them gets the plain 'User:/AI:' prompt instead.
+    """
+    if not meta.get("chat_tuned"):
+        return None
+    return tok.chat_token_ids()
+
+
+def jinja_chat_template(eot_token: str = "<|endoftext|>") -> str:
+    """``render_text`` as a Jinja chat template (Hugging Face ``apply_chat_template``, GGUF).
+
+    With ``add_generation_prompt`` it renders ``render_text(messages, open_reply=True)``.
+    A role other than system, user or assistant raises, as ``check_messages`` does.
+    """
+    roles = ", ".join(f"'{role}': '{token}'" for role, token in ROLE_TOKENS.items())
+    return ("{%- set role_tokens = {" + roles + "} -%}"
+            "{{- '" + eot_token + "' -}}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] not in role_tokens -%}"
+            "{{- raise_exception('unknown role ' + message['role'] + ' (use system, user or assistant)') -}}"
+            "{%- endif -%}"
+            "{{- role_tokens[message['role']] + message['content'] + '" + END_TOKEN + "' -}}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{- '" + ASSISTANT_TOKEN + "' -}}{%- endif -%}")

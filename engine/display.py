@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+import time
+from typing import Callable, TextIO
 
 from engine.reports import (
     CompileChecked,
@@ -74,23 +75,49 @@ def loss_chart(values: list[float], width: int = 60, height: int = 10) -> str:
 
 
 class TrainingProgress:
-    """Receives the trainer's events and draws a tqdm bar per epoch."""
+    """Receives the trainer's events: a tqdm bar per epoch on a terminal, plain lines elsewhere.
 
-    def __init__(self, out: Callable[[str], None]) -> None:
+    Plain mode is for logs (output to a file, a pipe, a cluster's job log): whole lines,
+    never a carriage return, on the stream the bar would use. One line about every tenth
+    of an epoch or ``PLAIN_EVERY_S`` seconds, whichever comes first, and one for the
+    last batch of each epoch. ``plain=None`` picks plain mode when that stream is not a
+    terminal.
+    """
+
+    PLAIN_EVERY_S = 30.0
+
+    def __init__(self, out: Callable[[str], None], plain: bool | None = None, stream: TextIO | None = None) -> None:
         self.out = out
         self.bar = None
+        self.stream = stream or sys.stderr
+        self.plain = not _is_terminal(self.stream) if plain is None else plain
+        self.epoch: EpochStarted | None = None  # the epoch under way (plain mode)
+        self._last_line = (0, 0.0)  # batch and time of the last plain line
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.epoch = None
 
     def note(self, text: str) -> None:
         """A line in the middle of an epoch, printed above the bar rather than through it."""
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text, file=self.stream)
         else:
             self.out(text)
+
+    def plain_step(self, event: StepDone) -> None:
+        """A progress line when a tenth of the epoch or ``PLAIN_EVERY_S`` has passed, and at its end."""
+        epoch, now = self.epoch, time.monotonic()
+        last_batch, last_time = self._last_line
+        tenth_more = event.batch - last_batch >= max(1, event.n_batches // 10)
+        if not (event.batch >= event.n_batches or tenth_more or now - last_time >= self.PLAIN_EVERY_S):
+            return
+        self._last_line = (event.batch, now)
+        print(f"Epoch {epoch.epoch + 1}/{epoch.epochs}: batch {event.batch}/{event.n_batches} "
+              f"({event.batch / max(1, event.n_batches):.0%}) | loss {event.loss:.4f} | lr {event.lr:.2e} | "
+              f"step {event.step} | {event.tokens_per_s:,.0f} tok/s", file=self.stream, flush=True)
 
     def __call__(self, event: TrainingEvent) -> None:
         from tqdm import tqdm
@@ -114,9 +141,14 @@ class TrainingProgress:
                      "Ctrl+C saves and stops.")
         elif isinstance(event, EpochStarted):
             self.close()
-            self.bar = tqdm(total=event.n_batches, initial=event.batch, file=sys.stderr,
-                            desc=f"Epoch {event.epoch + 1}/{event.epochs}", mininterval=0.5,
-                            dynamic_ncols=True, leave=True)
+            if self.plain:
+                self.epoch, self._last_line = event, (event.batch, time.monotonic())
+            else:
+                self.bar = tqdm(total=event.n_batches, initial=event.batch, file=self.stream,
+                                desc=f"Epoch {event.epoch + 1}/{event.epochs}", mininterval=0.5,
+                                dynamic_ncols=True, leave=True)
+        elif isinstance(event, StepDone) and self.epoch is not None:
+            self.plain_step(event)
         elif isinstance(event, StepDone) and self.bar is not None:
             self.bar.set_postfix(loss=f"{event.loss:.4f}", lr=f"{event.lr:.2e}", step=event.step,
                                  tok_s=f"{event.tokens_per_s:.0f}", refresh=False)
@@ -134,6 +166,13 @@ class TrainingProgress:
             when = f"at step {r.step}" if r.partial_epoch else f"after epoch {r.epoch}"
             self.out(f"Validation {when}: loss {r.val_loss:.4f} | perplexity {r.perplexity:.2f} | "
                      f"{r.bpb:.4f} bits/byte")
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without isatty
+        return False
 
 
 class ConsoleOutput:

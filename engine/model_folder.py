@@ -13,6 +13,7 @@ One folder is one model. Its files, what writes them and how they are read:
     datasets/            held-out text and a rehearsal sample of each data set
     manifest.json        size and SHA-256 of the weight files of the last complete save
     cache/               token ids of the training data, keyed by content and tokenizer
+    loss_curves.png      the loss curves, when ``status --plot`` has drawn them
     .lock                held by the process that trains the folder
 
 A save is one unit (``commit_save``): every file of it is staged, then a journal
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 
 from engine import storage
-from engine.reports import DatasetRecord, EvalResult, FolderStatus, RunRecord
+from engine.reports import DatasetRecord, EvalResult, FolderStatus, ModelSummary, RunRecord
 from engine.tokenizer import BaseTokenizer, normalize_kind, tokenizer_class, tokenizer_from_bytes
 from model import GPT, ModelConfig
 
@@ -51,6 +52,7 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_TYPE_FILE = "tokenizer_type.txt"
 LOCK_FILE = ".lock"
 CACHE_DIR = "cache"
+LOSS_PLOT_FILE = "loss_curves.png"
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,19 @@ class ModelFolder:
             losses=[row[1] for row in history["steps"]],
             runs=[RunRecord(**r) for r in history["runs"]], datasets=self.read_datasets(),
             chat_tuned=bool(meta.get("chat_tuned")))
+
+    def summary(self) -> ModelSummary | None:
+        """Size and progress from config.json, without loading weights; None without a model."""
+        if not self.has_model():
+            return None
+        meta = self.read_meta()
+        config = ModelConfig.from_dict(meta["model"])
+        with torch.device("meta"):  # exact parameter count, nothing allocated
+            parameters = GPT(config).num_params()
+        return ModelSummary(parameters=parameters, tokenizer=meta["tokenizer"], vocab_size=config.vocab_size,
+                            n_layer=config.n_layer, n_head=config.n_head, d_model=config.d_model,
+                            context=config.context, training_steps=meta.get("progress", {}).get("step", 0),
+                            chat_tuned=bool(meta.get("chat_tuned")))
 
     def load_model(self, device: torch.device | str = "cpu") -> tuple[GPT, BaseTokenizer, dict]:
         """The trained model in eval mode, its tokenizer and metadata, all cross-checked."""

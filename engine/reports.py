@@ -253,3 +253,30 @@ class ContinualReport:
     growth: VocabGrowth | None
     result: TrainResult
     table: list[DatasetComparison] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote: the format, where, its files and size, and notes for the user."""
+
+    format: str  # "hf" or "gguf"
+    path: str
+    files: list[str]
+    n_bytes: int
+    chat_template: bool  # the model has a chat format and the export carries its template
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A model's size and progress, read from its config without loading the weights."""
+
+    parameters: int
+    tokenizer: str
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    context: int
+    training_steps: int
+    chat_tuned: bool

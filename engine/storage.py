@@ -7,6 +7,7 @@ one, never half of each, even if the process is killed or the machine loses powe
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import pickle
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -38,23 +39,74 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(f)`` on a temp file beside ``path`` and move it into place."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block has written it, fsync it and
+    move it over ``path``. Also for writers that insist on opening the file themselves
+    (``gguf.GGUFWriter``).
+
+    Whatever goes wrong in the block (disk full, Ctrl+C), the temporary file is removed
+    and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        # Whatever went wrong (disk full, Ctrl+C), the old file is untouched.
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def replace_folder(folder: str | os.PathLike, files: dict[str, bytes]) -> None:
+    """Make ``folder`` hold exactly ``files`` (name -> bytes), all new or all old.
+
+    The files are written and fsynced in a temporary sibling folder, which then takes
+    the folder's name. An existing folder is first renamed aside and removed only
+    after the new one is in place: a crash leaves the old folder or the new one
+    (under its own name or, in the instant between the two renames, beside it as
+    ``.tmp-NAME.*``), never a folder that mixes the two.
+    """
+    import shutil
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + ".", dir=folder.parent))
+    old = None
+    try:
+        for name, data in files.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_dir(staging)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + folder.name + ".old.", dir=folder.parent))
+            old.rmdir()  # a free name: renaming onto an existing folder is not portable
+            os.replace(folder, old)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.replace(old, folder)  # put the previous folder back
+        raise
+    _fsync_dir(folder.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -65,8 +117,13 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as indented UTF-8 JSON, the way every JSON file of ours is written."""
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -28,7 +28,7 @@ MENU_TRAIN_STATUS_QA_CHAT_INFO = [
     "/exit",
     "5",  # Back
     "3",  # System Information
-    "4",  # Exit
+    "5",  # Exit
 ]
 
 
@@ -74,6 +74,7 @@ def test_bad_input_is_answered_and_the_program_carries_on(tmp_path):
         "5",  # Train on Conversations before any model exists
         "6", "2",  # Response Mode before any model exists
         "3",  # System Information
+        "4",  # Export before any model exists
     ]  # then end of input (Ctrl+D) at the main menu
     proc = run_program(tmp_path / "model", lines)
     out = proc.stdout
@@ -85,6 +86,7 @@ def test_bad_input_is_answered_and_the_program_carries_on(tmp_path):
     assert "no model to continue" in out
     assert "No model yet" in out
     assert "No trained model" in out and "Train one first" in out
+    assert "No trained model to export yet" in out
     assert out.rstrip().endswith("Goodbye.")
 
 
@@ -120,7 +122,7 @@ def test_letters_where_epochs_are_asked_then_typed_text(tmp_path):
 
 
 def test_ctrl_c_at_a_prompt_cancels_without_traceback(tmp_path):
-    code, out = run_app(tmp_path, ["", "1", KeyboardInterrupt, "6", "4"])
+    code, out = run_app(tmp_path, ["", "1", KeyboardInterrupt, "6", "5"])
     assert code == 0 and "(cancelled)" in out and "Goodbye." in out
 
 
@@ -133,7 +135,7 @@ def test_chat_commands(tmp_path, sample_file):
     answers = ["bpe", "1", "1", str(sample_file), "1", "6", "2", "2",
                "/help", "/temp 0", "/len 5", "/topk 3", "/seed 4", "/set top_p 0.5", "/set repeat_penalty 1.2",
                "/temp hot", "/set warmth 3", "/bogus", "", "hi", '"""two', "lines", 'here"""', "/show", "/reset",
-               "/exit", "3", "The river", "", "4", "5", "4"]
+               "/exit", "3", "The river", "", "4", "5", "5"]
     code, out = run_app(tmp_path, answers)
     assert code == 0
     assert "Chat commands:" in out and "/system TEXT" in out
@@ -154,8 +156,8 @@ def test_parse_whole_number_accepts_only_ascii_digits():
 
 
 def test_existing_model_tokenizer_wins(tmp_path, sample_file):
-    run_app(tmp_path, ["sentencepiece", "1", "1", str(sample_file), "1", "6", "4"])
-    code, out = run_app(tmp_path, ["4"], "--tokenizer", "bpe")
+    run_app(tmp_path, ["sentencepiece", "1", "1", str(sample_file), "1", "6", "5"])
+    code, out = run_app(tmp_path, ["5"], "--tokenizer", "bpe")
     assert "already holds a sentencepiece model" in out
     assert interface.ModelFolder(tmp_path / "model").has_model()
 
@@ -208,7 +210,7 @@ def test_ctrl_c_during_training_saves_and_continue_resumes(tmp_path, sample_file
     """A real SIGINT in the middle of training: checkpoint, back to the menu, resume later."""
     import signal
 
-    proc = start_long_training(tmp_path / "model", sample_file, ["3", "y", "6", "4"])
+    proc = start_long_training(tmp_path / "model", sample_file, ["3", "y", "6", "5"])
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=240)
     err = "".join(proc.stderr_chunks)
@@ -226,7 +228,7 @@ def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
 
     import torch
 
-    proc = start_long_training(tmp_path / "model", sample_file, ["4"])
+    proc = start_long_training(tmp_path / "model", sample_file, ["5"])
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in out + "".join(proc.stderr_chunks)
@@ -240,7 +242,7 @@ def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
 @pytest.mark.slow
 def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
     # A time budget keeps this short; the corpus itself is ~460 KB of Python docs.
-    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "5", "4"],
+    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "5", "5"],
                         "--max-minutes", "0.05")
     assert code == 0
     assert "built-in corpus (Python documentation topics)" in out
@@ -257,7 +259,7 @@ def test_continue_training_with_vocabulary_growth_through_stdin(tmp_path, sample
                          "mitochondria burn it for energy.\n") * 40, encoding="utf-8")
     lines = [kind, "1", "1", str(sample_file), "1",  # first model
              "3", str(new_file), "y", "40", "1",  # Continue Training: expand, up to 40 tokens, 1 epoch
-             "4", "6", "4"]
+             "4", "6", "5"]
     proc = run_program(tmp_path / "model", lines)
     out = proc.stdout
     assert proc.returncode == 0 and "Traceback" not in out + proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,237 @@
+"""Export: the Hugging Face folder in real transformers, the GGUF file read back and in llama.cpp,
+and the rules for where an export may be written."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from engine import hardware, storage
+from engine.chat_format import Message, render
+from engine.export_gguf import gguf_name
+from engine.model_export import DestinationInUse, check_destination, export_model
+from engine.model_folder import ModelFolder
+from response_generator import GenerationConfig, ResponseGenerator
+
+# Scripts the tiny tokenizers never saw (byte fallback), emoji with a modifier, a combining
+# accent, tabs, runs of spaces and newlines.
+MULTILINGUAL = ("The river ran past the old mill. Grüße aus Köln! Ça va? 東京は晴れ。Привет, мир. "
+                "مرحبا 😀👍🏽 e\u0301 \tx  two  spaces\n\nnew line ")
+PROMPTS = ["The river ran past the old mill", "In spring the orchard", "A careful student reads"]
+CONVERSATION = [Message("system", "Be brief."), Message("user", "Where did the river run?"),
+                Message("assistant", "Past the mill."), Message("user", "Tell me  more\n(please) 😀")]
+
+
+@pytest.fixture(scope="module")
+def chat_model(trained_once, tmp_path_factory):
+    """A trained model per tokenizer kind, marked as fine-tuned on conversations."""
+    made = {}
+
+    def get(kind):
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(f"chat-{kind}") / "model"
+            shutil.copytree(trained_once(kind, 2), folder)
+            meta = storage.read_json(folder / "config.json")
+            storage.write_json(folder / "config.json", dict(meta, chat_tuned=True))
+            made[kind] = folder
+        return made[kind]
+
+    return get
+
+
+def greedy(n: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_hf_export_is_our_model_in_transformers(chat_model, tmp_path, kind):
+    transformers = pytest.importorskip("transformers")
+    folder = chat_model(kind)
+    report = export_model(folder, "hf", tmp_path / "hf")
+    assert report.chat_template and "model.safetensors" in report.files
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = ResponseGenerator(str(folder), hardware.detect_runtime("cpu", "fp32"))
+    tok, context = ours.tokenizer, ours.context
+    assert hf_model.config.activation_function == "gelu" and hf_model.config.n_ctx == context
+    assert hf_model.config.tie_word_embeddings and hf_model.lm_head.weight is hf_model.transformer.wte.weight
+
+    ids = tok.encode(MULTILINGUAL)
+    assert hf_tok(MULTILINGUAL, add_special_tokens=False)["input_ids"] == ids
+    assert hf_tok.decode(ids) == tok.decode(ids) == MULTILINGUAL
+
+    window = torch.tensor([ids[:context]])
+    with torch.no_grad():
+        theirs = hf_model(window).logits
+        mine, _ = ours.model(window)
+    assert (theirs - mine).abs().max().item() < 1e-4
+
+    for prompt in PROMPTS:
+        prompt_ids = tok.encode(prompt)
+        n = context - len(prompt_ids)
+        expected = list(ours.generate_ids(prompt_ids, greedy(n)))
+        out = hf_model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=n,
+                                pad_token_id=tok.pad_id)[0, len(prompt_ids):].tolist()
+        assert out[:len(expected)] == expected
+        if len(expected) < n:  # ours stopped at an end token without yielding it; theirs emits it
+            assert out[len(expected)] in (tok.eot_id, tok.chat_token_ids().end)
+
+    # The template renders exactly our chat prompt, special tokens as their ids...
+    chat_ids = tok.chat_token_ids()
+    expected, _ = render(tok, chat_ids, CONVERSATION, open_reply=True)
+    got = hf_tok.apply_chat_template([m.to_dict() for m in CONVERSATION], add_generation_prompt=True, tokenize=True)
+    got = got["input_ids"] if hasattr(got, "keys") else got
+    assert got == expected
+    # ...while in our app, a user who types a special token's spelling gets ordinary text.
+    assert chat_ids.user not in tok.encode("<|user|>")
+    assert hf_tok("<|user|>", add_special_tokens=False)["input_ids"] == [chat_ids.user]
+
+
+def test_a_model_without_chat_format_exports_no_template(trained_once, tmp_path):
+    report = export_model(trained_once("bpe", 2), "hf", tmp_path / "hf")
+    config = storage.read_json(tmp_path / "hf" / "tokenizer_config.json")
+    assert not report.chat_template and "chat_template" not in config
+    assert config["eos_token"] == "<|endoftext|>" and config["add_bos_token"] is False
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    model, _, _ = ModelFolder(trained_once("bpe", 2)).load_model()
+    assert "lm_head.weight" not in weights and "transformer.lm_head.weight" not in weights
+    assert torch.equal(weights["transformer.h.0.attn.c_attn.weight"], model.h[0].attn.c_attn.weight.t())
+    assert torch.equal(weights["transformer.wte.weight"], model.wte.weight)
+
+
+@pytest.mark.parametrize("kind,dtype", [("bpe", "f32"), ("sentencepiece", "f16")])
+def test_gguf_reads_back_with_every_tensor_and_key(chat_model, tmp_path, kind, dtype):
+    from gguf import GGUFReader, TokenType
+
+    folder = chat_model(kind)
+    path = tmp_path / "model.gguf"
+    report = export_model(folder, "gguf", path, dtype)
+    assert bool(report.notes) == (kind == "sentencepiece")  # llama.cpp may split SentencePiece text otherwise
+    model, tok, _ = ModelFolder(folder).load_model()
+    reader = GGUFReader(str(path))
+
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    expected = {gguf_name(k): v.numpy() for k, v in model.state_dict().items() if gguf_name(k)}
+    assert set(tensors) == set(expected) and "output.weight" not in tensors
+    for name, ours in expected.items():
+        if dtype == "f16" and ours.ndim == 2:
+            ours = ours.astype(np.float16)  # the rounding f16 export does, and nothing more
+        assert tensors[name].dtype == ours.dtype and np.array_equal(tensors[name], ours), name
+
+    def value(key):
+        field = reader.fields[key]
+        if len(field.data) > 1:
+            return [field.contents(i) for i in range(len(field.data))]
+        return field.contents()
+
+    c = model.config
+    assert value("general.architecture") == "gpt2"
+    assert (value("gpt2.context_length"), value("gpt2.embedding_length"), value("gpt2.block_count"),
+            value("gpt2.feed_forward_length"), value("gpt2.attention.head_count")) == (
+        c.context, c.d_model, c.n_layer, c.d_ff, c.n_head)
+    assert value("gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    assert value("tokenizer.ggml.bos_token_id") == value("tokenizer.ggml.eos_token_id") == tok.eot_id
+    assert value("tokenizer.ggml.add_bos_token") is False
+    assert value("tokenizer.ggml.eot_token_id") == tok.chat_token_ids().end
+    assert "<|user|>" in value("tokenizer.chat_template")
+    tokens, types = reader.fields["tokenizer.ggml.tokens"], value("tokenizer.ggml.token_type")
+    assert len(tokens.data) == tok.vocab_size
+    assert types[tok.eot_id] == types[tok.chat_token_ids().user] == TokenType.CONTROL
+    if kind == "bpe":
+        assert value("tokenizer.ggml.model") == "gpt2" and value("tokenizer.ggml.pre") == "gpt-2"
+        ids = range(tok.vocab_size)
+        assert [tokens.contents(i) for i in ids] == [tok.id_to_piece(i) for i in ids]
+        assert all(" " in m for m in value("tokenizer.ggml.merges"))
+    else:
+        assert value("tokenizer.ggml.model") == "llama" and value("tokenizer.ggml.add_space_prefix") is False
+        byte_a = tok.encode("\U0001F600")[0]  # an emoji the tiny vocabulary lacks: a byte piece
+        assert types[byte_a] == TokenType.BYTE and len(value("tokenizer.ggml.scores")) == tok.vocab_size
+
+
+def test_llama_cpp_continues_like_ours(trained_once, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra "
+                                    "(requirements-llama.txt, scripts/install_llama_cpp.sh)")
+    folder = trained_once("bpe", 2)
+    export_model(folder, "gguf", tmp_path / "model.gguf")
+    ours = ResponseGenerator(str(folder), hardware.detect_runtime("cpu", "fp32"))
+    tok, context = ours.tokenizer, ours.context
+    llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=context, n_threads=1, verbose=False)
+    assert llm.n_ctx() >= context
+    assert llm.tokenize(MULTILINGUAL.encode(), add_bos=False, special=False) == tok.encode(MULTILINGUAL)
+    compared = 0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        # llama.cpp aborts the whole process past its context: prompt + answer stay inside ours.
+        n = context - len(ids)
+        expected, margins = [], []
+        visible = list(ids)
+        for next_id in ours.generate_ids(ids, greedy(n)):
+            with torch.no_grad():
+                logits = ours.model(torch.tensor([visible]))[0][0, -1]
+            top2 = torch.topk(logits, 2).values
+            margins.append(float(top2[0] - top2[1]))
+            expected.append(next_id)
+            visible.append(next_id)
+        theirs = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if len(theirs) == len(expected) or token == tok.eot_id:
+                break
+            theirs.append(token)
+        # Their GELU is the tanh approximation (logits ~3e-3 apart): compare up to the first near tie.
+        sure = next((i for i, m in enumerate(margins) if m < 0.02), len(margins))
+        assert theirs[:sure] == expected[:sure], prompt
+        compared += sure
+    assert compared >= 10
+
+
+def test_where_an_export_may_go(trained_once, tmp_path):
+    folder = trained_once("bpe", 2)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationInUse):
+        export_model(folder, "hf", busy)
+    assert (busy / "notes.txt").read_text() == "mine"
+    for forbidden in (folder, folder.parent):  # the model itself, or a folder holding it: never, even forced
+        with pytest.raises(ValueError, match="holds the model"):
+            check_destination("hf", forbidden, force=True, model_dir=folder)
+    with pytest.raises(ValueError, match="is a folder"):
+        check_destination("gguf", busy)
+    with pytest.raises(ValueError, match="unknown export format"):
+        check_destination("onnx", tmp_path / "x")
+    with pytest.raises(ValueError, match="cannot be created"):  # unwritable: its parent is a file
+        export_model(folder, "gguf", busy / "notes.txt" / "m.gguf")
+
+    export_model(folder, "hf", tmp_path / "hf")
+    export_model(folder, "hf", tmp_path / "hf")  # an earlier export is replaced without --force
+    export_model(folder, "hf", busy, force=True)
+    assert not (busy / "notes.txt").exists() and (busy / "config.json").exists()
+    export_model(folder, "gguf", tmp_path / "m.gguf")
+    export_model(folder, "gguf", tmp_path / "m.gguf", "f16")  # our own GGUF is replaced too
+    (tmp_path / "other.gguf").write_bytes(b"not ours")
+    with pytest.raises(DestinationInUse):
+        export_model(folder, "gguf", tmp_path / "other.gguf")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(storage.TEMP_PREFIX)]
+
+
+def test_a_failed_folder_write_leaves_the_previous_one(tmp_path):
+    target = tmp_path / "out"
+    storage.replace_folder(target, {"a.txt": b"old"})
+
+    class Boom(dict):
+        def items(self):
+            yield "a.txt", b"new"
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        storage.replace_folder(target, Boom())
+    assert (target / "a.txt").read_bytes() == b"old"
+    with pytest.raises(RuntimeError):
+        with storage.atomic_path(tmp_path / "f.bin") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer died")
+    assert not (tmp_path / "f.bin").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
