@@ -26,7 +26,7 @@ from engine import hardware
 from engine.chat_format import ChatTokenIds, Message
 from engine.chat_windows import ChatDataset, split_conversations
 from engine.conversations import ConversationSource
-from engine.dataset_memory import DatasetMemory, dataset_id_of, mix_in_rehearsal
+from engine.dataset_memory import DatasetMemory, balance_replayed_targets, dataset_id_of, mix_in_rehearsal
 from engine.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state, tokenizer_files
 from engine.reports import (
     Checkpointed,
@@ -643,6 +643,7 @@ class Trainer:
                                                     (cfg.seed, run.epoch, run.batch))
                         if segments is not None and replayed:
                             segments[-replayed:] = 0  # a replayed text row is one plain window
+                            balance_replayed_targets(y, replayed, cfg.rehearsal, (cfg.seed, run.epoch, run.batch))
                     lr = lr_at(run.run_step, run.total_steps, cfg)
                     loss = self._step(x, y, lr, run, on_event, segments)
                     dt = time.perf_counter() - t0

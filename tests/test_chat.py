@@ -315,3 +315,14 @@ def test_a_packed_conversation_gets_the_logits_it_would_get_alone(tiny_model):
     torch.testing.assert_close(packed[:, 7:], alone_b, atol=1e-5, rtol=0)
     unpacked, _ = tiny_model(torch.cat([a, b], 1))
     assert not torch.allclose(unpacked[:, 7:], alone_b, atol=1e-3)  # without segments, b sees a
+
+
+def test_replayed_text_carries_its_share_of_a_conversation_batch():
+    from engine.dataset_memory import balance_replayed_targets
+
+    y = torch.full((8, 64), -1)
+    y[:6, 40:50] = 7  # six conversation rows, ten learned targets each
+    y[6:] = 3  # two replayed text rows, every target learned
+    balance_replayed_targets(y, 2, 0.2, (1, 0, 0))
+    assert int((y[:6] >= 0).sum()) == 60  # the conversations are untouched
+    assert int((y[6:] >= 0).sum()) == 15  # 20% of all learned targets: 15 / (60 + 15)
