@@ -1,6 +1,7 @@
 """custom-llm's console: menus that train a model and talk to it.
 
     python interface.py [--model-dir DIR] [--tokenizer bpe|sentencepiece] [size options]
+    python interface.py train [PATH] [options]       (also under torchrun: distributed_training.py)
 
 The interface only parses input, calls the engine (``trainer``, ``response_generator``)
 and formats results. Input and output are injected (``App(input_fn, output_fn)``), so
@@ -16,6 +17,7 @@ from typing import Callable
 
 import continual
 from chat_repl import ChatLoop
+from distributed_training import add_train_arguments, run_distributed_training
 from engine import hardware
 from engine.conversations import open_conversations
 from engine.display import (
@@ -534,6 +536,12 @@ def enable_line_editing() -> None:
 
 def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
          output_fn: Callable[[str], None] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # training without the menu, also in every process torchrun starts
+        parser = build_parser()
+        parser.prog = "interface.py train"
+        add_train_arguments(parser)
+        return run_distributed_training(parser.parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     hardware.configure_cpu()
