@@ -17,7 +17,6 @@ the menu's model and training flags) and calls it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 from typing import Callable
@@ -29,7 +28,7 @@ from engine.distributed import (
     Distributed,
     DistributedError,
     LaunchEnv,
-    failures_reach_the_others,
+    first_line,
     init_distributed,
     is_collective_failure,
     launched_by_torchrun,
@@ -91,10 +90,18 @@ def run_distributed_training(args: argparse.Namespace) -> int:
         return _fail(f"{_rank_label()}{exc}", 2 if isinstance(exc, ValueError) else 1)
     try:
         if distributed.is_main:
-            return _guarded(lambda: _lead(args, distributed), "rank 0: ")
+            def tell_the_others(message: str) -> None:  # if no run was announced, the others wait for one
+                if not distributed.announced:
+                    distributed.announce_failure(message)
+            try:
+                return _guarded(lambda: _lead(args, distributed), "rank 0: ", tell_the_others)
+            except BaseException as exc:
+                tell_the_others(first_line(exc))
+                raise
         # Rank 0 has said why a run could not start; the first process of another node says it too.
         quiet = env.local_rank != 0
-        return _guarded(lambda: _exit_code(Trainer.follow(distributed)), f"rank {env.rank}: ", quiet)
+        return _guarded(lambda: _exit_code(Trainer.follow(distributed)), f"rank {env.rank}: ",
+                        quiet_when_rank0_failed=quiet)
     finally:
         distributed.close()
 
@@ -104,18 +111,17 @@ def _lead(args: argparse.Namespace, distributed: Distributed | None) -> int:
     say = ConsoleOutput()
     progress = StepLog(say, args.log_every)
     try:
-        with failures_reach_the_others(distributed) if distributed else contextlib.nullcontext():
-            runtime = distributed.runtime if distributed else hardware.detect_runtime(args.device, args.precision)
-            say(f"Device: {runtime.device} ({runtime.reason}). Model folder: {args.model_dir}")
-            trainer = make_trainer(args, runtime, distributed)
-            if args.resume:
-                result = trainer.resume(progress, StopFlag())
-            else:
-                source = open_source(args.path)
-                say(f"Data: {source.name}")
-                for note in source.notes:
-                    say(f"Note: {note}")
-                result = trainer.train(source, args.epochs, progress, StopFlag())
+        runtime = distributed.runtime if distributed else hardware.detect_runtime(args.device, args.precision)
+        say(f"Device: {runtime.device} ({runtime.reason}). Model folder: {args.model_dir}")
+        trainer = make_trainer(args, runtime, distributed)
+        if args.resume:
+            result = trainer.resume(progress, StopFlag())
+        else:
+            source = open_source(args.path)
+            say(f"Data: {source.name}")
+            for note in source.notes:
+                say(f"Note: {note}")
+            result = trainer.train(source, args.epochs, progress, StopFlag())
     finally:
         progress.close()
     for note in trainer.notes:
@@ -134,24 +140,30 @@ def _exit_code(result: TrainResult) -> int:
     return EXIT_CODES.get(result.stopped_early, 1)
 
 
-def _guarded(work: Callable[[], int], label: str, quiet_when_rank0_failed: bool = False) -> int:
-    """Run ``work``; what a user or a dead process causes becomes one line and an exit code."""
+def _guarded(work: Callable[[], int], label: str, told: Callable[[str], None] | None = None,
+             quiet_when_rank0_failed: bool = False) -> int:
+    """Run ``work``; what a user or a dead process causes becomes one line and an exit code.
+
+    ``told`` hears the line once it is printed (rank 0 passes it on to the other ranks).
+    """
     try:
         return work()
     except KeyboardInterrupt:
-        return _fail(f"{label}stopped at once; the last checkpoint on disk is intact", 130)
+        return _fail(f"{label}stopped at once; the last checkpoint on disk is intact", 130, told)
     except DistributedError as exc:
-        return 1 if quiet_when_rank0_failed else _fail(f"{label}{exc}", 1)
+        return 1 if quiet_when_rank0_failed else _fail(f"{label}{exc}", 1, told)
     except Exception as exc:
         if label and is_collective_failure(exc):
-            return _fail(f"{label}{lost_contact(exc)}", 1)
+            return _fail(f"{label}{lost_contact(exc)}", 1, told)
         if isinstance(exc, USER_ERRORS):
-            return _fail(f"{label}Error: {exc}", 1)
+            return _fail(f"{label}Error: {exc}", 1, told)
         raise
 
 
-def _fail(message: str, code: int) -> int:
-    print(message, file=sys.stderr)
+def _fail(message: str, code: int, told: Callable[[str], None] | None = None) -> int:
+    print(message, file=sys.stderr, flush=True)
+    if told is not None:
+        told(message)
     return code
 
 

@@ -19,7 +19,6 @@ meanwhile they hear at once. Failures become a ``DistributedError`` with one cle
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import shutil
@@ -253,6 +252,7 @@ def first_line(exc: BaseException) -> str:
     text = lines[0] if lines else type(exc).__name__
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
+        text = text.split(". ", 1)[0]  # gloo and NCCL go on with general advice
     return text[:300]
 
 
@@ -269,16 +269,3 @@ def lost_contact(exc: BaseException) -> str:
     """The line a rank prints when a collective failed: what happened and what the folder holds."""
     return (f"lost contact with the other processes ({first_line(exc)}): a process died, was stopped or hangs. "
             "Stopping; the model folder keeps its last complete save, and running the same command resumes from it")
-
-
-@contextlib.contextmanager
-def failures_reach_the_others(distributed: Distributed):
-    """On rank 0, around preparing a run: if it fails before the run was announced, the
-    other ranks hear why (and raise a ``DistributedError``) instead of waiting for a run
-    that will never come."""
-    try:
-        yield
-    except BaseException as exc:
-        if distributed.is_main and not distributed.announced:
-            distributed.announce_failure(first_line(exc))
-        raise
