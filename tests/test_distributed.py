@@ -5,6 +5,7 @@ with one thread per process, a free port of its own, and a timeout, so a hang fa
 test instead of the suite. Losses are compared in fp32 with dropout 0.
 """
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -294,3 +295,20 @@ def test_micro_batches_keep_their_slice_size_on_another_world_size():
     assert micro_batches_for(run, 2) == 2 and micro_batches_for(run, 4) == 1
     run.world_size, run.micro_batches = 4, 1
     assert micro_batches_for(run, 1) == 4
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_see_the_data_file_gets_it_from_rank_0(tmp_path):
+    data = tmp_path / "tokens.uint16.bin"
+    data.write_bytes(os.urandom(4321))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                           str(ROOT / "tests" / "ddp_file_worker.py"), str(data)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = dict(line.split(" ", 2)[1:] for line in proc.stdout.splitlines() if line.startswith("rank "))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    assert seen["0"] == f"{data} {digest} True"  # rank 0 reads its own file
+    copy, copy_digest, left = seen["1"].split()
+    assert copy != str(data) and copy.endswith(data.name)  # rank 1 a private copy, outside the folder
+    assert copy_digest == digest and left == "False"  # the same bytes, removed when the job ended
