@@ -911,6 +911,7 @@ class Trainer:
                     progress.tokens_seen += x.numel()
                     steps_here += 1
                     self.history["steps"].append([progress.step, round(loss, 5), lr])
+                    # x is the global batch: in a distributed run this is the whole job's tokens/s
                     on_event(StepDone(progress.step, loss, lr, x.numel() / dt, run.batch, plan.n_batches))
                     if progress.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
