@@ -28,6 +28,7 @@ from engine.display import (
     loss_chart,
     rows_table,
 )
+from engine.distributed import launched_by_torchrun
 from engine.model_folder import ModelFolder
 from engine.reports import ContinualReport, TrainResult
 from engine.sources import open_source, source_from_text
@@ -542,6 +543,9 @@ def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
         parser.prog = "interface.py train"
         add_train_arguments(parser)
         return run_distributed_training(parser.parse_args(argv[1:]))
+    if launched_by_torchrun():  # eight menus reading one terminal would help nobody
+        print("Error: under torchrun, run `interface.py train ...`; the menu is for one process", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     hardware.configure_cpu()
