@@ -187,6 +187,7 @@ def test_a_missing_rendezvous_is_a_clear_error_not_a_hang(data_file, tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_folder_in_training_is_refused(two_process_run, data_file):
     folder, _ = two_process_run
     with ModelFolder(folder).writer_lock():  # as a job training it would
