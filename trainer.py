@@ -28,7 +28,7 @@ from engine.chat_format import ChatTokenIds, Message
 from engine.chat_windows import ChatDataset, split_conversations
 from engine.conversations import ConversationSource
 from engine.dataset_memory import DatasetMemory, dataset_id_of, mix_in_rehearsal
-from engine.distributed import Distributed, SharedFile, first_line
+from engine.distributed import Distributed, SharedFile, first_line, rank_seed, state_on_cpu
 from engine.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state, tokenizer_files
 from engine.reports import (
     Checkpointed,
@@ -441,23 +441,6 @@ def micro_batches_for(run: RunState, world_size: int) -> int:
     return max(1, -(-(run.batch_size // world_size) // rows_per_slice))
 
 
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of a rank's dropout draws when no checkpoint holds its RNG state: one per
-    (seed, rank, step), so ranks differ from each other and from earlier runs."""
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
-
-
-def _on_cpu(value: Any) -> Any:
-    """A copy of a state dict (nested dicts and lists of tensors) with every tensor on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _on_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_on_cpu(v) for v in value)
-    return value
-
-
 class Trainer:
     """Builds or loads the model in ``model_dir`` and trains it.
 
@@ -818,7 +801,7 @@ class Trainer:
         package = RunPackage(
             model_config=self.model.config.to_dict(), train_config=self.config.to_dict(),
             tokenizer_kind=self.tokenizer.kind, tokenizer=self.tokenizer.to_bytes(),
-            progress=self.progress.to_dict(), resumed=resumed, optimizer=_on_cpu(self.optimizer.state_dict()),
+            progress=self.progress.to_dict(), resumed=resumed, optimizer=state_on_cpu(self.optimizer.state_dict()),
             scaler=self.scaler.state_dict() if self.scaler is not None else None, rng_ranks=rng_ranks,
             data=SharedFile.of(data), rehearsal_pool=self.rehearsal_pool)
         self.dist.announce(package)

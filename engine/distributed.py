@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -244,6 +245,24 @@ def init_distributed(env: LaunchEnv, device: str | None = None, precision: str |
             f"could not join the other {env.world_size - 1} process(es) at {env.master_addr}:{env.master_port} "
             f"within {timeout_s:g} s ({first_line(exc)}); check that every node runs the same torchrun command "
             "and can reach that address") from None
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank's dropout draws where no checkpoint holds its RNG state: one per
+    (seed, rank, step), so the ranks differ from each other and from earlier runs."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0])
+
+
+def state_on_cpu(value: Any) -> Any:
+    """A copy of a state dict (nested dicts and lists of tensors) with every tensor on the
+    CPU, to send to other ranks: a pickled CUDA tensor would land on rank 0's GPU there."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: state_on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(state_on_cpu(v) for v in value)
+    return value
 
 
 def first_line(exc: BaseException) -> str:
