@@ -27,8 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from distributed_training import add_distributed_arguments, run_distributed_training
 from engine import hardware
 from engine.display import ConsoleOutput
+from engine.distributed import launched_by_torchrun
 from engine.loss_plot import draw_loss_plot
 from engine.model_export import DTYPES, FORMATS, DestinationInUse, export_model, guess_format
 from engine.model_folder import LOSS_PLOT_FILE, ModelFolder
@@ -155,6 +157,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", metavar="PATH",
                    help="a text file or a folder of .txt/.md files; - reads standard input; "
                         "nothing: the built-in corpus")
+    add_distributed_arguments(p)
 
 
 def _continue_args(p: argparse.ArgumentParser) -> None:
@@ -220,6 +223,8 @@ def _training_status(result) -> int:
 
 
 def run_train(args: argparse.Namespace, app: MenuApp) -> int:
+    if launched_by_torchrun() or args.resume or args.log_every:  # a torchrun job, a resume, job-log lines
+        return run_distributed_training(args)
     _choose_tokenizer(app)
     source = app.describe_source(training_source(args.path))
     return _training_status(app.train_on(source, args.epochs))

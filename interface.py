@@ -2,6 +2,7 @@
 
     python interface.py [--model-dir DIR] [--tokenizer bpe|sentencepiece] [size options]
     python interface.py SUBCOMMAND ...      (the command line: see cli.py)
+    python interface.py train [PATH] [options]   (also in every process torchrun starts)
 
 The interface only parses input, calls the engine (``trainer``, ``response_generator``)
 and formats results. Input and output are injected (``App(input_fn, output_fn)``), so
@@ -29,6 +30,7 @@ from engine.display import (
     loss_chart,
     rows_table,
 )
+from engine.distributed import launched_by_torchrun
 from engine.model_export import DTYPES, DestinationInUse, default_destination, export_model
 from engine.model_folder import HISTORY_FILE, LOSS_PLOT_FILE, ModelFolder
 from engine.reports import ContinualReport, ExportReport, TrainResult
@@ -588,6 +590,9 @@ def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
     argv = sys.argv[1:] if argv is None else list(argv)
     if cli.is_subcommand(argv):
         return cli.main(argv, App)
+    if launched_by_torchrun():  # eight menus reading one terminal would help nobody
+        print("Error: under torchrun, run `interface.py train ...`; the menu is for one process", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     hardware.configure_cpu()

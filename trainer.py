@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import logging
 import math
 import signal
@@ -27,6 +28,7 @@ from engine.chat_format import ChatTokenIds, Message
 from engine.chat_windows import ChatDataset, split_conversations
 from engine.conversations import ConversationSource
 from engine.dataset_memory import DatasetMemory, balance_replayed_targets, dataset_id_of, mix_in_rehearsal
+from engine.distributed import Distributed, SharedFile, first_line, rank_seed, state_on_cpu
 from engine.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state, tokenizer_files
 from engine.reports import (
     Checkpointed,
@@ -52,7 +54,7 @@ from engine.reports import (
     ignore_events,
 )
 from engine.sources import Source
-from engine.tokenizer import BaseTokenizer, supported_vocab_size, train_tokenizer
+from engine.tokenizer import BaseTokenizer, supported_vocab_size, tokenizer_from_bytes, train_tokenizer
 from engine.vocab_growth import add_chat_tokens, expand_tokenizer, tokenization_drift, tokens_per_byte
 from engine.windows import (
     TokenDataset,
@@ -151,7 +153,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def accumulate_gradients(model: GPT, x: torch.Tensor, y: torch.Tensor, runtime: hardware.Runtime,
                          micro_batches: int = 1, scaler: torch.amp.GradScaler | None = None,
-                         segments: torch.Tensor | None = None) -> torch.Tensor:
+                         segments: torch.Tensor | None = None, learned_total: int | None = None,
+                         world_size: int = 1, no_sync: Callable[[], Any] | None = None) -> torch.Tensor:
     """Forward and backward over the batch (x, y) in ``micro_batches`` slices.
 
     Each slice's mean loss is weighted by its share of the learned targets (all of them
@@ -159,27 +162,43 @@ def accumulate_gradients(model: GPT, x: torch.Tensor, y: torch.Tensor, runtime: 
     whole batch at once: a smaller micro-batch changes memory use, not what is learned.
     Returns the batch's mean loss (a tensor; no device sync for a single slice).
     ``segments`` marks packed conversations (see ``GPT.forward``).
+
+    In a distributed run ``model`` is the DistributedDataParallel wrapper, (x, y) this
+    rank's share of the global batch, and ``learned_total`` the learned targets of the
+    whole global batch. A slice's weight is then its share of those times ``world_size``,
+    because DDP averages the ranks' gradients: the average is the whole batch's gradient.
+    Gradients are exchanged once, in the last slice's backward (``no_sync`` around the
+    others), and every rank runs every slice, even one with nothing to learn, so that all
+    join each exchange. The result is this rank's part of the batch's mean loss; the
+    parts of all ranks add up to it.
     """
     x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
     if segments is not None:
         segments = segments.to(runtime.device, non_blocking=True)
-    if micro_batches == 1:
+    if micro_batches == 1 and no_sync is None:
         with runtime.autocast():
             _, loss = model(x, y, segments=segments)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
-    learned = int((y >= 0).sum())
+    learned = learned_total if learned_total is not None else int((y >= 0).sum())
     total = torch.zeros((), device=x.device)
-    parts = zip(x.chunk(micro_batches), y.chunk(micro_batches),
-                segments.chunk(micro_batches) if segments is not None else [None] * micro_batches)
-    for xs, ys, ss in parts:
+    parts = list(zip(x.chunk(micro_batches), y.chunk(micro_batches),
+                     segments.chunk(micro_batches) if segments is not None else [None] * micro_batches))
+    for i, (xs, ys, ss) in enumerate(parts):
         share = int((ys >= 0).sum()) / max(1, learned)
-        if share == 0:
+        if share == 0 and no_sync is None:
             continue  # nothing to learn in this slice (its mean loss would be NaN)
-        with runtime.autocast():
-            _, loss = model(xs, ys, segments=ss)
-        part = loss * share
-        (scaler.scale(part) if scaler is not None else part).backward()
+        exchange = no_sync is None or i == len(parts) - 1
+        with contextlib.nullcontext() if exchange else no_sync():
+            with runtime.autocast():
+                if share == 0:  # a zero gradient that still joins the exchange
+                    logits, _ = model(xs, segments=ss)
+                    part = logits.float().sum() * 0.0
+                else:
+                    _, loss = model(xs, ys, segments=ss)
+                    part = loss * share
+            weighted = part * world_size
+            (scaler.scale(weighted) if scaler is not None else weighted).backward()
         total = total + part.detach()
     return total
 
@@ -222,7 +241,6 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
     return checked_loss(loss)
 
 
-@torch.no_grad()
 def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, ...]], runtime: hardware.Runtime,
                   token_bytes: np.ndarray) -> EvalResult:
     """Validation loss (nats/token), perplexity and bits per byte; restores train mode.
@@ -231,6 +249,20 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, ...]], runti
     which makes models with different tokenizers comparable. Targets of -1 are not
     counted (in conversations, everything but the assistant's replies).
     """
+    return eval_result(*validation_sums(model, batches, runtime, token_bytes))
+
+
+def eval_result(total_nats: float, total_tokens: int, total_bytes: int) -> EvalResult:
+    """The validation numbers from the sums ``validation_sums`` returns (added up over ranks)."""
+    loss = total_nats / max(1, total_tokens)
+    return EvalResult(val_loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                      bpb=total_nats / math.log(2) / max(1, total_bytes), val_tokens=total_tokens)
+
+
+@torch.no_grad()
+def validation_sums(model: GPT, batches: Iterable[tuple[torch.Tensor, ...]], runtime: hardware.Runtime,
+                    token_bytes: np.ndarray) -> tuple[float, int, int]:
+    """(nats, learned targets, bytes they stand for) summed over ``batches``; restores train mode."""
     was_training = model.training
     model.eval()
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
@@ -248,9 +280,7 @@ def estimate_loss(model: GPT, batches: Iterable[tuple[torch.Tensor, ...]], runti
             total_bytes += int(token_bytes_t[y[learned]].sum())
     finally:
         model.train(was_training)
-    loss = total_nats / max(1, total_tokens)
-    return EvalResult(val_loss=loss, perplexity=math.exp(min(loss, 50.0)),
-                      bpb=total_nats / math.log(2) / max(1, total_bytes), val_tokens=total_tokens)
+    return total_nats, total_tokens, total_bytes
 
 
 def _exclusive(method):
@@ -296,6 +326,47 @@ def graceful_interrupts(flag: StopFlag):
         signal.signal(signal.SIGTERM, old_term)
 
 
+TIME_LIMIT = "time limit reached"
+
+
+class StopCheck:
+    """Why a run stops before its next step ("" while it goes on).
+
+    Alone, a process looks at its own flag and clock. The ranks of a distributed run
+    must all stop after the same step, so each puts its flag and clock into that step's
+    all-reduce (``votes``) and all of them follow what any one said (``agree``): a
+    Ctrl+C or SIGTERM on any rank, or its time limit, stops every rank after that step.
+    """
+
+    REASONS = ("terminated", "interrupted", TIME_LIMIT)  # the first that any rank gave wins
+
+    def __init__(self, flag: StopFlag, deadline: float | None, agreed_by_ranks: bool = False) -> None:
+        self.flag = flag
+        self.deadline = deadline
+        self.agreed_by_ranks = agreed_by_ranks
+        self.agreed = ""
+
+    def local(self) -> str:
+        if self.flag.requested:
+            return self.flag.reason
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return TIME_LIMIT
+        return ""
+
+    def reason(self) -> str:
+        return self.agreed if self.agreed_by_ranks else self.local()
+
+    def votes(self) -> list[float]:
+        local = self.local()
+        if local and local not in self.REASONS:
+            local = "interrupted"
+        return [float(local == reason) for reason in self.REASONS]
+
+    def agree(self, votes: list[float]) -> None:
+        """``votes`` summed over the ranks."""
+        self.agreed = next((reason for reason, n in zip(self.REASONS, votes) if n > 0), "")
+
+
 @dataclass
 class RunState:
     """Where a training run stands; saved in the checkpoint so a resume is exact."""
@@ -310,9 +381,10 @@ class RunState:
     epoch: int = 0
     batch: int = 0  # next batch of the current epoch
     run_step: int = 0
-    micro_batches: int = 1  # > 1 after an out-of-memory back-off
+    micro_batches: int = 1  # > 1 after an out-of-memory back-off (per process in a distributed run)
     finished: bool = False
     kind: str = "text"  # "text", or "chat" for fine-tuning on conversations
+    world_size: int = 1  # processes that share each batch (torchrun); batch_size is their total
 
     @classmethod
     def from_dict(cls, d: dict) -> RunState:
@@ -340,15 +412,52 @@ class Progress:
         return cls(d["step"], d["tokens_seen"], d["epochs_done"], RunState.from_dict(run) if run else None)
 
 
+@dataclass
+class RunPackage:
+    """What rank 0 sends the other ranks of a distributed run before it starts.
+
+    All they need, so that they never open the model folder: the settings, the
+    tokenizer, where the run stands, the optimizer's state, the data and the rehearsal
+    sample. The weights travel separately: DistributedDataParallel copies rank 0's to
+    every rank when it wraps the model.
+    """
+
+    model_config: dict
+    train_config: dict
+    tokenizer_kind: str
+    tokenizer: bytes
+    progress: dict  # Progress.to_dict(), the run included
+    resumed: bool
+    optimizer: dict  # its state_dict, on the CPU
+    scaler: dict | None
+    rng_ranks: list[dict] | None  # each rank's RNG state at the checkpoint (same world size only)
+    data: SharedFile  # the token cache of the run
+    rehearsal_pool: np.ndarray | None
+
+
+def micro_batches_for(run: RunState, world_size: int) -> int:
+    """The micro-batches per process that keep the slice size of ``run`` on ``world_size`` processes."""
+    rows_per_slice = -(-(run.batch_size // run.world_size) // run.micro_batches)
+    return max(1, -(-(run.batch_size // world_size) // rows_per_slice))
+
+
 class Trainer:
-    """Builds or loads the model in ``model_dir`` and trains it."""
+    """Builds or loads the model in ``model_dir`` and trains it.
+
+    With ``distributed`` (a job torchrun started) this is rank 0: it alone reads and
+    writes the folder, and sends each run to the other ranks, which train through
+    ``Trainer.follow``.
+    """
 
     def __init__(self, model_dir: str, tokenizer_kind: str | None = "bpe", model_overrides: dict | None = None,
                  train_overrides: dict | None = None, runtime: hardware.Runtime | None = None,
-                 preset: str | None = None) -> None:
+                 preset: str | None = None, distributed: Distributed | None = None) -> None:
+        if distributed is not None and not distributed.is_main:
+            raise ValueError("only rank 0 opens the model folder; the other ranks train through Trainer.follow")
+        self.dist = distributed
         self.folder = ModelFolder(model_dir)
         self.folder.recover()
-        self.runtime = runtime or hardware.detect_runtime()
+        self.runtime = runtime or (distributed.runtime if distributed else hardware.detect_runtime())
         self.model_overrides = {k: v for k, v in (model_overrides or {}).items() if v is not None}
         self.train_overrides = {k: v for k, v in (train_overrides or {}).items() if v is not None}
         self.preset = preset
@@ -375,6 +484,53 @@ class Trainer:
         self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
         self._unsaved_files: dict[str, bytes] = {}
         self._compiled: Callable | None = None  # torch.compile's wrapper while it works
+        self._ddp: torch.nn.Module | None = None  # the DistributedDataParallel wrapper during a distributed run
+        self._saved_rng_ranks: list[dict] | None = None  # every rank's RNG state, from a distributed checkpoint
+        self._stopping = StopCheck(StopFlag(), None)
+
+    @classmethod
+    def follow(cls, distributed: Distributed, stop: StopFlag | None = None) -> TrainResult:
+        """A rank > 0 of a distributed run: wait for the run rank 0 prepares, then train its
+        share of every batch until rank 0's run ends. Reports nothing, writes nothing."""
+        package: RunPackage = distributed.receive()
+        trainer = object.__new__(cls)  # the folder-free constructor below, not __init__
+        trainer._take_package(package, distributed)
+        path = distributed.fetch_file(package.data)
+        run = trainer.progress.run
+        if run.kind == "chat":
+            dataset = ChatDataset.load(path)
+        else:
+            dataset = TokenDataset(load_cached_tokens(path), trainer.model.config.context, trainer.config.val_fraction)
+        return trainer._run_loop(dataset, run, ignore_events, stop or StopFlag(), package.resumed)
+
+    def _take_package(self, package: RunPackage, distributed: Distributed) -> None:
+        """Set up a rank > 0 from rank 0's package: the same model, optimizer and run, no folder."""
+        self.dist, self.folder, self.runtime = distributed, None, distributed.runtime
+        self.model_overrides, self.train_overrides, self.preset, self.notes = {}, {}, None, []
+        self.tokenizer_kind, self.meta = package.tokenizer_kind, None
+        self.tokenizer = tokenizer_from_bytes(package.tokenizer_kind, package.tokenizer, "rank 0's tokenizer")
+        self.config = TrainConfig.from_dict(package.train_config)
+        # Any weights do: DistributedDataParallel copies rank 0's into this model when it wraps it.
+        self.model = GPT(ModelConfig.from_dict(package.model_config)).to(self.runtime.device)
+        self._make_optimizer()
+        self.optimizer.load_state_dict(package.optimizer)
+        if self.scaler is not None and package.scaler:
+            self.scaler.load_state_dict(package.scaler)
+        self.progress = Progress.from_dict(package.progress)
+        self.history = {"steps": [], "evals": [], "runs": []}
+        self.memory = None  # what the model remembers of its data sets is rank 0's to keep
+        self.rehearsal_pool = package.rehearsal_pool
+        self._unsaved_files, self._compiled, self._ddp, self._saved_rng_ranks = {}, None, None, None
+        self._stopping = StopCheck(StopFlag(), None)
+        if package.rng_ranks is not None:
+            self._restore_rng(package.rng_ranks[distributed.rank])
+        else:
+            torch.manual_seed(rank_seed(self.config.seed, distributed.rank, self.progress.step))
+
+    @property
+    def writes_folder(self) -> bool:
+        """Whether this process writes the model folder (rank 0 of a distributed run, or alone)."""
+        return self.dist is None or self.dist.is_main
 
     # -- building and loading -------------------------------------------------------------
     @property
@@ -457,6 +613,7 @@ class Trainer:
                 self.scaler.load_state_dict(ckpt["scaler"])
             self.progress = Progress.from_dict(ckpt["state"])
             self._restore_rng(ckpt.get("rng", {}))
+            self._saved_rng_ranks = ckpt.get("rng_ranks")
             # Steps logged after this checkpoint were lost with the process; drop them.
             step = self.progress.step
             self.history["steps"] = [row for row in self.history["steps"] if row[0] <= step]
@@ -467,30 +624,55 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------
     def _rng_state(self) -> dict:
         state = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
+        if self.dist is not None:  # a rank touches its own GPU only (every GPU, from every rank, costs memory)
+            if self.runtime.device.type == "cuda":
+                state["cuda_device"] = torch.cuda.get_rng_state(self.runtime.device)
+        elif torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def _restore_rng(self, state: dict) -> None:
         if "torch" in state:
             torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if not torch.cuda.is_available():
+            return
+        if self.dist is None:
+            if "cuda" in state:
+                torch.cuda.set_rng_state_all(state["cuda"])
+            elif "cuda_device" in state:
+                torch.cuda.set_rng_state(state["cuda_device"])
+        elif self.runtime.device.type == "cuda":
+            own = state.get("cuda_device")
+            if own is None and self.runtime.device.index < len(state.get("cuda", [])):
+                own = state["cuda"][self.runtime.device.index]
+            if own is not None:
+                torch.cuda.set_rng_state(own, self.runtime.device)
 
     def save_checkpoint(self, extra_files: dict[str, bytes] | None = None) -> None:
         """Save weights, full training state, history, data sets and config as one unit.
 
         After a crash the folder holds either this save or the previous one, never a
         mix (``extra_files`` join the same unit, e.g. a grown tokenizer).
+
+        In a distributed run every rank calls it at the same step: rank 0 gathers each
+        rank's RNG state (its dropout draws), so that a resume on as many ranks is exact,
+        and writes; the others only hand over their state.
         """
+        rng = self._rng_state()
+        rng_ranks = self.dist.gather_to_main(rng) if self.dist is not None else None
+        if not self.writes_folder:
+            return
+        # The plain model's state dict, never DDP's: its keys have no "module." prefix.
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         ckpt = {
             "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "state": self.progress.to_dict(),
-            "rng": self._rng_state(),
+            "rng": rng,
         }
+        if rng_ranks is not None:
+            ckpt["rng_ranks"] = rng_ranks
         self.meta["model"] = self.model.config.to_dict()
         self.meta["training"] = self.config.to_dict()
         self.meta["progress"] = {"step": self.progress.step, "tokens_seen": self.progress.tokens_seen,
@@ -555,17 +737,32 @@ class Trainer:
 
     def _run_on(self, dataset: TokenDataset | ChatDataset, name: str, cache_file: str, epochs: int, kind: str,
                 on_event: OnEvent, stop: StopFlag | None, held_out: list[list[Message]] | None = None) -> TrainResult:
-        """Resume the interrupted run on this data, or start a new one; then train."""
+        """Resume the interrupted run on this data, or start a new one; then train.
+
+        In a distributed run the batch is the global one (by default each process's usual
+        batch, times the processes), and the schedule follows it as for one process.
+        """
+        world_size = self.dist.world_size if self.dist is not None else 1
         run = self.progress.run
         resumed = bool(run and not run.finished and run.cache_file == cache_file)
         if resumed:
             on_event(RunResumed(run.name, run.epoch, run.epochs, run.run_step, run.total_steps))
+            self._check_batch_splits(dataset, run.batch_size, resumed)
+            if run.world_size != world_size:
+                on_event(Notice(f"this run was saved by {run.world_size} process(es) and goes on with {world_size}: "
+                                f"the same step, data position and learning-rate schedule, each process taking "
+                                f"{run.batch_size // world_size} of the {run.batch_size} sequences of a batch; "
+                                "dropout draws differ from those of an uninterrupted run"))
+                run.micro_batches = micro_batches_for(run, world_size)
+                run.world_size = world_size
         else:
-            batch_size = self.config.batch_size or hardware.default_batch_size(
+            batch_size = self.config.batch_size or world_size * hardware.default_batch_size(
                 self.runtime, self.model.config.d_model, dataset.window)
+            self._check_batch_splits(dataset, batch_size, resumed)
             steps_per_epoch = dataset.epoch_plan(self.config.seed, 0, batch_size).n_batches
             run = RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=epochs * steps_per_epoch,
-                           batch_size=batch_size, window=dataset.window, start_step=self.progress.step, kind=kind)
+                           batch_size=batch_size, window=dataset.window, start_step=self.progress.step, kind=kind,
+                           world_size=world_size)
             self.progress.run = run
             self.history["runs"].append(asdict(RunRecord(name, self.progress.step, epochs, dataset.n_train_tokens,
                                                          kind)))
@@ -575,7 +772,40 @@ class Trainer:
                 self.memory.register(self.tokenizer, dataset, name, cache_file)
         self.rehearsal_pool = (self.memory.rehearsal_pool(self.tokenizer, cache_file, self.model.config.context + 1)
                                if self.config.rehearsal > 0 else None)
+        if self.dist is not None:
+            self._send_run(run, resumed, self.folder.cache_dir / cache_file)
         return self._run_loop(dataset, run, on_event, stop or StopFlag(), resumed)
+
+    def _check_batch_splits(self, dataset: TokenDataset | ChatDataset, batch_size: int, resumed: bool) -> None:
+        """A distributed run splits every batch evenly over the processes, or refuses to start."""
+        if self.dist is None:
+            return
+        world_size = self.dist.world_size
+        rows = dataset.epoch_plan(self.config.seed, 0, batch_size).batch_size  # less when the data holds less
+        if rows % world_size == 0:
+            return
+        fits = [n for n in range(1, rows + 1) if rows % n == 0]
+        if rows < batch_size:
+            raise ValueError(f"the data holds only {rows} windows, a batch of {rows} sequences, which {world_size} "
+                             f"processes cannot share evenly; use more text or a number of processes from {fits}")
+        if resumed:
+            raise ValueError(f"this run's batch of {rows} sequences cannot be split evenly over {world_size} "
+                             f"processes; resume it with a number of processes from {fits}")
+        raise ValueError(f"a batch of {rows} sequences cannot be split evenly over {world_size} processes; use a "
+                         f"--batch-size that is a multiple of {world_size} (e.g. {world_size * max(1, rows // world_size)})")
+
+    def _send_run(self, run: RunState, resumed: bool, data: Path) -> None:
+        """Rank 0: send the other ranks everything the run needs, then share the data file."""
+        world_size = self.dist.world_size
+        rng_ranks = self._saved_rng_ranks if resumed and len(self._saved_rng_ranks or []) == world_size else None
+        package = RunPackage(
+            model_config=self.model.config.to_dict(), train_config=self.config.to_dict(),
+            tokenizer_kind=self.tokenizer.kind, tokenizer=self.tokenizer.to_bytes(),
+            progress=self.progress.to_dict(), resumed=resumed, optimizer=state_on_cpu(self.optimizer.state_dict()),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None, rng_ranks=rng_ranks,
+            data=SharedFile.of(data), rehearsal_pool=self.rehearsal_pool)
+        self.dist.announce(package)
+        self.dist.fetch_file(package.data)
 
     @_exclusive
     def train_conversations(self, source: ConversationSource, epochs: int, on_event: OnEvent = ignore_events,
@@ -615,25 +845,34 @@ class Trainer:
 
     def _run_loop(self, dataset: TokenDataset, run: RunState, on_event: OnEvent, stop: StopFlag,
                   resumed: bool) -> TrainResult:
+        """Train ``run`` to its end or to a stop; the same loop on every rank of a distributed run.
+
+        Every rank builds the same global batch and trains its own rows of it (``_step``),
+        so no window is trained twice in an epoch and the schedule is that of one process.
+        """
         cfg, model, rt, progress = self.config, self.model, self.runtime, self.progress
         token_bytes = self.tokenizer.token_bytes()
         model.train()
         self._compiled = None
+        self._ddp = self.dist.wrap(model) if self.dist is not None else None
         if cfg.compile:
-            self._compiled, note = hardware.compile_model(model)
+            self._compiled, note = hardware.compile_model(model if self._ddp is None else self._ddp)
             on_event(CompileChecked(self._compiled is not None, note))
         steps_here = 0
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+        self._stopping = StopCheck(stop, deadline, agreed_by_ranks=self.dist is not None)
+        memory_checked = self.dist is None  # a distributed run first finds a micro-batch every rank holds
         final_eval = None
         on_event(RunStarted(resumed=resumed, params=model.num_params(), train_tokens=dataset.n_train_tokens,
                             device=str(rt.device), precision=rt.precision, epochs=run.epochs,
-                            batch_size=run.batch_size, window=run.window, micro_batches=run.micro_batches))
+                            batch_size=run.batch_size, window=run.window, micro_batches=run.micro_batches,
+                            world_size=run.world_size))
         with graceful_interrupts(stop):
             while run.epoch < run.epochs:
                 plan = dataset.epoch_plan(cfg.seed, run.epoch, run.batch_size)
                 on_event(EpochStarted(run.epoch, run.epochs, plan.n_batches, run.batch))
                 while run.batch < plan.n_batches:
-                    if stop.requested or (deadline and time.monotonic() > deadline):
+                    if self._stopping.reason():
                         break
                     t0 = time.perf_counter()
                     x, y, *segments = dataset.train_batch(plan, run.batch)
@@ -644,6 +883,9 @@ class Trainer:
                         if segments is not None and replayed:
                             segments[-replayed:] = 0  # a replayed text row is one plain window
                             balance_replayed_targets(y, replayed, cfg.rehearsal, (cfg.seed, run.epoch, run.batch))
+                    if not memory_checked:
+                        self._agree_on_micro_batches(x, y, segments, run, on_event)
+                        memory_checked = True
                     lr = lr_at(run.run_step, run.total_steps, cfg)
                     loss = self._step(x, y, lr, run, on_event, segments)
                     dt = time.perf_counter() - t0
@@ -653,11 +895,12 @@ class Trainer:
                     progress.tokens_seen += x.numel()
                     steps_here += 1
                     self.history["steps"].append([progress.step, round(loss, 5), lr])
+                    # x is the global batch: in a distributed run this is the whole job's tokens/s
                     on_event(StepDone(progress.step, loss, lr, x.numel() / dt, run.batch, plan.n_batches))
                     if progress.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
                         on_event(Checkpointed(progress.step))
-                if stop.requested or (deadline and time.monotonic() > deadline):
+                if self._stopping.reason():
                     break
                 run.epoch += 1
                 run.batch = 0
@@ -666,16 +909,17 @@ class Trainer:
                 on_event(Evaluated(final_eval))
                 self.save_checkpoint()
                 on_event(EpochEnded(run.epoch, run.epochs))
-            stopped = ""
-            if stop.requested:
-                stopped = stop.reason
+            stopped = self._stopping.reason()
+            if stopped and stopped != TIME_LIMIT:
+                pass  # asked to stop: save where it stands
             elif run.epoch < run.epochs:
-                stopped = "time limit reached"
+                stopped = TIME_LIMIT
                 final_eval = self._evaluate(dataset, token_bytes, run, partial_epoch=True)
                 on_event(Evaluated(final_eval))
             else:
                 run.finished = True
             self.save_checkpoint()
+        self._ddp = self._compiled = None
         on_event(RunEnded(stopped, progress.step))
         return TrainResult(steps_here, progress.step, stopped, final_eval, resumed)
 
@@ -686,16 +930,22 @@ class Trainer:
         Out of memory in the forward or backward pass: the micro-batch is halved. The
         batch, learning-rate schedule and data position are unchanged, so nothing is lost.
         A failure of the compiled model (``TrainConfig.compile``): training goes on eagerly.
+
+        In a distributed run (x, y) is the global batch; this rank trains its rows of it,
+        and one all-reduce after the backward pass adds up the loss and tells every rank
+        whether any was asked to stop (``StopCheck``). Running out of memory there is an
+        error: the other ranks would wait for this one in the gradient exchange, which is
+        why ``_agree_on_micro_batches`` finds a size that fits before the first step.
         """
         while True:
             micro = run.micro_batches
-            forward = self.model if self._compiled is None else self._compiled
+            forward = self._training_forward()
             try:
-                loss = accumulate_gradients(forward, x, y, self.runtime, micro, self.scaler, segments)
+                loss = self._accumulate(forward, x, y, micro, segments)
                 break
             except Exception as error:
                 oom = is_out_of_memory(error)
-                if not oom and forward is self.model:
+                if not oom and self._compiled is None:
                     raise
                 lines = str(error).strip().splitlines()
                 reason = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
@@ -707,6 +957,11 @@ class Trainer:
                 self._compiled = None
                 on_event(CompileFailed(reason))
                 continue
+            if self.dist is not None:
+                raise MemoryError(f"rank {self.dist.rank} ran out of memory ({self.runtime.device}) at step "
+                                  f"{self.progress.step + 1} although the first step fitted; the last checkpoint is "
+                                  "intact: run the same command to go on from it, or start a new run with a "
+                                  "smaller --batch-size")
             if micro >= x.shape[0]:
                 raise MemoryError(f"out of memory even with one sequence per micro-batch; use a smaller "
                                   f"model or context (the last checkpoint, step {self.progress.step}, "
@@ -714,8 +969,78 @@ class Trainer:
             run.micro_batches = min(2 * micro, x.shape[0])
             rows = -(-x.shape[0] // run.micro_batches)
             on_event(MemoryBackoff(run.micro_batches, rows, x.shape[0]))
+        if self.dist is not None:
+            loss = self._agree_after_step(loss)
         apply_update(self.model, self.optimizer, lr, self.config.grad_clip, self.scaler)
         return checked_loss(loss)
+
+    def _training_forward(self) -> Callable:
+        """What the step calls: the compiled model while it works, else DDP's wrapper or the model."""
+        if self._compiled is not None:
+            return self._compiled
+        return self.model if self._ddp is None else self._ddp
+
+    def _accumulate(self, forward: Callable, x: torch.Tensor, y: torch.Tensor, micro: int,
+                    segments: torch.Tensor | None) -> torch.Tensor:
+        """Gradients of the batch (x, y); in a distributed run of this rank's rows of it."""
+        if self.dist is None:
+            return accumulate_gradients(forward, x, y, self.runtime, micro, self.scaler, segments)
+        rows = self.dist.shard(x.shape[0])
+        return accumulate_gradients(forward, x[rows], y[rows], self.runtime, micro, self.scaler,
+                                    None if segments is None else segments[rows], learned_total=int((y >= 0).sum()),
+                                    world_size=self.dist.world_size, no_sync=self._ddp.no_sync)
+
+    def _agree_after_step(self, loss_part: torch.Tensor) -> torch.Tensor:
+        """One all-reduce: the batch's mean loss from every rank's part, and whether any rank stops."""
+        votes = torch.tensor(self._stopping.votes(), device=self.runtime.device)
+        summed = self.dist.all_reduce_sum(torch.cat([loss_part.float().reshape(1), votes]))
+        self._stopping.agree(summed[1:].tolist())
+        return summed[0]
+
+    def _agree_on_micro_batches(self, x: torch.Tensor, y: torch.Tensor, segments: torch.Tensor | None,
+                                run: RunState, on_event: OnEvent) -> None:
+        """Before a distributed run's first step: find a micro-batch that every rank holds.
+
+        Inside a step an out-of-memory error cannot be retried: the other ranks would wait
+        for this one in the gradient exchange. So each rank first runs the step's forward and
+        backward passes without exchanging anything (DDP's ``no_sync``), halves its
+        micro-batch on its own when it runs out of memory, and all take the smallest slice
+        any rank needed. Every later step has the same shapes. The gradients are dropped and
+        the random state restored, so this trial changes nothing that follows.
+        """
+        rows = self.dist.shard(x.shape[0])
+        n_rows = rows.stop - rows.start
+        rng = self._rng_state()
+        while True:
+            micro, fits, compile_failure = run.micro_batches, True, ""
+            try:
+                with self._ddp.no_sync():
+                    accumulate_gradients(self._training_forward(), x[rows], y[rows], self.runtime, micro, self.scaler,
+                                         None if segments is None else segments[rows])
+            except Exception as error:
+                if is_out_of_memory(error):
+                    fits = False
+                elif self._compiled is not None:
+                    compile_failure = f"{type(error).__name__}: {first_line(error)}"
+                else:
+                    raise
+            self.optimizer.zero_grad(set_to_none=True)
+            self._release_memory()
+            if compile_failure:  # torch.compile fails alike on every rank: eager from here
+                self._compiled = None
+                on_event(CompileFailed(compile_failure))
+                continue
+            wanted = micro if fits else min(2 * micro, n_rows) if micro < n_rows else n_rows + 1  # +1: nothing fits
+            agreed = int(self.dist.all_reduce_max(torch.tensor([float(wanted)], device=self.runtime.device)).item())
+            if agreed > n_rows:
+                raise MemoryError(f"out of memory on a rank even with one sequence per micro-batch; use a smaller "
+                                  f"model or context, or more processes (the last checkpoint, step "
+                                  f"{self.progress.step}, is intact)")
+            if agreed == micro:
+                break
+            run.micro_batches = agreed
+            on_event(MemoryBackoff(agreed, -(-n_rows // agreed), x.shape[0]))
+        self._restore_rng(rng)
 
     def _release_memory(self) -> None:
         gc.collect()
@@ -725,11 +1050,23 @@ class Trainer:
     def _evaluate(self, dataset: TokenDataset, token_bytes: np.ndarray, run: RunState,
                   partial_epoch: bool = False) -> EvalResult:
         # After an out-of-memory back-off, evaluate in micro-batches too: the same windows.
-        micro = run.micro_batches
-        batches = dataset.val_batches(-(-run.batch_size // micro), self.config.eval_batches * micro)
-        result = replace(estimate_loss(self.model, batches, self.runtime, token_bytes),
-                         step=self.progress.step, epoch=run.epoch, dataset=run.name, partial_epoch=partial_epoch)
-        self.memory.note_latest(dataset_id_of(run.cache_file), result)
+        # A distributed run evaluates those windows too, each rank a share of the batches,
+        # and adds up the sums: the result is the one process's, reached W times faster.
+        micro, world_size = run.micro_batches, run.world_size
+        batches = dataset.val_batches(-(-(run.batch_size // world_size) // micro),
+                                      self.config.eval_batches * micro * world_size)
+        if self.dist is None:
+            result = estimate_loss(self.model, batches, self.runtime, token_bytes)
+        else:
+            mine = itertools.islice(batches, self.dist.rank, None, world_size)
+            sums = torch.tensor(validation_sums(self.model, mine, self.runtime, token_bytes), dtype=torch.float64,
+                                device=self.runtime.device)
+            total_nats, total_tokens, total_bytes = self.dist.all_reduce_sum(sums).tolist()
+            result = eval_result(total_nats, int(total_tokens), int(total_bytes))
+        result = replace(result, step=self.progress.step, epoch=run.epoch, dataset=run.name,
+                         partial_epoch=partial_epoch)
+        if self.writes_folder:
+            self.memory.note_latest(dataset_id_of(run.cache_file), result)
         self.history["evals"].append(result.to_dict())
         return result
 

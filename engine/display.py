@@ -135,7 +135,11 @@ class TrainingProgress:
                      f"{event.epochs}, step {event.run_step}/{event.total_steps}.")
         elif isinstance(event, RunStarted):
             micro = f" in {event.micro_batches} micro-batches" if event.micro_batches > 1 else ""
-            self.out(f"Training {human_count(event.params)} parameters on {event.device} "
+            where = event.device
+            if event.world_size > 1:
+                where = f"{event.world_size} processes ({event.device} on rank 0)"
+                micro = f" ({event.batch_size // event.world_size} per process{micro.replace(' in', ',')})"
+            self.out(f"Training {human_count(event.params)} parameters on {where} "
                      f"({event.precision}): {event.train_tokens:,} training tokens, "
                      f"{event.epochs} epoch(s), batch {event.batch_size} x {event.window} tokens{micro}. "
                      "Ctrl+C saves and stops.")

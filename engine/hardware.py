@@ -82,8 +82,14 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def detect_runtime(device: str | None = None, precision: str | None = None) -> Runtime:
-    """Pick device and precision. ``device``/``precision`` force a choice ("cpu", "bf16")."""
+def detect_runtime(device: str | None = None, precision: str | None = None,
+                   local_rank: int | None = None) -> Runtime:
+    """Pick device and precision. ``device``/``precision`` force a choice ("cpu", "bf16").
+
+    ``local_rank`` is given by a process of a distributed job (torchrun's LOCAL_RANK): on
+    CUDA each such process owns one GPU, ``cuda:LOCAL_RANK``, which becomes its current
+    device; the rules for the precision are the same.
+    """
     if device is None:
         if torch.cuda.is_available():
             device = "cuda"
@@ -94,6 +100,8 @@ def detect_runtime(device: str | None = None, precision: str | None = None) -> R
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but no CUDA GPU is visible; use --device cpu")
+    if local_rank is not None and dev.type == "cuda":
+        dev = _gpu_of_local_rank(dev, local_rank)
 
     if precision not in (None, "auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
@@ -118,6 +126,19 @@ def detect_runtime(device: str | None = None, precision: str | None = None) -> R
     if dev.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU; use fp32")
     return Runtime(dev, torch.float16, dev.type == "cuda", "fp16 autocast as requested")
+
+
+def _gpu_of_local_rank(requested: torch.device, local_rank: int) -> torch.device:
+    """The GPU a process of a distributed job trains on: the one its LOCAL_RANK names."""
+    if requested.index is not None and requested.index != local_rank:
+        raise ValueError(f"under torchrun each process uses the GPU its LOCAL_RANK names (cuda:{local_rank} "
+                         f"here), not {requested}; give --device cuda or leave --device out")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"this node has {count} GPU(s) but torchrun started a process with LOCAL_RANK "
+                         f"{local_rank}; use --nproc-per-node={count} or fewer")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def _on_cpu(autocast_dtype: torch.dtype | None, reason: str) -> Runtime:

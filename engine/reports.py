@@ -158,6 +158,7 @@ class RunStarted:
     batch_size: int
     window: int
     micro_batches: int
+    world_size: int = 1  # processes sharing each batch (batch_size is their total)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,21 @@ limit still leaves what it measured:
    peak memory of a step at that size;
 5. the out-of-memory back-off under real memory pressure: a batch far too large
    for the card must train (at a smaller micro-batch) instead of failing;
-6. generation: batch-1 sampling tokens/s with the KV cache, and time to first token.
+6. generation: batch-1 sampling tokens/s with the KV cache, and time to first token;
+7. distributed training through ``interface.py train``: one process without torchrun,
+   the same under torchrun on one GPU (DistributedDataParallel's cost), and, where the
+   machine has more GPUs, all of them with the same batch per GPU: tokens/s and the
+   scaling efficiency (N-GPU tokens/s over N times one GPU's). ``--smoke`` runs two
+   gloo processes on the CPU instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,13 +149,74 @@ def time_generation(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
     return {"tokens": n, "tokens_per_s": statistics.median(rates), "first_token_ms": 1e3 * statistics.median(first)}
 
 
+ROOT = Path(__file__).resolve().parent.parent
+STEP_LINE = re.compile(r"^step (\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d,]+) tok/s", re.MULTILINE)
+
+
+def train_command(processes: int, data: Path, folder: Path, flags: list[str], minutes: float,
+                  timeout: float) -> dict:
+    """``interface.py train`` alone (``processes`` 0) or under torchrun; tokens/s of its steps."""
+    command = [str(ROOT / "interface.py"), "train", str(data), "--model-dir", str(folder), "--epochs", "1",
+               "--log-every", "1", "--max-minutes", str(minutes), *flags]
+    if processes:
+        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *command]
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    steps = [(int(step), float(loss), float(rate.replace(",", ""))) for step, loss, rate in
+             STEP_LINE.findall(proc.stdout)]
+    timed = [rate for _, _, rate in steps[3:]] or [rate for _, _, rate in steps]  # after the first steps' warm-up
+    out = {"processes": processes, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+           "steps": len(steps), "tokens_per_s": statistics.median(timed) if timed else None,
+           "loss_first": steps[0][1] if steps else None, "loss_last": steps[-1][1] if steps else None,
+           "summary": [line for line in proc.stdout.splitlines() if line.startswith(("Training", "Validation"))][-3:]}
+    if proc.returncode != 0:
+        out["stderr"] = proc.stderr[-2000:]
+    return out
+
+
+def check_ddp(runtime: hardware.Runtime, cfg: ModelConfig, per_gpu_batch: int, smoke: bool, minutes: float) -> dict:
+    """Plain training, the same under DDP on one device, and on every GPU with the batch per GPU kept."""
+    gpus = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
+    most = 2 if smoke and gpus < 2 else gpus  # the smoke run checks two gloo processes on the CPU
+    flags = ["--d-model", str(cfg.d_model), "--n-layer", str(cfg.n_layer), "--n-head", str(cfg.n_head),
+             "--context", str(cfg.context), "--target-vocab-size", str(cfg.vocab_size)]
+    if smoke:
+        flags += ["--device", "cpu"]
+    # Enough text for a few dozen steps on every GPU at once: tokenized once, by the first
+    # run, whose folder the others train further (the same model, cache and tokenizer).
+    tokens_needed = max(1, most) * per_gpu_batch * cfg.context * (40 if not smoke else 12)
+    line = "Line {}: the quick brown fox jumps over the lazy dog, and the dog sleeps on. "
+    report: dict = {"per_gpu_batch": per_gpu_batch, "gpus": gpus}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "text.txt"
+        data.write_text("".join(line.format(i) for i in range(tokens_needed // 12 + 1)))
+        folder = Path(tmp) / "model"
+        timeout = 60 * minutes + 600
+        report["plain"] = train_command(0, data, folder, [*flags, "--batch-size", str(per_gpu_batch)],
+                                        minutes, timeout)
+        report["ddp_1"] = train_command(1, data, folder, [*flags, "--batch-size", str(per_gpu_batch)],
+                                        minutes, timeout)
+        plain, one = report["plain"]["tokens_per_s"], report["ddp_1"]["tokens_per_s"]
+        if plain and one:
+            report["ddp_1_vs_plain"] = one / plain
+        if most > 1:
+            report[f"ddp_{most}"] = train_command(most, data, folder, [*flags, "--batch-size",
+                                                                       str(most * per_gpu_batch)], minutes, timeout)
+            many = report[f"ddp_{most}"]["tokens_per_s"]
+            if many and one:
+                report["scaling_efficiency"] = many / (most * one)
+    return report
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: check that the script runs")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per row")
     p.add_argument("--skip", default="", help="comma-separated checks to skip: flash,train,compile,fp16,"
-                                               "autobatch,backoff,generate")
+                                               "autobatch,backoff,generate,ddp")
+    p.add_argument("--ddp-minutes", type=float, default=0.75, help="training time of each distributed row")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out_dir = Path(args.out)
@@ -194,6 +263,8 @@ def main() -> int:
     text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog. " for i in range(lines))
     record("backoff", lambda: check_backoff(runtime, cfg, big_batch, text))
     record("generate", lambda: time_generation(runtime, cfg))
+    ddp_batch = 4 if args.smoke else 16  # per GPU: the large preset at context 1024 fits it on any 24 GiB card
+    record("ddp", lambda: check_ddp(runtime, cfg, ddp_batch, args.smoke, 0.1 if args.smoke else args.ddp_minutes))
     print(f"written: {out_dir / 'gpu_check.json'}")
     return 0
 
