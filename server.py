@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from engine import hardware
 from engine.api_guard import ApiError, Gate
 from engine.chat_format import Message
 from engine.job_queue import Event, Failed, Finished, GenerationWorker, Job, Piece, QueueFull, Started
+from engine.listening import exposure_warning, open_socket, start_line
 from engine.model_folder import ModelFolder
 from engine.openai_wire import (
     ChatRequest,
@@ -296,34 +295,6 @@ def create_app(worker: GenerationWorker, model_id: str, settings: ServeSettings,
 
 # -- running it ---------------------------------------------------------------------------------
 
-def is_loopback(host: str) -> bool:
-    """True when every address ``host`` names is on this machine only (127.0.0.0/8, ::1)."""
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
-
-
-def open_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: a free one the system picks).
-
-    It listens before the URL is printed, so a client that connects at once waits in
-    the backlog until the server accepts, instead of being refused.
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The server's flags, for any parser that starts it (server.py's own, interface.py serve)."""
     d = ServeSettings()
@@ -379,13 +350,10 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
     app = create_app(worker, model_id, settings, gen_defaults or GenerationConfig(), created)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                                            timeout_graceful_shutdown=5, lifespan="off"))
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    output_fn(f"Serving {model_id} at http://{shown}:{port}/v1 (OpenAI API; GET /health; Ctrl+C stops)")
-    if not is_loopback(settings.host):
-        output_fn(f"Warning: {settings.host} can be reached from other machines. There is no TLS, "
-                  + ("the API key is the only guard" if settings.api_key else "and no API key (--api-key)")
-                  + ", and anyone who reaches it can use this computer's CPU.")
+    output_fn(start_line(model_id, sock))
+    warning = exposure_warning(settings.host, settings.api_key is not None)
+    if warning:
+        output_fn(warning)
     worker.start()
     try:
         server.run(sockets=[sock])

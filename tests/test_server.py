@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +21,7 @@ import openai
 import pytest
 
 from engine.chat_format import Message
+from engine.listening import exposure_warning, is_loopback, serving_subprocess
 from engine.storage import read_json, write_json
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 
@@ -40,7 +38,6 @@ SETTINGS = dict(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.2)
 @dataclass
 class RunningServer:
     url: str  # http://127.0.0.1:PORT/v1
-    process: subprocess.Popen
     model: str
 
     @property
@@ -51,28 +48,10 @@ class RunningServer:
 
 @contextmanager
 def running_server(model_dir: Path, *flags: str, log: Path) -> Iterator[RunningServer]:
-    """Start the server on a free port (--port 0), wait until /health says ok, stop it after."""
+    """The one way these tests start a server: on a free port, ready when this yields."""
     command = SERVE_COMMAND + ["--model-dir", str(model_dir), "--port", "0", *flags]
-    with open(log, "w") as err:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-    try:
-        first = process.stdout.readline()
-        found = re.search(r"http://\S+/v1", first)
-        assert found, f"no URL in the start line {first!r}; stderr: {log.read_text()}"
-        server = RunningServer(found.group(0), process, model_dir.name)
-        deadline = time.monotonic() + 60
-        while request(server, "GET", "/health")[0] != 200:
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        yield server
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        process.stdout.close()
+    with serving_subprocess(command, log) as child:
+        yield RunningServer(child.url, model_dir.name)
 
 
 def request(server: RunningServer, method: str, path: str, body: bytes | str | dict | None = None,
@@ -405,3 +384,25 @@ def test_a_model_that_cannot_load_is_503_with_the_reason():
         response = http.post("/v1/chat/completions", json=chat_body())
         assert response.status_code == 503 and "model.pth is damaged" in response.json()["error"]["message"]
         assert http.get("/health").json()["status"] == "failed"
+
+
+def test_run_serve_says_in_one_line_why_it_cannot_start(tmp_path, trained_copy):
+    from server import ServeSettings, run_serve
+
+    lines: list[str] = []
+    assert run_serve(tmp_path / "empty", ServeSettings(port=0), output_fn=lines.append) == 2
+    assert lines == [f"Error: no trained model in {tmp_path / 'empty'}; train one first (python interface.py)"]
+    folder = trained_copy("bpe", 1)
+    (folder / "model.pth").write_bytes(b"not weights")
+    lines.clear()
+    assert run_serve(folder, ServeSettings(port=0), output_fn=lines.append) == 1  # loads, fails, stops
+    assert lines[0].startswith(f"Serving {folder.name} at http://127.0.0.1:") and len(lines) == 2
+    assert lines[1].startswith("Error: cannot load the model: ")
+
+
+def test_only_loopback_addresses_are_quiet():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert is_loopback(host) and exposure_warning(host, False) is None
+    assert not is_loopback("0.0.0.0")
+    assert "no API key" in exposure_warning("0.0.0.0", False)
+    assert "the API key is the only guard" in exposure_warning("0.0.0.0", True)
