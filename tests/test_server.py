@@ -146,6 +146,13 @@ def test_the_same_seed_gives_the_same_text_and_a_stream_the_same_pieces(client, 
     assert chunks[-1].usage.completion_tokens == first.usage.completion_tokens
 
 
+def test_n_above_one_is_a_400_the_client_understands(client, server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}], n=2)
+    assert caught.value.status_code == 400
+    assert caught.value.body["param"] == "n" and "n must be 1" in caught.value.body["message"]
+
+
 def test_a_raw_stream_is_server_sent_events_ending_with_done(server):
     status, headers, body = request(server, "POST", "/completions",
                                     {"prompt": "Trains left", "max_tokens": 8, "stream": True, "seed": 1})
@@ -406,3 +413,39 @@ def test_only_loopback_addresses_are_quiet():
     assert not is_loopback("0.0.0.0")
     assert "no API key" in exposure_warning("0.0.0.0", False)
     assert "the API key is the only guard" in exposure_warning("0.0.0.0", True)
+
+
+def test_the_key_may_come_from_the_environment(monkeypatch):
+    import argparse
+
+    from server import ServeSettings, add_serve_arguments
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    monkeypatch.setenv("CUSTOM_LLM_API_KEY", "from-env")
+    assert ServeSettings.from_args(parser.parse_args([])).api_key == "from-env"
+    assert ServeSettings.from_args(parser.parse_args(["--api-key", "flag"])).api_key == "flag"
+    with pytest.raises(ValueError, match="--max-tokens-cap"):
+        ServeSettings.from_args(parser.parse_args(["--max-tokens-cap", "0"]))
+
+
+def test_a_body_that_never_arrives_is_a_408():
+    import asyncio
+
+    from engine.api_guard import Gate
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError("the app saw a request the gate should have refused")
+
+    async def slow_receive():
+        await asyncio.sleep(60)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [(b"content-length", b"100")]}
+    asyncio.run(Gate(app, api_key=None, max_body_bytes=1000, body_timeout_s=0.1)(scope, slow_receive, send))
+    assert sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
