@@ -638,13 +638,17 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     server process on 127.0.0.1 (server.py on a free port). Every request must succeed."""
     from engine.listening import serving_subprocess
 
-    # The same model in this process, one request at a time: the yardstick for what serving costs.
+    # The same model in this process, one request at a time, with the server's threads:
+    # the yardstick for what serving costs.
+    threads = torch.get_num_threads()
     gen = ResponseGenerator(str(model_dir))
+    serving_threads = hardware.configure_cpu_threads_for_serving()
     for _ in range(2):  # the first run warms up
         t0 = time.perf_counter()
         for _ in gen.complete(SERVER_PROMPTS[0], GenerationConfig(max_new_tokens=max_tokens, seed=0)):
             pass
         direct = gen.last_stats.completion_tokens / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     params = gen.model.num_params()
     del gen
     command = [sys.executable, str(ROOT / "server.py"), "--model-dir", str(model_dir), "--port", "0",
@@ -672,7 +676,7 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
             "latency_s": _percentiles([r["latency_s"] for r in ok]),
             "first_token_s": _percentiles([r["first_token_s"] for r in ok if r["first_token_s"] is not None]),
             "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "direct_tokens_per_s": direct, "other_load": load.share}
+            "direct_tokens_per_s": direct, "threads": serving_threads, "other_load": load.share}
 
 
 # ---------------------------------------------------------------------------------------
@@ -786,7 +790,8 @@ def print_report(r: dict) -> None:
             rows.append(("first token (streams)", f"p50 {first['p50']:.2f} s, p95 {first['p95']:.2f} s"))
         rows.append(("throughput", f"{sv['tokens_per_s']:,.0f} completion tokens/s ({sv['completion_tokens']:,} "
                                    f"in {sv['wall_s']:.1f} s)" + _load_note(sv["other_load"])))
-        rows.append(("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model)"))
+        rows.append(("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model and "
+                                                  f"{sv['threads']} thread(s), as the server uses)"))
         _table(f"Server under load ({sv['clients']} clients x {sv['per_client']} requests on 127.0.0.1, "
                f"up to {sv['max_tokens']} tokens each, {sv['params'] / 1e6:.2f}M parameters)", rows)
     elif r.get("server_note"):

@@ -336,6 +336,7 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
         output_fn(f"Error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
         return 2
     model_id = model_dir.resolve().name
+    log.info("generation uses %d thread(s)", hardware.configure_cpu_threads_for_serving())
     server: uvicorn.Server | None = None
 
     def on_loaded(error: str | None) -> None:
