@@ -358,6 +358,8 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
     worker.start()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn stops cleanly on Ctrl+C, then raises it again for its caller
+        output_fn("Stopped.")
     finally:
         worker.close()
         sock.close()

@@ -52,6 +52,7 @@ def running_server(model_dir: Path, *flags: str, log: Path) -> Iterator[RunningS
     command = SERVE_COMMAND + ["--model-dir", str(model_dir), "--port", "0", *flags]
     with serving_subprocess(command, log) as child:
         yield RunningServer(child.url, model_dir.name)
+    assert child.process.returncode == 0, log.read_text()
 
 
 def request(server: RunningServer, method: str, path: str, body: bytes | str | dict | None = None,
@@ -87,6 +88,8 @@ def server(model_folder, tmp_path_factory) -> Iterator[RunningServer]:
     with running_server(model_folder, "--api-key", KEY, "--max-tokens-cap", str(CAP),
                         "--max-body-bytes", str(MAX_BODY), log=log) as running:
         yield running
+    # Nothing any test sent, however hostile, made the server log a traceback, nor did Ctrl+C.
+    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 @pytest.fixture(scope="module")
