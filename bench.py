@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: training and generation speed, the data path, and quality per minute.
+"""Benchmark: training and generation speed, the data path, quality per minute, the server under load.
 
 Times our own code paths (the trainer's step, the generator's token loop, the
 tokenizer wrappers), then runs Hugging Face transformers' GPT-2 at the identical
@@ -10,6 +10,7 @@ never at the same time, and prints the ratios ours/theirs.
     python bench.py --quick            # fewer steps, 1x corpus only (about a minute)
     python bench.py --quality          # adds a 165 s training run on tinyshakespeare
     python bench.py --json out.json    # also write every number as JSON
+    python bench.py --skip train,gen,data,reference   # only the server load run (16 clients x 4 requests)
 
 ``transformers`` is needed for the reference only (``pip install -r
 requirements-bench.txt``); without it that section is skipped with a note.
@@ -22,6 +23,7 @@ flags numbers taken on a busy machine.
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import json
 import math
@@ -32,15 +34,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 
 from engine import hardware
 from engine.reports import RunStarted, StepDone
-from engine.sources import open_source
+from engine.sources import open_source, source_from_text
 from engine.tokenizer import chunk_text, train_tokenizer
 from engine.windows import TokenDataset, tokenize_source
 from model import GPT, Decoder, ModelConfig
@@ -564,6 +568,118 @@ def bench_half_weights(model: GPT, ids: list[int]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# The server under load: many clients at once, on 127.0.0.1 only, a fixed number of requests
+
+SERVER_PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further,", "What is the king's name?",
+                  "Speak, speak."]
+SERVER_TRAIN_CHARS = 200_000  # the start of the corpus, for a model worth serving in seconds
+
+
+def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> Path:
+    """A model folder to serve: the benchmark's model size, one epoch on the start of the corpus."""
+    from trainer import Trainer
+
+    folder = workdir / "server_model"
+    text = corpus.read_text(encoding="utf-8", errors="replace")[:SERVER_TRAIN_CHARS]
+    Trainer(str(folder), "bpe", model_overrides={"d_model": cfg.d_model, "n_layer": cfg.n_layer,
+                                                 "n_head": cfg.n_head, "context": cfg.context},
+            train_overrides={"target_vocab_size": cfg.vocab_size, "batch_size": batch}).train(
+        source_from_text(text), 1)
+    return folder
+
+
+def _server_request(host: str, port: int, index: int, max_tokens: int) -> dict:
+    """One client's request (chat or completion, streamed or not, by ``index``): latency and tokens."""
+    stream, chat = index % 2 == 1, index % 4 < 2
+    prompt = SERVER_PROMPTS[index % len(SERVER_PROMPTS)]
+    body: dict = {"max_tokens": max_tokens, "seed": index, "stream": stream}
+    if chat:
+        path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
+    else:
+        path, body["prompt"] = "/v1/completions", prompt
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    t0, first, usage = time.perf_counter(), None, None
+    conn = http.client.HTTPConnection(host, port, timeout=300)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return {"error": f"HTTP {response.status}: {response.read()[:200]!r}"}
+        if not stream:
+            usage = json.loads(response.read())["usage"]
+        for line in response if stream else ():
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+                choice = event["choices"][0] if event["choices"] else {}
+                if first is None and (choice.get("text") or choice.get("delta", {}).get("content")):
+                    first = time.perf_counter() - t0
+    except (OSError, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        conn.close()
+    if usage is None:
+        return {"error": "no usage in the answer"}
+    return {"latency_s": time.perf_counter() - t0, "first_token_s": first, "tokens": usage["completion_tokens"]}
+
+
+def _percentiles(values: list[float]) -> dict:
+    """p50, p95 (nearest rank) and the maximum."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    rank = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
+    return {"p50": rank(0.50), "p95": rank(0.95), "max": ordered[-1]}
+
+
+def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int, workdir: Path) -> dict:
+    """``clients`` threads, each sending ``per_client`` requests one after another, to a real
+    server process on 127.0.0.1 (server.py on a free port). Every request must succeed."""
+    from engine.listening import serving_subprocess
+
+    # The same model in this process, one request at a time, with the server's threads:
+    # the yardstick for what serving costs.
+    threads = torch.get_num_threads()
+    gen = ResponseGenerator(str(model_dir))
+    serving_threads = hardware.configure_cpu_threads_for_serving()
+    for _ in range(2):  # the first run warms up
+        t0 = time.perf_counter()
+        for _ in gen.complete(SERVER_PROMPTS[0], GenerationConfig(max_new_tokens=max_tokens, seed=0)):
+            pass
+        direct = gen.last_stats.completion_tokens / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    params = gen.model.num_params()
+    del gen
+    command = [sys.executable, str(ROOT / "server.py"), "--model-dir", str(model_dir), "--port", "0",
+               "--max-waiting", str(clients * per_client)]
+    results: list[dict] = []
+    with OtherLoad() as load, serving_subprocess(command, workdir / "server.log") as child:
+        address = urlsplit(child.url)
+
+        def client(c: int) -> None:
+            for r in range(per_client):
+                results.append(_server_request(address.hostname, address.port, c * per_client + r, max_tokens))
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "params": params,
+            "requests": clients * per_client, "succeeded": len(ok),
+            "errors": [r["error"] for r in results if "error" in r][:5],
+            "latency_s": _percentiles([r["latency_s"] for r in ok]),
+            "first_token_s": _percentiles([r["first_token_s"] for r in ok if r["first_token_s"] is not None]),
+            "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "direct_tokens_per_s": direct, "threads": serving_threads, "other_load": load.share}
+
+
+# ---------------------------------------------------------------------------------------
 # Printing
 
 def _load_note(share: float | None) -> str:
@@ -663,6 +779,24 @@ def print_report(r: dict) -> None:
             print(f"  ours/theirs, generation with fp32 weights (ours {race_result['ours_gen_fp32']['median']:,.0f} "
                   f"tokens/s): median {g32['median']:.2f}x (min {g32['min']:.2f}x, max {g32['max']:.2f}x)")
 
+    sv = r.get("server")
+    if sv:
+        lat, first = sv["latency_s"], sv["first_token_s"]
+        rows = [("requests", f"{sv['succeeded']} of {sv['requests']} succeeded" +
+                 ("" if sv["succeeded"] == sv["requests"] else f"  !! FAILED: {'; '.join(sv['errors'])}")),
+                ("latency", f"p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, max {lat['max']:.2f} s"
+                 if lat else "none")]
+        if first:
+            rows.append(("first token (streams)", f"p50 {first['p50']:.2f} s, p95 {first['p95']:.2f} s"))
+        rows.append(("throughput", f"{sv['tokens_per_s']:,.0f} completion tokens/s ({sv['completion_tokens']:,} "
+                                   f"in {sv['wall_s']:.1f} s)" + _load_note(sv["other_load"])))
+        rows.append(("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model and "
+                                                  f"{sv['threads']} thread(s), as the server uses)"))
+        _table(f"Server under load ({sv['clients']} clients x {sv['per_client']} requests on 127.0.0.1, "
+               f"up to {sv['max_tokens']} tokens each, {sv['params'] / 1e6:.2f}M parameters)", rows)
+    elif r.get("server_note"):
+        print(f"\n== Server under load\n  {r['server_note']}")
+
     q = r.get("quality")
     if q:
         c, h = q["config"], q.get("half_weights")
@@ -700,7 +834,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (3)")
     p.add_argument("--rounds", type=int, help="ours-then-theirs rounds of the race (3; quick 1)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast training row")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: train,gen,data,reference")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: train,gen,data,reference,server")
+    p.add_argument("--server-clients", type=int, default=16, help="clients of the server load run (16)")
+    p.add_argument("--server-requests", type=int, default=4, help="requests each client sends, in turn (4)")
+    p.add_argument("--server-max-tokens", type=int, default=64, help="max_tokens of each request (64)")
+    p.add_argument("--server-model", metavar="DIR",
+                   help="serve this model folder (default: train the model size above briefly on the corpus)")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="text for the data and quality sections")
     p.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="the reference script")
     p.add_argument("--wait-idle", type=float, default=60.0,
@@ -775,6 +914,15 @@ def main(argv: list[str] | None = None) -> int:
             report["race"] = race(Path(args.reference), cfg, gen_cfg, gen_tok, args.batch, steps, args.warmup,
                                   new_tokens, prompt_len, gen_repeats, args.rounds, args.wait_idle)
             report["reference"] = report["race"].pop("reference", report["race"])
+        if "server" not in skip:
+            if args.server_model or corpus.exists():
+                model_dir = Path(args.server_model) if args.server_model else server_model(corpus, cfg, args.batch,
+                                                                                           workdir)
+                report["server"] = measure_when_quiet(lambda: bench_server(
+                    model_dir, args.server_clients, args.server_requests, args.server_max_tokens, workdir),
+                    args.wait_idle)
+            else:
+                report["server_note"] = f"skipped: {corpus} not found (or give --server-model DIR)"
         if args.quality:
             if corpus.exists():
                 idle()

@@ -374,13 +374,15 @@ class ResponseGenerator:
         """The chat tokens, when this model has been fine-tuned on conversations (else None)."""
         return chat_ids_in_force(self.meta, self.tokenizer)
 
-    def chat(self, messages: list[Message], cfg: GenerationConfig) -> Iterator[str]:
+    def chat(self, messages: list[Message], cfg: GenerationConfig,
+             stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Stream the assistant's reply to ``messages`` (which end with the user's turn).
 
         A chat-tuned model gets the learned format and stops at its end-of-turn token;
         any other model gets the plain 'User:/AI:' text and stops where a new line
-        starts the next turn. When the conversation does not fit the context, the
-        oldest turns are dropped (a system message is kept) and a notice says so.
+        starts the next turn. ``stop_strings`` end the reply too (the server's ``stop``).
+        When the conversation does not fit the context, the oldest turns are dropped
+        (a system message is kept) and a notice says so.
         """
         check_messages(messages, need_reply=False)
         if messages[-1].role != "user":
@@ -405,8 +407,8 @@ class ResponseGenerator:
         if self.chat_ids is not None:
             # <|end|> closes the reply; a role token would start someone else's turn: never shown.
             ends = frozenset({self.chat_ids.end, self.chat_ids.user, self.chat_ids.system})
-            return strip_leading_space(self.stream_ids(ids, cfg, stop_ids=ends))
-        return strip_leading_space(self.stream_ids(ids, cfg, CHAT_STOPS))
+            return strip_leading_space(self.stream_ids(ids, cfg, stop_strings, ends))
+        return strip_leading_space(self.stream_ids(ids, cfg, CHAT_STOPS + tuple(stop_strings)))
 
 
 class ChatSession:

@@ -45,3 +45,11 @@ def test_half_weight_quality_check_scores_every_held_out_token():
     assert 7.5 < result["fp32_bits_per_token"] < 9
     assert abs(result["fp16_bits_per_token"] - result["fp32_bits_per_token"]) < 1e-3
     assert result["top1_agreement"] > 0.9
+
+
+def test_the_server_load_run_answers_every_request(trained_once, tmp_path):
+    result = bench.bench_server(trained_once("bpe", 1), clients=4, per_client=2, max_tokens=8, workdir=tmp_path)
+    assert result["succeeded"] == result["requests"] == 8 and not result["errors"]
+    assert 0 < result["completion_tokens"] <= 8 * 8 and result["tokens_per_s"] > 0
+    assert result["latency_s"]["p50"] <= result["latency_s"]["p95"] <= result["latency_s"]["max"]
+    assert result["first_token_s"], "half the requests stream"

@@ -248,6 +248,16 @@ def test_chat_keeps_history_and_drops_oldest_turns(generator):
     assert session.messages == []
 
 
+def test_chat_stop_strings_end_the_reply_where_they_start(generator):
+    cfg = GenerationConfig(max_new_tokens=30, seed=4)
+    messages = [Message("user", "tell me about the river")]
+    full = "".join(generator.chat(messages, cfg))
+    at = next(i for i in range(3, len(full) - 1) if not full[i:i + 2].isspace() and " " not in full[i:i + 2])
+    stop = full[at:at + 2]
+    assert "".join(generator.chat(messages, cfg, stop_strings=(stop,))) == full[:full.index(stop)]
+    assert generator.last_stats.finish_reason == "stop"
+
+
 def test_long_prompt_is_cut_from_the_left_with_a_notice(generator):
     list(generator.complete("word " * 200, GenerationConfig(max_new_tokens=5, seed=0)))
     assert any("start was cut" in n for n in generator.notices)
