@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+import server
 from distributed_training import add_distributed_arguments, run_distributed_training
 from engine import hardware
 from engine.display import ConsoleOutput
@@ -35,6 +36,7 @@ from engine.loss_plot import draw_loss_plot
 from engine.model_export import DTYPES, FORMATS, DestinationInUse, export_model, guess_format
 from engine.model_folder import LOSS_PLOT_FILE, ModelFolder
 from engine.sources import Source, open_source, source_from_text
+from server import add_serve_arguments
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "custom_llm"
 DEFAULT_EPOCHS = 3
@@ -150,8 +152,7 @@ def add_all_flags(p: argparse.ArgumentParser) -> None:
 
 
 # -- the subcommands --------------------------------------------------------------------------
-# Each: (help line, flag groups, its own arguments, what runs it). The server (its own
-# issue) adds "serve" to this table with the general, runtime and generation flags.
+# Each: (help line, flag groups, its own arguments, what runs it).
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", metavar="PATH",
@@ -246,6 +247,13 @@ def run_continue(args: argparse.Namespace, app: MenuApp) -> int:
         _note(f"the interrupted run on {run.name} is left unfinished; continue --resume would have finished it")
     expand = args.expand_vocab
     return _training_status(app.continue_on(trainer, source, expand, args.new_tokens if expand else 0, args.epochs))
+
+
+def run_serve_command(args: argparse.Namespace, app: MenuApp) -> int:
+    """The OpenAI-compatible server until Ctrl+C; the generation flags are each request's defaults."""
+    _require_model(app)
+    return server.run_serve(app.model_dir, args, app.gen_cfg, app.runtime,
+                            output_fn=lambda line: print(line, flush=True), verbose=args.verbose)
 
 
 def run_chat(args: argparse.Namespace, app: MenuApp) -> int:
@@ -356,6 +364,8 @@ COMMANDS: dict[str, tuple[str, tuple, Callable, Callable[[argparse.Namespace, Me
     "info": ("hardware, device and the model's size", (add_general_flags, add_runtime_flags), _info_args, run_info),
     "export": ("write the model for transformers (hf) or llama.cpp/Ollama (gguf)", (add_general_flags,),
                _export_args, run_export),
+    "serve": ("serve the model over the OpenAI API (on 127.0.0.1 unless --host says otherwise)",
+              (add_general_flags, add_runtime_flags, add_generation_flags), add_serve_arguments, run_serve_command),
 }
 
 

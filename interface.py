@@ -18,6 +18,7 @@ from typing import Callable
 
 import cli
 import continual
+import server
 from chat_repl import ChatLoop
 from cli import MAX_EPOCHS, USER_ERRORS
 from engine import hardware
@@ -51,7 +52,8 @@ TRAINING_MENU = ("Training Menu", [("Train from File", "train_from_file"),
                                    ("Back to Main Menu", None)])
 RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
                                    ("Text Generation", "text_generation"),
-                                   ("Model Information", "model_information"), ("Back to Main Menu", None)])
+                                   ("Model Information", "model_information"),
+                                   ("Serve (OpenAI API)", "serve"), ("Back to Main Menu", None)])
 # USER_ERRORS (from cli): what a user can cause, shown as one line; the menu carries on.
 # Conversation sets are small; more passes than over text (measured: scripts/chat_experiment.py).
 DEFAULT_CHAT_EPOCHS = 12
@@ -468,6 +470,16 @@ class App:
             ChatLoop(session, self.ask, self.out, self.show_stream, model_line).run()
         finally:
             self.gen_cfg = session.cfg  # settings changed in the chat stay for the next one
+
+    def serve(self) -> None:
+        """The OpenAI-compatible server on this machine, until Ctrl+C brings the menu back."""
+        port = self.ask_number("Port", 8000, 1, 65535, "the port")
+        self.out("Serving on 127.0.0.1 only (python interface.py serve --host ... to expose it); "
+                 "Ctrl+C stops the server and returns here.")
+        code = server.run_serve(self.model_dir, server.ServeSettings(port=port), self.gen_cfg, self.runtime,
+                                output_fn=self.out)
+        if code:
+            self.out("The server did not start; the line above says why.")
 
     def model_information(self) -> None:
         info = self.generator.info()

@@ -26,7 +26,7 @@ MENU_TRAIN_STATUS_QA_CHAT_INFO = [
     "Hello there",
     "What about the orchard?",
     "/exit",
-    "5",  # Back
+    "6",  # Back
     "3",  # System Information
     "5",  # Exit
 ]
@@ -135,7 +135,7 @@ def test_chat_commands(tmp_path, sample_file):
     answers = ["bpe", "1", "1", str(sample_file), "1", "6", "2", "2",
                "/help", "/temp 0", "/len 5", "/topk 3", "/seed 4", "/set top_p 0.5", "/set repeat_penalty 1.2",
                "/temp hot", "/set warmth 3", "/bogus", "", "hi", '"""two', "lines", 'here"""', "/show", "/reset",
-               "/exit", "3", "The river", "", "4", "5", "5"]
+               "/exit", "3", "The river", "", "4", "6", "5"]
     code, out = run_app(tmp_path, answers)
     assert code == 0
     assert "Chat commands:" in out and "/system TEXT" in out
@@ -242,7 +242,7 @@ def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
 @pytest.mark.slow
 def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
     # A time budget keeps this short; the corpus itself is ~460 KB of Python docs.
-    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "5", "5"],
+    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "6", "5"],
                         "--max-minutes", "0.05")
     assert code == 0
     assert "built-in corpus (Python documentation topics)" in out
@@ -287,3 +287,18 @@ def test_ctrl_c_during_an_answer_stops_only_that_answer(tmp_path):
     app.generator = Stub()
     app.show_stream("AI: ", pieces())
     assert out == ["AI: Hello wor [stopped]", "Note: a notice"]
+
+
+def test_serve_from_the_response_menu_reports_a_taken_port_and_carries_on(trained_copy, tmp_path):
+    import shutil
+    import socket
+
+    shutil.copytree(trained_copy("bpe", 1), tmp_path / "model")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, out = run_app(tmp_path, ["2", "5", str(port), "4", "6", "5"])
+    assert code == 0 and "Serving on 127.0.0.1 only" in out
+    assert "The server did not start" in out and str(port) in out
+    assert "=== Model Information ===" in out and out.rstrip().endswith("Goodbye.")

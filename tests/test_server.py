@@ -27,7 +27,7 @@ from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 
 from conftest import ROOT
 
-SERVE_COMMAND = [sys.executable, str(ROOT / "server.py")]  # later: interface.py serve
+SERVE_COMMAND = [sys.executable, str(ROOT / "interface.py"), "serve"]
 KEY = "test-key-123"
 CAP = 2000
 MAX_BODY = 65536
