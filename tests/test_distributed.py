@@ -157,7 +157,7 @@ def test_a_folder_trained_by_two_processes_opens_in_the_menu_and_chats(two_proce
     folder, _ = two_process_run
     state = torch.load(folder / "model.pth", weights_only=True)
     assert not any(key.startswith("module.") for key in state)  # DDP's prefix never reaches the folder
-    menu = ["2", "2", "Hello there", "/bye", "5", "4"]  # Response, Chat, a message, leave, Back, Exit
+    menu = ["2", "2", "Hello there", "/bye", "6", "5"]  # Response, Chat, a message, leave, Back, Exit
     proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "--model-dir", str(folder),
                            "--max-new-tokens", "12", "--seed", "1"], input="\n".join(menu) + "\n",
                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
