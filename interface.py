@@ -20,9 +20,9 @@ import cli
 import continual
 import server
 from chat_repl import ChatLoop
-from cli import MAX_EPOCHS, USER_ERRORS
+from cli import DEFAULT_CHAT_EPOCHS, MAX_EPOCHS, USER_ERRORS
 from engine import hardware
-from engine.conversations import open_conversations
+from engine.conversations import ConversationSource, open_conversations
 from engine.display import (
     ConsoleOutput,
     TrainingProgress,
@@ -55,8 +55,6 @@ RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
                                    ("Model Information", "model_information"),
                                    ("Serve (OpenAI API)", "serve"), ("Back to Main Menu", None)])
 # USER_ERRORS (from cli): what a user can cause, shown as one line; the menu carries on.
-# Conversation sets are small; more passes than over text (measured: scripts/chat_experiment.py).
-DEFAULT_CHAT_EPOCHS = 12
 
 
 class EndOfInput(Exception):
@@ -345,13 +343,19 @@ class App:
             self.out("There is no model yet: train it on text first (Train from File), then on conversations.")
             return
         spec = self.ask("Conversation file or folder, JSONL (press Enter for the built-in conversations): ")
-        source = open_conversations(spec)
+        source = self.describe_conversations(open_conversations(spec))
+        epochs = self.ask_number("Number of epochs", DEFAULT_CHAT_EPOCHS, 1, MAX_EPOCHS, "the number of epochs")
+        self.finetune_on(source, epochs)
+
+    def describe_conversations(self, source: ConversationSource) -> ConversationSource:
         self.out(f"Data: {source.name} ({len(source.conversations):,} conversations, {human_bytes(source.n_bytes)})")
         for note in source.notes:
             self.out(f"Note: {note}")
-        epochs = self.ask_number("Number of epochs", DEFAULT_CHAT_EPOCHS, 1, MAX_EPOCHS, "the number of epochs")
+        return source
+
+    def finetune_on(self, source: ConversationSource, epochs: int) -> TrainResult | None:
         trainer = self.make_trainer()
-        self.drive(trainer, lambda on_event, stop: trainer.train_conversations(source, epochs, on_event, stop))
+        return self.drive(trainer, lambda on_event, stop: trainer.train_conversations(source, epochs, on_event, stop))
 
     def training_status(self) -> None:
         status = ModelFolder(self.model_dir).status()

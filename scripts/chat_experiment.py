@@ -79,7 +79,7 @@ def text_bpb(trainer: Trainer) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pretrain-minutes", type=float, default=4.0)
-    p.add_argument("--epochs", type=int, default=12, help="passes over the conversations")
+    p.add_argument("--epochs", type=int, default=30, help="passes over the conversations (the menu's default)")
     p.add_argument("--json", default="chat_results.json")
     p.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     args = p.parse_args()

@@ -173,3 +173,21 @@ def test_export_from_the_main_menu(trained_once, tmp_path):
     assert code == 0 and "  4. Export" in text and "  5. Exit" in text
     assert f"Exported to {tmp_path / 'm.gguf'}" in text and f"Exported to {tmp_path / 'hf'}" in text
     assert (tmp_path / "m.gguf").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_finetune_on_a_conversation_file_makes_a_chat_model(trained_copy, tmp_path):
+    from engine.chat_format import Message
+    from engine.conversations import append_conversation
+
+    folder = trained_copy("bpe", 1)
+    chats = tmp_path / "chats.jsonl"
+    append_conversation(chats, [Message("user", "Name a fruit."), Message("assistant", "An apple.")])
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "finetune", str(chats), "--model-dir",
+                           str(folder), "--chat-epochs", "2"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "1 conversations" in proc.stdout + proc.stderr and "Training complete" in proc.stdout + proc.stderr
+    assert json.loads((folder / "config.json").read_text())["chat_tuned"] is True
+    bad = subprocess.run([sys.executable, str(ROOT / "interface.py"), "finetune", str(tmp_path / "bad.jsonl"),
+                          "--model-dir", str(folder)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 1 and "no usable conversation" in bad.stderr and "Traceback" not in bad.stderr
