@@ -36,6 +36,7 @@ from engine.distributed import launched_by_torchrun
 from engine.loss_plot import draw_loss_plot
 from engine.model_export import DTYPES, FORMATS, DestinationInUse, export_model, guess_format
 from engine.model_folder import LOSS_PLOT_FILE, ModelFolder
+from engine.reports import USER_ERRORS
 from engine.sources import Source, open_source, source_from_text
 from server import add_serve_arguments
 
@@ -46,7 +47,6 @@ MAX_EPOCHS = 10_000
 # 84% (scripts/chat_experiment.py, README "Chat models").
 DEFAULT_CHAT_EPOCHS = 30
 # What a user can cause: one line, and exit status 1.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 # 130 and 143 are 128 + SIGINT and 128 + SIGTERM, as a shell reports a process those signals ended.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 

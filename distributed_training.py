@@ -34,12 +34,10 @@ from engine.distributed import (
     launched_by_torchrun,
     lost_contact,
 )
-from engine.reports import EpochStarted, StepDone, TrainingEvent, TrainResult
+from engine.reports import USER_ERRORS, EpochStarted, StepDone, TrainingEvent, TrainResult
 from engine.sources import open_source
 from trainer import TIME_LIMIT, StopFlag, Trainer
 
-# What a user can cause: one line, no traceback (as in the menu).
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 EXIT_CODES = {"": 0, TIME_LIMIT: 0, "interrupted": 130, "terminated": 143}
 
 
@@ -54,11 +52,11 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print one line every N steps instead of a progress bar (0: the bar)")
 
 
-def make_trainer(args: argparse.Namespace, runtime: hardware.Runtime,
-                 distributed: Distributed | None = None) -> Trainer:
-    """The Trainer the flags describe (the same mapping as the menu's)."""
+def make_trainer(args: argparse.Namespace, runtime: hardware.Runtime, distributed: Distributed | None = None,
+                 tokenizer_kind: str | None = None) -> Trainer:
+    """The Trainer the flags describe: the one mapping of flags to settings, for every door."""
     return Trainer(
-        str(args.model_dir), args.tokenizer or "bpe",
+        str(args.model_dir), tokenizer_kind or args.tokenizer or "bpe",
         model_overrides={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head,
                          "context": args.context, "dropout": args.dropout},
         train_overrides={"learning_rate": args.lr, "batch_size": args.batch_size,

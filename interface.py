@@ -20,7 +20,8 @@ import cli
 import continual
 import server
 from chat_repl import ChatLoop
-from cli import DEFAULT_CHAT_EPOCHS, MAX_EPOCHS, USER_ERRORS
+from cli import DEFAULT_CHAT_EPOCHS, MAX_EPOCHS
+from distributed_training import make_trainer
 from engine import hardware
 from engine.conversations import ConversationSource, open_conversations
 from engine.display import (
@@ -34,7 +35,7 @@ from engine.display import (
 from engine.distributed import launched_by_torchrun
 from engine.model_export import DTYPES, DestinationInUse, default_destination, export_model
 from engine.model_folder import HISTORY_FILE, LOSS_PLOT_FILE, ModelFolder
-from engine.reports import ContinualReport, ExportReport, TrainResult
+from engine.reports import USER_ERRORS, ContinualReport, ExportReport, TrainResult
 from engine.sources import Source, open_source, source_from_text
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 from trainer import StopFlag, Trainer
@@ -54,7 +55,7 @@ RESPONSE_MENU = ("Response Menu", [("Q&A", "question_answer"), ("Chat", "chat"),
                                    ("Text Generation", "text_generation"),
                                    ("Model Information", "model_information"),
                                    ("Serve (OpenAI API)", "serve"), ("Back to Main Menu", None)])
-# USER_ERRORS (from cli): what a user can cause, shown as one line; the menu carries on.
+# USER_ERRORS (engine.reports): what a user can cause, shown as one line; the menu carries on.
 
 
 class EndOfInput(Exception):
@@ -197,16 +198,7 @@ class App:
 
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self) -> Trainer:
-        a = self.args
-        trainer = Trainer(
-            str(self.model_dir), self.tokenizer_kind or "bpe",
-            model_overrides={"d_model": a.d_model, "n_layer": a.n_layer, "n_head": a.n_head,
-                             "context": a.context, "dropout": a.dropout},
-            train_overrides={"learning_rate": a.lr, "batch_size": a.batch_size, "target_vocab_size": a.target_vocab_size,
-                             "checkpoint_every": a.checkpoint_every, "max_minutes": a.max_minutes,
-                             "seed": a.train_seed, "compile": a.compile},
-            runtime=self.runtime, preset=a.preset)
-        return trainer
+        return make_trainer(self.args, self.runtime, tokenizer_kind=self.tokenizer_kind)
 
     def training_menu(self) -> None:
         self.menu_loop(TRAINING_MENU)

@@ -13,6 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
+# What a user can cause (a bad path, a full disk, a diverging loss): every door shows these
+# as one line and carries on or exits; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
+
 
 def _known(cls, d: dict) -> dict:
     names = {f.name for f in fields(cls)}
