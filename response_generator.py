@@ -10,6 +10,7 @@ import bisect
 import codecs
 import itertools
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator
@@ -86,8 +87,13 @@ class ModelInfo:
         return self.parameters * 4 / 2**20  # fp32 weights
 
 
+def penalised(value: float, penalty: float) -> float:
+    """The repetition penalty on one logit: positive ones divided, negative ones multiplied."""
+    return value / penalty if value > 0 else value * penalty
+
+
 def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make recently used tokens less likely (divide positive logits, multiply negative)."""
+    """Make recently used tokens less likely, over the whole vocabulary (a new tensor)."""
     if penalty == 1.0 or recent.numel() == 0:
         return logits
     logits = logits.clone()
@@ -96,32 +102,59 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty
     return logits
 
 
-def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0) -> int:
-    """Pick the next id from 1-D fp32 ``logits``. Temperature 0 (or near it) is greedy.
+def best_candidates(logits: torch.Tensor, k: int, penalty: float = 1.0,
+                    recent: frozenset[int] | set[int] = frozenset()) -> tuple[list[float], list[int]]:
+    """The ``k`` largest logits after the repetition penalty, largest first, as lists.
 
-    With top-k set, only the k best logits are sorted (``topk``), never the whole
-    vocabulary; temperature keeps their order, so it is applied to those k alone.
-    Top-p keeps the smallest prefix whose mass reaches p. The draw itself is plain
-    Python over the k probabilities: each tensor operation costs several
-    microseconds at this size, more than the arithmetic, and this runs every token.
+    The penalty only ever lowers a logit, so the k best after it are among the
+    k + len(recent) best before it: at most len(recent) of those can drop out, and
+    every id beyond them was already below k unpenalised ones. So only that many
+    are taken from the vocabulary (``topk``), and the penalty and the re-sort run in
+    Python on those few, never as tensor passes over the whole vocabulary: at batch
+    size 1 each such pass costs more than the arithmetic (this runs every token).
     """
-    if temperature < 1e-4:  # dividing by a near-zero temperature overflows: it is greedy anyway
-        return int(torch.argmax(logits))
-    if top_k and top_k < logits.numel():
-        values, ids = torch.topk(logits, top_k)  # sorted, largest first
+    vocab = logits.numel()
+    take = min(vocab, k + (len(recent) if penalty != 1.0 else 0))
+    if take < vocab:
+        values, ids = torch.topk(logits, take)  # sorted, largest first
     else:
         values, ids = torch.sort(logits, descending=True)
-    probs = torch.softmax(values / temperature, dim=-1).tolist()
-    cumulative = list(itertools.accumulate(probs))
-    kept = len(probs)
+    values, ids = values.tolist(), ids.tolist()
+    if penalty != 1.0 and recent:
+        values = [penalised(v, penalty) if i in recent else v for v, i in zip(values, ids)]
+        order = sorted(range(len(ids)), key=values.__getitem__, reverse=True)
+        values, ids = [values[j] for j in order], [ids[j] for j in order]
+    return values[:k], ids[:k]
+
+
+def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0,
+                      recent: frozenset[int] | set[int] = frozenset()) -> int:
+    """Pick the next id from 1-D fp32 ``logits``. Temperature 0 (or near it) is greedy.
+
+    ``recent`` ids get the repetition ``penalty`` first (see ``best_candidates``).
+    With top-k set, only the k best logits are sorted, never the whole vocabulary;
+    temperature keeps their order, so it is applied to those k alone. Top-p keeps the
+    smallest prefix whose mass reaches p. The softmax and the draw are plain Python
+    over the k values: each tensor operation costs several microseconds at this size.
+    """
+    if temperature < 1e-4:  # dividing by a near-zero temperature overflows: it is greedy anyway
+        if penalty == 1.0 or not recent:
+            return int(torch.argmax(logits))
+        return best_candidates(logits, 1, penalty, recent)[1][0]
+    vocab = logits.numel()
+    values, ids = best_candidates(logits, top_k if top_k and top_k < vocab else vocab, penalty, recent)
+    top = values[0]
+    weights = [math.exp((v - top) / temperature) for v in values]
+    cumulative = list(itertools.accumulate(weights))
+    kept = len(weights)
     if top_p < 1.0:
-        # Token i stays while the mass before it, cumulative[i - 1], is below p.
-        kept = min(kept, 1 + bisect.bisect_left(cumulative, top_p))
-    # The first token whose cumulative mass exceeds u: never one of probability 0,
+        # Token i stays while the mass before it, cumulative[i - 1], is below p of the whole.
+        kept = min(kept, 1 + bisect.bisect_left(cumulative, top_p * cumulative[-1]))
+    # The first token whose cumulative mass exceeds u: never one of weight 0,
     # since the token before it has the same cumulative mass.
     u = rng.random() * cumulative[kept - 1]
-    return int(ids[min(bisect.bisect_right(cumulative, u, 0, kept), kept - 1)])
+    return ids[min(bisect.bisect_right(cumulative, u, 0, kept), kept - 1)]
 
 
 class TextStreamer:
@@ -297,6 +330,7 @@ class ResponseGenerator:
         decoder = self._decoder() if use_cache else None
         cache = decoder.new_cache() if decoder is not None else None
         pending = visible  # ids the cache has not seen yet
+        exempt = stop_ids | {self.tokenizer.eot_id}
         for _ in range(cfg.max_new_tokens):
             if len(visible) > self.context:  # the same rule for both paths
                 visible = visible[-(self.context // 2):]
@@ -309,10 +343,12 @@ class ResponseGenerator:
                 with self.runtime.generation_autocast():
                     logits, _ = model(torch.tensor([visible], device=device), last_only=True)
                 logits = logits[0, -1].float()
-            if cfg.repetition_penalty != 1.0:  # skip the tensor build on the hot path when off
-                recent = torch.tensor(visible[-REPETITION_WINDOW:], device=device)
-                logits = apply_repetition_penalty(logits, recent, cfg.repetition_penalty)
-            next_id = sample_next_token(logits, rng, cfg.temperature, cfg.top_k, cfg.top_p)
+            # The penalty never falls on the end of text or a stop id (a chat's <|end|> and
+            # role tokens): the prompt is full of them, and a model that must not end its
+            # turn because the last turn ended would talk on past it.
+            recent = set(visible[-REPETITION_WINDOW:]) - exempt if cfg.repetition_penalty != 1.0 else set()
+            next_id = sample_next_token(logits, rng, cfg.temperature, cfg.top_k, cfg.top_p,
+                                        cfg.repetition_penalty, recent)
             if next_id == self.tokenizer.eot_id or next_id in stop_ids:
                 self.finish_reason = "stop"
                 return

@@ -16,6 +16,7 @@ from response_generator import (
     ResponseGenerator,
     TextStreamer,
     apply_repetition_penalty,
+    best_candidates,
     render_plain,
     sample_next_token,
 )
@@ -107,6 +108,43 @@ def test_repetition_penalty_lowers_recent_tokens():
     logits = torch.tensor([2.0, -2.0, 1.0])
     out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=2, max_size=40, unique=True),
+       st.integers(1, 45), st.sets(st.integers(0, 39), max_size=20), st.sampled_from([1.0, 1.1, 2.0]))
+def test_best_candidates_equal_penalising_the_whole_vocabulary(values, k, recent, penalty):
+    """The few-candidates shortcut gives the same ranking as penalising every logit."""
+    logits = torch.tensor(values)
+    recent = {i for i in recent if i < len(values)}
+    whole = apply_repetition_penalty(logits, torch.tensor(sorted(recent), dtype=torch.long), penalty)
+    k = min(k, len(values))
+    expected_values, expected_ids = torch.topk(whole, k)
+    got_values, got_ids = best_candidates(logits, k, penalty, recent)
+    assert got_ids == expected_ids.tolist()
+    assert got_values == pytest.approx(expected_values.tolist(), rel=1e-6)
+    assert sample_next_token(logits, random.Random(0), 0, penalty=penalty, recent=recent) == int(torch.argmax(whole))
+
+
+def test_the_penalty_never_falls_on_the_end_of_a_turn(generator):
+    """An <|end|> the prompt already holds must not make ending this turn less likely."""
+    end, other = 5, 6
+
+    class FixedLogits:  # the end of turn just ahead of another token, at every step
+        def new_cache(self):
+            return None
+
+        def step(self, ids, cache):
+            logits = torch.full((generator.tokenizer.vocab_size,), -10.0)
+            logits[end], logits[other] = 1.0, 0.95  # penalised by 1.1, the end would lose
+            return logits
+
+    generator._decoder = FixedLogits
+    cfg = GenerationConfig(temperature=0, max_new_tokens=3, repetition_penalty=1.1)
+    assert list(generator.generate_ids([end, 7, end], cfg, stop_ids=frozenset({end}))) == []
+    assert generator.finish_reason == "stop"
+    # Any other token the prompt holds is penalised as before.
+    assert list(generator.generate_ids([end, 7, end], cfg))[0] == other
 
 
 class FakeTokenizer:
