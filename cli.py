@@ -422,7 +422,6 @@ def main(argv: list[str], app_class: Callable[..., MenuApp]) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    hardware.configure_cpu()
     try:
         app = app_class(args, input, ConsoleOutput())
         app.runtime  # noqa: B018 -- checks --device and --precision now

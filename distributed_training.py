@@ -72,7 +72,6 @@ def run_distributed_training(args: argparse.Namespace) -> int:
     after saving; 1: an error (one line); 2: a launch that cannot work.
     """
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    hardware.configure_cpu()
     if args.resume and args.path:
         return _fail("give either PATH or --resume, not both", 2)
     if args.path == "-" and launched_by_torchrun():

@@ -603,7 +603,6 @@ def main(argv: list[str] | None = None, input_fn: Callable[[str], str] = input,
         return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    hardware.configure_cpu()
     out = output_fn or ConsoleOutput()
     if input_fn is input and sys.stdin.isatty():
         enable_line_editing()

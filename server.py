@@ -380,7 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    hardware.configure_cpu()
     try:
         runtime = hardware.detect_runtime(args.device, args.precision)
     except ValueError as exc:

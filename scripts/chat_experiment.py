@@ -83,7 +83,6 @@ def main() -> None:
     p.add_argument("--json", default="chat_results.json")
     p.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     args = p.parse_args()
-    hardware.configure_cpu()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="chat-experiment-"))
     base = work / "pretrained"
     runtime = hardware.detect_runtime()
