@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--workdir", help="keep the models here (default: a temporary folder)")
     args = p.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="chat-experiment-"))
+    if args.workdir and work.exists() and any(work.iterdir()):
+        # An old pretrained folder would be trained further, not made afresh: not this experiment.
+        raise SystemExit(f"--workdir {work} is not empty; give an empty or new folder")
     base = work / "pretrained"
     runtime = hardware.detect_runtime()
     print(f"device: {runtime.device} ({runtime.reason})")
