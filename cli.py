@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -39,6 +40,7 @@ from engine.model_folder import LOSS_PLOT_FILE, ModelFolder
 from engine.reports import USER_ERRORS
 from engine.sources import Source, open_source, source_from_text
 from server import add_serve_arguments
+from trainer import MAX_BUDGET_MINUTES
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "custom_llm"
 DEFAULT_EPOCHS = 3
@@ -88,6 +90,46 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+@dataclass(frozen=True)
+class TrainingLength:
+    """How long to train: a number of epochs, or a time budget in minutes (then minutes > 0)."""
+
+    epochs: int
+    minutes: float = 0.0
+
+
+def parse_training_length(text: str, default_epochs: int) -> TrainingLength:
+    """'3' -> 3 epochs; '10m', '10 min', '2.5 minutes' -> a 10 (2.5) minute budget; '' -> the default."""
+    text = text.strip().lower()
+    if not text:
+        return TrainingLength(default_epochs)
+    number = text.removesuffix("minutes").removesuffix("min").removesuffix("m").strip()
+    if number != text:
+        try:
+            minutes = float(number)
+        except ValueError:
+            minutes = math.nan
+        if not 0 < minutes <= MAX_BUDGET_MINUTES:
+            raise ValueError(f"a time budget is a number of minutes above 0 and up to {MAX_BUDGET_MINUTES}, "
+                             f"such as 10m (got {text!r})")
+        return TrainingLength(default_epochs, minutes)
+    return TrainingLength(_epochs(text))
+
+
+def _epochs(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_EPOCHS:
+        raise ValueError(f"the number of epochs must be a whole number from 1 to {MAX_EPOCHS} (got {text!r})")
+    return int(text)
+
+
+def budget_minutes(text: str) -> float:
+    """An argparse type: a time budget in minutes."""
+    try:
+        return parse_training_length(f"{text}m", DEFAULT_EPOCHS).minutes
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def whole_number(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number from ``low`` to ``high``."""
     def parse(text: str) -> int:
@@ -125,7 +167,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
-    t.add_argument("--max-minutes", type=float, help="time budget: stop a run after this many minutes, saved")
+    t.add_argument("--minutes", type=budget_minutes, default=0.0, metavar="N",
+                   help="time budget instead of epochs: a new model gets the size that learns most in N minutes "
+                        "on this machine, and training stops when they are up (tokenizing included)")
+    t.add_argument("--max-minutes", type=float, help="stop an epoch-based run after this many minutes, saved")
     t.add_argument("--train-seed", type=int, help="seed for initialisation and data order")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model for training (meant for GPUs; off by default)")
@@ -234,7 +279,7 @@ def run_train(args: argparse.Namespace, app: MenuApp) -> int:
         return run_distributed_training(args)
     _choose_tokenizer(app)
     source = app.describe_source(training_source(args.path))
-    return _training_status(app.train_on(source, args.epochs))
+    return _training_status(app.train_on(source, TrainingLength(args.epochs, args.minutes)))
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -266,7 +311,8 @@ def run_continue(args: argparse.Namespace, app: MenuApp) -> int:
     if run is not None:
         _note(f"the interrupted run on {run.name} is left unfinished; continue --resume would have finished it")
     expand = args.expand_vocab
-    return _training_status(app.continue_on(trainer, source, expand, args.new_tokens if expand else 0, args.epochs))
+    return _training_status(app.continue_on(trainer, source, expand, args.new_tokens if expand else 0,
+                                            TrainingLength(args.epochs, args.minutes)))
 
 
 def run_serve_command(args: argparse.Namespace, app: MenuApp) -> int:

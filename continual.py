@@ -14,8 +14,10 @@ from trainer import GROWTH_SAMPLE_BYTES, StopFlag, Trainer
 
 def train_on_new_data(trainer: Trainer, new_data: list[str] | Source, epochs: int = 5, expand_vocab: bool = True,
                       max_new_tokens: int = 1000, on_event: OnEvent = ignore_events,
-                      stop: StopFlag | None = None) -> ContinualReport:
-    """Optional vocabulary growth, then training with rehearsal; a before/after report."""
+                      stop: StopFlag | None = None, minutes: float = 0.0) -> ContinualReport:
+    """Optional vocabulary growth, then training with rehearsal; a before/after report.
+
+    ``minutes`` > 0 trains for that time instead of ``epochs`` (the model keeps its size)."""
     source = new_data if isinstance(new_data, Source) else source_from_texts(new_data, name="new text")
     with trainer.folder.writer_lock():  # one writer for the whole workflow
         trainer.load()
@@ -24,7 +26,7 @@ def train_on_new_data(trainer: Trainer, new_data: list[str] | Source, epochs: in
         if expand_vocab:
             texts = list(source.sample_for_tokenizer(GROWTH_SAMPLE_BYTES))
             growth = trainer.grow_vocabulary(texts, max_new_tokens, on_event)
-        result = trainer.train(source, epochs, on_event, stop)
+        result = trainer.train(source, epochs, on_event, stop, minutes)
         after = trainer.evaluate_datasets()
         trainer.remember_results(after)
     table = [DatasetComparison(name, before.get(name), res) for name, res in after.items()]

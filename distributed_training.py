@@ -118,7 +118,7 @@ def _lead(args: argparse.Namespace, distributed: Distributed | None) -> int:
             say(f"Data: {source.name}")
             for note in source.notes:
                 say(f"Note: {note}")
-            result = trainer.train(source, args.epochs, progress, StopFlag())
+            result = trainer.train(source, args.epochs, progress, StopFlag(), args.minutes)
     finally:
         progress.close()
     for note in trainer.notes:

@@ -20,7 +20,7 @@ import cli
 import continual
 import server
 from chat_repl import ChatLoop
-from cli import DEFAULT_CHAT_EPOCHS, MAX_EPOCHS
+from cli import DEFAULT_CHAT_EPOCHS, MAX_EPOCHS, TrainingLength, parse_training_length
 from distributed_training import make_trainer
 from engine import hardware
 from engine.conversations import ConversationSource, open_conversations
@@ -142,6 +142,17 @@ class App:
             except ValueError as exc:
                 self.out(f"Invalid number: {exc}.")
 
+    def ask_length(self) -> TrainingLength:
+        """Epochs, or minutes for a time budget (the model size is then chosen for that time)."""
+        default = self.args.epochs
+        while True:
+            answer = self.ask(f"Training length: epochs, or minutes such as 10m for a time budget "
+                              f"[default: {default} epochs]: ")
+            try:
+                return parse_training_length(answer, default)
+            except ValueError as exc:
+                self.out(f"Invalid length: {exc}.")
+
     def ask_yes_no(self, prompt: str, default: bool = True) -> bool:
         hint = "Y/n" if default else "y/N"
         while True:
@@ -251,16 +262,16 @@ class App:
         expand = self.ask_yes_no("Expand vocabulary?")
         max_new = (self.ask_number("Most new tokens to add", 1000, 1, 100_000, "the number of new tokens")
                    if expand else 0)
-        epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
-        self.continue_on(trainer, source, expand, max_new, epochs)
+        self.continue_on(trainer, source, expand, max_new, self.ask_length())
 
     def continue_on(self, trainer: Trainer, source: Source, expand: bool, max_new: int,
-                    epochs: int) -> TrainResult | None:
+                    length: TrainingLength) -> TrainResult | None:
         """Teach the model ``source`` (growth, rehearsal), then show the before/after table."""
         reports: list[ContinualReport] = []
 
         def start(on_event, stop) -> TrainResult:
-            reports.append(continual.train_on_new_data(trainer, source, epochs, expand, max_new, on_event, stop))
+            reports.append(continual.train_on_new_data(trainer, source, length.epochs, expand, max_new, on_event,
+                                                       stop, length.minutes))
             return reports[-1].result
 
         result = self.drive(trainer, start)
@@ -292,12 +303,12 @@ class App:
         self.out(rows_table(rows))
 
     def run_training(self, source: Source) -> None:
-        epochs = self.ask_number("Number of epochs", self.args.epochs, 1, MAX_EPOCHS, "the number of epochs")
-        self.train_on(source, epochs)
+        self.train_on(source, self.ask_length())
 
-    def train_on(self, source: Source, epochs: int) -> TrainResult | None:
+    def train_on(self, source: Source, length: TrainingLength) -> TrainResult | None:
         trainer = self.make_trainer()
-        return self.drive(trainer, lambda on_event, stop: trainer.train(source, epochs, on_event, stop))
+        return self.drive(trainer, lambda on_event, stop: trainer.train(source, length.epochs, on_event, stop,
+                                                                        length.minutes))
 
     def drive(self, trainer: Trainer, start: Callable[[TrainingProgress, StopFlag], TrainResult]) -> TrainResult | None:
         """Run a training call with a progress bar; Ctrl+C saves and returns to the menu.
@@ -370,7 +381,8 @@ class App:
             rows.append(("Validation", "none yet (runs at the end of each epoch)"))
         for run in status.runs[-5:]:
             what = "Fine-tuned on" if run.kind == "chat" else "Trained on"
-            rows.append((what, f"{run.name} ({run.tokens:,} tokens, {run.epochs} epochs)"))
+            length = f"a {run.minutes:g}-minute budget" if run.minutes else f"{run.epochs} epochs"
+            rows.append((what, f"{run.name} ({run.tokens:,} tokens, {length})"))
         for record in status.datasets:
             latest = record.latest
             if latest is None:

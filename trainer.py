@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from engine import hardware
+from engine import budget, hardware
 from engine.chat_format import ChatTokenIds, Message
 from engine.chat_windows import ChatDataset, split_conversations
 from engine.conversations import ConversationSource
@@ -69,6 +69,8 @@ from model import GPT, ModelConfig
 log = logging.getLogger(__name__)
 
 GROWTH_SAMPLE_BYTES = 5_000_000  # text that vocabulary growth learns its merges from
+MAX_BUDGET_MINUTES = 7 * 24 * 60
+REPLAN_EVERY = 10  # steps between re-plans of a time-budget run's schedule
 
 
 @dataclass
@@ -385,6 +387,8 @@ class RunState:
     finished: bool = False
     kind: str = "text"  # "text", or "chat" for fine-tuning on conversations
     world_size: int = 1  # processes that share each batch (torchrun); batch_size is their total
+    budget_s: float = 0.0  # a time-budget run: its wall-clock seconds (0: the epochs decide)
+    spent_s: float = 0.0  # of them, spent so far (tokenizing included), kept across a resume
 
     @classmethod
     def from_dict(cls, d: dict) -> RunState:
@@ -392,6 +396,62 @@ class RunState:
         if "seq_len" in d:  # its name before format 2
             d["window"] = d.pop("seq_len")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A time budget counted from ``started`` (``time.monotonic()``), for one session."""
+
+    seconds: float
+    started: float
+
+    def spent(self) -> float:
+        return time.monotonic() - self.started
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.seconds - self.spent())
+
+
+class BudgetClock:
+    """The wall clock of a time-budget run in this session, and its schedule.
+
+    The run ends at its deadline, early enough that the final evaluation fits in the
+    budget too. Every ``REPLAN_EVERY`` steps the learning-rate schedule's length is
+    set from the steps timed so far, so the cosine reaches its floor as time runs out.
+    The re-planned length is part of ``RunState``: a resume goes on from it.
+    """
+
+    def __init__(self, run: RunState) -> None:
+        self.session_start = time.monotonic()
+        self.spent_before = run.spent_s
+        self.deadline = self.session_start + max(0.0, run.budget_s - run.spent_s)
+        self.end = self.deadline  # the budget's end; ``deadline`` leaves room for the final evaluation
+        self.steps = 0
+        self.timed_from: float | None = None  # after the first step (allocations, kernel choices)
+
+    def spent(self) -> float:
+        return self.spent_before + time.monotonic() - self.session_start
+
+    def after_step(self, run: RunState, eval_batches: int, other_deadline: float | None,
+                   steps_per_epoch: int) -> float:
+        """Count a step (``run.batch`` and ``run.run_step`` not yet advanced past it);
+        returns the deadline in force from now on."""
+        now = time.monotonic()
+        run.spent_s = self.spent()
+        self.steps += 1
+        if self.timed_from is None:
+            self.timed_from = now
+        elif self.steps % REPLAN_EVERY == 0:
+            step_s = (now - self.timed_from) / (self.steps - 1)
+            # An evaluation batch is a forward pass: about a third of a training step.
+            reserve = min(eval_batches * step_s / 3 + 1.0, 0.2 * run.budget_s)
+            self.deadline = self.end - reserve
+            run.total_steps = run.run_step + 1 + max(0, int((self.deadline - now) / step_s))
+            # Enough epochs for those steps, and one to spare should the steps get faster:
+            # the clock ends the run, never the epoch count.
+            left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
+            run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
+        return min(self.deadline, other_deadline if other_deadline is not None else math.inf)
 
 
 @dataclass
@@ -487,6 +547,7 @@ class Trainer:
         self._ddp: torch.nn.Module | None = None  # the DistributedDataParallel wrapper during a distributed run
         self._saved_rng_ranks: list[dict] | None = None  # every rank's RNG state, from a distributed checkpoint
         self._stopping = StopCheck(StopFlag(), None)
+        self._flop_rate: float | None = None  # training FLOP/s here, once a time budget has probed it
 
     @classmethod
     def follow(cls, distributed: Distributed, stop: StopFlag | None = None) -> TrainResult:
@@ -522,6 +583,7 @@ class Trainer:
         self.rehearsal_pool = package.rehearsal_pool
         self._unsaved_files, self._compiled, self._ddp, self._saved_rng_ranks = {}, None, None, None
         self._stopping = StopCheck(StopFlag(), None)
+        self._flop_rate: float | None = None  # training FLOP/s here, once a time budget has probed it
         if package.rng_ranks is not None:
             self._restore_rng(package.rng_ranks[distributed.rank])
         else:
@@ -537,15 +599,51 @@ class Trainer:
     def has_model(self) -> bool:
         return self.folder.has_model()
 
-    def _new_model_config(self, vocab_size: int) -> ModelConfig:
+    def _new_model_config(self, vocab_size: int, plan: budget.BudgetPlan | None = None) -> ModelConfig:
         if self.preset:
             _, d_model, n_layer, n_head = hardware.preset_by_name(self.preset)
         else:
             _, d_model, n_layer, n_head = hardware.pick_preset(self.runtime)
-        values = {"d_model": d_model, "n_layer": n_layer, "n_head": n_head, **self.model_overrides}
-        return ModelConfig(vocab_size=vocab_size, **values)
+        values = {"d_model": d_model, "n_layer": n_layer, "n_head": n_head}
+        if plan is not None:
+            shape = plan.shape
+            values = {"d_model": shape.d_model, "n_layer": shape.n_layer, "n_head": shape.n_head,
+                      "context": shape.context, "dropout": plan.dropout}
+        return ModelConfig(vocab_size=vocab_size, **{**values, **self.model_overrides})
 
-    def _create(self, source: Source, on_event: OnEvent) -> None:
+    def _pinned_shape(self) -> budget.Shape | None:
+        """The shape the user chose (a preset or sizes), which a time budget keeps."""
+        if not (self.preset or {"d_model", "n_layer", "n_head"} & set(self.model_overrides)):
+            return None
+        c = self._new_model_config(1)
+        return budget.Shape(c.d_model, c.n_layer, c.n_head, c.context)
+
+    def _plan_budget(self, source: Source, minutes: float, on_event: OnEvent) -> budget.BudgetPlan:
+        """Tokenize now (the data's size is part of the plan), probe the machine, plan."""
+        on_event(Tokenizing(source.name, source.n_bytes))
+        self.folder.cache_dir.mkdir(parents=True, exist_ok=True)
+        tokens = tokenize_source(source, self.tokenizer, self.folder.cache_dir)
+        vocab = self.tokenizer.vocab_size
+        context = self.model_overrides.get("context", ModelConfig(vocab_size=1).context)
+        batch = self.config.batch_size or hardware.default_batch_size(self.runtime, 256, context)
+        pinned = self._pinned_shape()  # probed itself: then the rate is that of the model that trains
+        self._flop_rate = budget.probe_flop_rate(self.runtime, vocab, batch, pinned)
+        plan = budget.plan_budget(minutes, self._flop_rate, int(len(tokens) * (1 - self.config.val_fraction)),
+                                  vocab, batch, context, pinned)
+        if "learning_rate" not in self.train_overrides:
+            self.config = replace(self.config, learning_rate=plan.learning_rate)
+        on_event(Notice(plan.describe()))
+        return plan
+
+    def _tokens_per_s(self, batch_size: int, window: int) -> float:
+        """What this model is expected to train per second here (the probe's rate, measured once)."""
+        c = self.model.config
+        shape = budget.Shape(c.d_model, c.n_layer, c.n_head, window)
+        if self._flop_rate is None:
+            self._flop_rate = budget.probe_flop_rate(self.runtime, c.vocab_size, batch_size, shape)
+        return self._flop_rate / shape.flops_per_token(c.vocab_size)
+
+    def _create(self, source: Source, on_event: OnEvent, minutes: float = 0.0) -> None:
         """First training in an empty folder: tokenizer and model, in memory until the first save."""
         self.folder.check_writable()
         requested = self.config.target_vocab_size
@@ -557,7 +655,8 @@ class Trainer:
             on_event(Notice(f"vocabulary lowered from {requested} to {tok.vocab_size}: "
                             f"{source.n_bytes:,} bytes of text cannot support more tokens"))
         self.tokenizer = tok
-        config = self._new_model_config(tok.vocab_size)
+        plan = self._plan_budget(source, minutes, on_event) if minutes else None
+        config = self._new_model_config(tok.vocab_size, plan)
         torch.manual_seed(self.config.seed)
         self.model = GPT(config).to(self.runtime.device)
         self.meta = {"tokenizer": tok.kind, "model": config.to_dict(), "training": self.config.to_dict(),
@@ -698,20 +797,29 @@ class Trainer:
     # -- training ------------------------------------------------------------------------
     @_exclusive
     def train(self, source: Source, epochs: int, on_event: OnEvent = ignore_events,
-              stop: StopFlag | None = None) -> TrainResult:
-        """Train on ``source`` for ``epochs``, or resume the interrupted run on it."""
+              stop: StopFlag | None = None, minutes: float = 0.0) -> TrainResult:
+        """Train on ``source`` for ``epochs``, or resume the interrupted run on it.
+
+        ``minutes`` > 0 is a time budget instead: a new model gets the shape that learns
+        most in that time here (``engine.budget``), and the run ends when the time is up,
+        everything from tokenizing to the last evaluation included.
+        """
+        started = time.monotonic()
         if not isinstance(epochs, int) or isinstance(epochs, bool) or not 1 <= epochs <= 100_000:
             raise ValueError(f"epochs must be a whole number from 1 to 100000 (got {epochs!r})")
+        if not (isinstance(minutes, (int, float)) and 0 <= minutes <= MAX_BUDGET_MINUTES):
+            raise ValueError(f"the time budget must be from 0 to {MAX_BUDGET_MINUTES} minutes (got {minutes!r})")
         if self.model is None:
             if self.has_model:
                 self.load()
             else:
-                self._create(source, on_event)
+                self._create(source, on_event, minutes)
         self._tell_notes(on_event)
         on_event(Tokenizing(source.name, source.n_bytes))
         self.folder.cache_dir.mkdir(parents=True, exist_ok=True)
         tokens = tokenize_source(source, self.tokenizer, self.folder.cache_dir)
-        return self._train_tokens(tokens, source.name, epochs, on_event, stop)
+        time_budget = Budget(minutes * 60, started) if minutes else None
+        return self._train_tokens(tokens, source.name, epochs, on_event, stop, time_budget)
 
     @_exclusive
     def resume(self, on_event: OnEvent = ignore_events, stop: StopFlag | None = None) -> TrainResult:
@@ -727,16 +835,18 @@ class Trainer:
         return self._train_tokens(tokens, run.name, run.epochs, on_event, stop)
 
     def _train_tokens(self, tokens: np.ndarray, name: str, epochs: int, on_event: OnEvent,
-                      stop: StopFlag | None) -> TrainResult:
+                      stop: StopFlag | None, time_budget: Budget | None = None) -> TrainResult:
         context = self.model.config.context
         dataset = TokenDataset(tokens, context, self.config.val_fraction)
         if dataset.shortened:
             on_event(Notice(f"the text is short ({len(tokens)} tokens): training on windows of "
                             f"{dataset.window} tokens instead of {context}"))
-        return self._run_on(dataset, name, Path(tokens.filename).name, epochs, "text", on_event, stop)
+        return self._run_on(dataset, name, Path(tokens.filename).name, epochs, "text", on_event, stop,
+                            time_budget=time_budget)
 
     def _run_on(self, dataset: TokenDataset | ChatDataset, name: str, cache_file: str, epochs: int, kind: str,
-                on_event: OnEvent, stop: StopFlag | None, held_out: list[list[Message]] | None = None) -> TrainResult:
+                on_event: OnEvent, stop: StopFlag | None, held_out: list[list[Message]] | None = None,
+                time_budget: Budget | None = None) -> TrainResult:
         """Resume the interrupted run on this data, or start a new one; then train.
 
         In a distributed run the batch is the global one (by default each process's usual
@@ -760,12 +870,19 @@ class Trainer:
                 self.runtime, self.model.config.d_model, dataset.window)
             self._check_batch_splits(dataset, batch_size, resumed)
             steps_per_epoch = dataset.epoch_plan(self.config.seed, 0, batch_size).n_batches
-            run = RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=epochs * steps_per_epoch,
+            total_steps = epochs * steps_per_epoch
+            if time_budget is not None:
+                # A first guess from the probe; the loop re-plans it from the steps it times.
+                total_steps = max(1, int(time_budget.seconds_left() * self._tokens_per_s(batch_size, dataset.window)
+                                         / (batch_size * dataset.window)))
+                epochs = min(100_000, 2 + 2 * total_steps // steps_per_epoch)  # the clock ends it, not these
+            run = RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=total_steps,
                            batch_size=batch_size, window=dataset.window, start_step=self.progress.step, kind=kind,
-                           world_size=world_size)
+                           world_size=world_size, budget_s=time_budget.seconds if time_budget else 0.0,
+                           spent_s=time_budget.spent() if time_budget else 0.0)
             self.progress.run = run
             self.history["runs"].append(asdict(RunRecord(name, self.progress.step, epochs, dataset.n_train_tokens,
-                                                         kind)))
+                                                         kind, run.budget_s / 60)))
             if kind == "chat":
                 self.memory.register_conversations(name, cache_file, held_out or [])
             else:
@@ -860,17 +977,21 @@ class Trainer:
             on_event(CompileChecked(self._compiled is not None, note))
         steps_here = 0
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+        clock = BudgetClock(run) if run.budget_s else None
+        if clock is not None:
+            deadline = min(deadline or math.inf, clock.deadline)
         self._stopping = StopCheck(stop, deadline, agreed_by_ranks=self.dist is not None)
         memory_checked = self.dist is None  # a distributed run first finds a micro-batch every rank holds
         final_eval = None
         on_event(RunStarted(resumed=resumed, params=model.num_params(), train_tokens=dataset.n_train_tokens,
                             device=str(rt.device), precision=rt.precision, epochs=run.epochs,
                             batch_size=run.batch_size, window=run.window, micro_batches=run.micro_batches,
-                            world_size=run.world_size))
+                            world_size=run.world_size,
+                            minutes_left=(clock.deadline - clock.session_start) / 60 if clock else 0.0))
         with graceful_interrupts(stop):
             while run.epoch < run.epochs:
                 plan = dataset.epoch_plan(cfg.seed, run.epoch, run.batch_size)
-                on_event(EpochStarted(run.epoch, run.epochs, plan.n_batches, run.batch))
+                on_event(EpochStarted(run.epoch, 0 if clock else run.epochs, plan.n_batches, run.batch))
                 while run.batch < plan.n_batches:
                     if self._stopping.reason():
                         break
@@ -889,6 +1010,8 @@ class Trainer:
                     lr = lr_at(run.run_step, run.total_steps, cfg)
                     loss = self._step(x, y, lr, run, on_event, segments)
                     dt = time.perf_counter() - t0
+                    if clock is not None:
+                        self._stopping.deadline = clock.after_step(run, cfg.eval_batches, deadline, plan.n_batches)
                     run.batch += 1
                     run.run_step += 1
                     progress.step += 1
@@ -905,13 +1028,23 @@ class Trainer:
                 run.epoch += 1
                 run.batch = 0
                 progress.epochs_done += 1
-                final_eval = self._evaluate(dataset, token_bytes, run)
-                on_event(Evaluated(final_eval))
+                if clock is None:  # a time budget spends its minutes on training, and evaluates at the end
+                    final_eval = self._evaluate(dataset, token_bytes, run)
+                    on_event(Evaluated(final_eval))
                 self.save_checkpoint()
                 on_event(EpochEnded(run.epoch, run.epochs))
             stopped = self._stopping.reason()
             if stopped and stopped != TIME_LIMIT:
                 pass  # asked to stop: save where it stands
+            elif clock is not None:  # the budget is spent (or the data ran out first): done
+                stopped = ""
+                if steps_here == 0:
+                    on_event(Notice(f"the time budget was spent before the first step ({clock.spent():.0f} s "
+                                    "went to reading and tokenizing the data); give it more minutes"))
+                run.finished = True
+                final_eval = self._evaluate(dataset, token_bytes, run, partial_epoch=run.batch > 0)
+                on_event(Evaluated(final_eval))
+                run.spent_s = clock.spent()
             elif run.epoch < run.epochs:
                 stopped = TIME_LIMIT
                 final_eval = self._evaluate(dataset, token_bytes, run, partial_epoch=True)

@@ -115,7 +115,7 @@ class TrainingProgress:
         if not (event.batch >= event.n_batches or tenth_more or now - last_time >= self.PLAIN_EVERY_S):
             return
         self._last_line = (event.batch, now)
-        print(f"Epoch {epoch.epoch + 1}/{epoch.epochs}: batch {event.batch}/{event.n_batches} "
+        print(f"{epoch_label(epoch)}: batch {event.batch}/{event.n_batches} "
               f"({event.batch / max(1, event.n_batches):.0%}) | loss {event.loss:.4f} | lr {event.lr:.2e} | "
               f"step {event.step} | {event.tokens_per_s:,.0f} tok/s", file=self.stream, flush=True)
 
@@ -139,9 +139,11 @@ class TrainingProgress:
             if event.world_size > 1:
                 where = f"{event.world_size} processes ({event.device} on rank 0)"
                 micro = f" ({event.batch_size // event.world_size} per process{micro.replace(' in', ',')})"
+            length = (f"for {event.minutes_left:.1f} more minute(s)" if event.minutes_left
+                      else f"{event.epochs} epoch(s)")
             self.out(f"Training {human_count(event.params)} parameters on {where} "
                      f"({event.precision}): {event.train_tokens:,} training tokens, "
-                     f"{event.epochs} epoch(s), batch {event.batch_size} x {event.window} tokens{micro}. "
+                     f"{length}, batch {event.batch_size} x {event.window} tokens{micro}. "
                      "Ctrl+C saves and stops.")
         elif isinstance(event, EpochStarted):
             self.close()
@@ -149,7 +151,7 @@ class TrainingProgress:
                 self.epoch, self._last_line = event, (event.batch, time.monotonic())
             else:
                 self.bar = tqdm(total=event.n_batches, initial=event.batch, file=self.stream,
-                                desc=f"Epoch {event.epoch + 1}/{event.epochs}", mininterval=0.5,
+                                desc=epoch_label(event), mininterval=0.5,
                                 dynamic_ncols=True, leave=True)
         elif isinstance(event, StepDone) and self.epoch is not None:
             self.plain_step(event)
@@ -170,6 +172,10 @@ class TrainingProgress:
             when = f"at step {r.step}" if r.partial_epoch else f"after epoch {r.epoch}"
             self.out(f"Validation {when}: loss {r.val_loss:.4f} | perplexity {r.perplexity:.2f} | "
                      f"{r.bpb:.4f} bits/byte")
+
+
+def epoch_label(event: EpochStarted) -> str:
+    return f"Epoch {event.epoch + 1}/{event.epochs}" if event.epochs else f"Epoch {event.epoch + 1}"
 
 
 def _is_terminal(stream: TextIO) -> bool:

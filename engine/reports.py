@@ -79,6 +79,7 @@ class RunRecord:
     epochs: int
     tokens: int
     kind: str = "text"  # "chat": fine-tuning on conversations
+    minutes: float = 0.0  # a time-budget run's budget (its epochs are then only an upper bound)
 
 
 @dataclass
@@ -163,12 +164,13 @@ class RunStarted:
     window: int
     micro_batches: int
     world_size: int = 1  # processes sharing each batch (batch_size is their total)
+    minutes_left: float = 0.0  # a time-budget run: what is left of it (its epochs are then open-ended)
 
 
 @dataclass(frozen=True)
 class EpochStarted:
     epoch: int  # 0-based
-    epochs: int
+    epochs: int  # 0: open-ended (a time budget ends the run)
     n_batches: int
     batch: int  # where the epoch starts (later than 0 on resume)
 

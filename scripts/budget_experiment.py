@@ -1,0 +1,83 @@
+"""What does a time budget buy? The budget mode's choice against fixed shapes, same minutes.
+
+    python scripts/budget_experiment.py [--minutes 3 10 30] [--data ../shared/data/tinyshakespeare.txt]
+    python scripts/budget_experiment.py --minutes 3 --shapes 128x4 192x4 256x4   # a sweep, for the rules
+
+For every budget it runs the real command line, one run at a time, in turns:
+
+* ``interface.py train DATA --minutes N``: the budget mode picks the shape;
+* ``interface.py train DATA --minutes N --preset compact --dropout 0.1 --lr 1e-3``: today's
+  fixed CPU model with today's settings, its schedule fitted to the same minutes;
+* with ``--shapes``, each ``DxL`` shape pinned the same way (heads of 64 dimensions).
+
+and prints a table of the held-out bits per byte each reached (the last 5% of the
+text; every run trains its own tokenizer, the same one, from the same data), with
+the shape, the steps and the wall time. Nothing else should run on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def train(data: Path, minutes: float, folder: Path, flags: list[str]) -> dict:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(data), "--minutes", str(minutes),
+                           "--model-dir", str(folder), *flags], capture_output=True, text=True, cwd=ROOT)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    status = subprocess.run([sys.executable, str(ROOT / "interface.py"), "status", "--json", "--model-dir",
+                             str(folder)], capture_output=True, text=True, cwd=ROOT, check=True)
+    info = json.loads(status.stdout)
+    plan = next((line for line in (proc.stdout + proc.stderr).splitlines() if "time budget" in line), "")
+    m = info["model"]
+    return {"shape": f"d{m['d_model']} x{m['n_layer']} ctx{m['context']} drop{m['dropout']}",
+            "bpb": info["last_eval"]["bpb"], "steps": info["steps"], "tokens": info["tokens_seen"],
+            "wall_s": round(wall, 1), "plan": plan.strip()}
+
+
+def shape_flags(spec: str) -> list[str]:
+    d, layers = (int(v) for v in spec.lower().split("x"))
+    return ["--d-model", str(d), "--n-layer", str(layers), "--n-head", str(max(1, d // 64))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, nargs="+", default=[3, 10, 30])
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--shapes", nargs="*", default=[], metavar="DxL", help="also train these shapes pinned")
+    p.add_argument("--no-auto", action="store_true", help="skip the budget mode's own choice")
+    p.add_argument("--no-compact", action="store_true", help="skip the fixed compact preset")
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="budget-experiment-"))
+    rows = []
+    for minutes in args.minutes:
+        runs = [] if args.no_auto else [("budget mode", [])]
+        if not args.no_compact:
+            runs.append(("compact preset", ["--preset", "compact", "--dropout", "0.1", "--lr", "1e-3"]))
+        runs += [(f"pinned {spec}", shape_flags(spec)) for spec in args.shapes]
+        for label, flags in runs:
+            folder = work / f"{label.replace(' ', '_')}_{minutes:g}"
+            row = {"minutes": minutes, "run": label, **train(args.data, minutes, folder, flags)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'minutes':>7} | {'run':<16} | {'shape':<26} | {'steps':>6} | {'tokens':>10} | {'wall s':>6} | bpb")
+    for r in rows:
+        print(f"{r['minutes']:>7g} | {r['run']:<16} | {r['shape']:<26} | {r['steps']:>6} | {r['tokens']:>10,} | "
+              f"{r['wall_s']:>6} | {r['bpb']:.4f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

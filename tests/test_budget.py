@@ -1,0 +1,168 @@
+"""Time-budget mode: the plan's rules, a run that ends with its minutes, resume and Continue."""
+import subprocess
+import sys
+
+import pytest
+
+import cli
+from engine import budget
+from engine.model_folder import ModelFolder
+from engine.sources import open_source
+from trainer import StopFlag, Trainer
+
+from conftest import ROOT, TINY_CLI, TINY_MODEL, TINY_TRAIN
+
+GFLOPS = 1e9
+
+
+def plan(minutes, flop_rate=100 * GFLOPS, data_tokens=300_000, **kw):
+    return budget.plan_budget(minutes, flop_rate, data_tokens, 8000, 8, **kw)
+
+
+def test_more_time_never_buys_a_smaller_model():
+    shapes = [plan(m).shape for m in (1, 3, 10, 30, 100, 300, 1000)]
+    sizes = [s.block_params for s in shapes]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]
+    fast = plan(10, flop_rate=10_000 * GFLOPS).shape  # a GPU's rate buys a bigger model in the same time
+    assert fast.block_params > plan(10).shape.block_params
+
+
+def test_the_chosen_shape_sees_its_share_of_tokens():
+    for minutes in (3, 10, 30):
+        p = plan(minutes)
+        assert p.planned_tokens >= budget.TOKENS_PER_PARAM * p.shape.block_params
+        bigger = [budget.Shape(d, n, h) for d, n, h in budget.LADDER if 12 * n * d * d > p.shape.block_params]
+        if bigger:  # the next size up would not have had enough time
+            assert plan(minutes, pinned=bigger[0]).planned_tokens < budget.TOKENS_PER_PARAM * bigger[0].block_params
+        assert p.shape.d_model % p.shape.n_head == 0
+        assert p.planned_tokens == pytest.approx(p.tokens_per_s * minutes * 60, rel=1e-6)
+
+
+def test_dropout_follows_the_passes_over_the_data():
+    lots_of_data = plan(3, data_tokens=100_000_000)
+    little_data = plan(30, data_tokens=50_000)
+    assert lots_of_data.passes < 1.5 and lots_of_data.dropout == 0.0
+    assert little_data.passes > 8 and little_data.dropout == 0.2
+
+
+def test_a_pinned_shape_is_kept_and_bad_budgets_are_refused():
+    compact = budget.Shape(256, 4, 4)
+    assert plan(30, pinned=compact).shape == compact
+    for minutes in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="positive number of minutes"):
+            plan(minutes)
+    assert "time budget 3 min" in plan(3).describe() and "passes over the 300,000 tokens" in plan(3).describe()
+
+
+@pytest.mark.parametrize("answer, expected", [("", (3, 0.0)), ("7", (7, 0.0)), ("10m", (3, 10.0)),
+                                              ("2.5 min", (3, 2.5)), (" 1 Minutes ", (3, 1.0))])
+def test_the_length_question_takes_epochs_or_minutes(answer, expected):
+    length = cli.parse_training_length(answer, 3)
+    assert (length.epochs, length.minutes) == expected
+
+
+@pytest.mark.parametrize("answer", ["0m", "-2m", "xm", "nanm", "infm", "1e9m", "0", "abc", "3 epochs"])
+def test_the_length_question_refuses_nonsense_in_one_line(answer):
+    with pytest.raises(ValueError) as info:
+        cli.parse_training_length(answer, 3)
+    assert "\n" not in str(info.value) and repr(answer.strip().lower()) in str(info.value)
+
+
+def test_probe_measures_a_positive_rate():
+    from engine import hardware
+
+    rate = budget.probe_flop_rate(hardware.detect_runtime("cpu", "fp32"), 320, 2, budget.Shape(32, 1, 2, 32), 0.2)
+    assert 1e7 < rate < 1e15
+
+
+@pytest.fixture
+def quick_probe(monkeypatch):
+    monkeypatch.setattr(budget, "PROBE_SECONDS", 0.2)
+
+
+def budget_trainer(folder, **train):
+    return Trainer(str(folder), "bpe", model_overrides=TINY_MODEL, train_overrides={**TINY_TRAIN, **train})
+
+
+def test_a_budget_run_ends_with_its_minutes_and_a_decayed_schedule(tmp_path, sample_file, quick_probe):
+    trainer = budget_trainer(tmp_path / "m")
+    events = []
+    result = trainer.train(open_source(str(sample_file)), 1, events.append, minutes=0.17)
+    run = trainer.progress.run
+    assert result.stopped_early == "" and run.finished and run.budget_s == pytest.approx(10.2)
+    assert run.spent_s >= 10.2 - 3.0  # it trained until about the end of the budget ...
+    assert run.spent_s < 10.2 + 10.0  # ... and stopped (generous: the machine is shared)
+    assert run.epochs > 1  # many passes over a small text: the clock ended it, not one epoch
+    assert result.final_eval is not None and result.final_eval.bpb > 0
+    lrs = [lr for _, _, lr in trainer.history["steps"]]
+    peak = trainer.config.learning_rate
+    assert max(lrs) == pytest.approx(peak, rel=0.05)  # warmed up to the peak ...
+    assert lrs[-1] < 0.5 * peak  # ... and decayed as the time ran out
+    notices = [e.text for e in events if type(e).__name__ == "Notice"]
+    assert any(n.startswith("time budget 0.17 min") for n in notices)  # the plan is told before training
+    saved = ModelFolder(str(tmp_path / "m")).read_meta()
+    assert saved["model"]["d_model"] == TINY_MODEL["d_model"]  # sizes the user gave are kept
+
+
+def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, sample_file, quick_probe):
+    folder = tmp_path / "m"
+    stop = StopFlag()
+    first = budget_trainer(folder)
+
+    def stop_after_a_few_steps(event):
+        if type(event).__name__ == "StepDone" and event.step == 5:
+            stop.set("interrupted")
+
+    result = first.train(open_source(str(sample_file)), 1, stop_after_a_few_steps, stop, minutes=0.12)
+    assert result.stopped_early == "interrupted"
+    spent = first.progress.run.spent_s
+    assert 0 < spent < 7.2 and not first.progress.run.finished
+
+    again = budget_trainer(folder)
+    result = again.resume()
+    run = again.progress.run
+    assert result.resumed and result.stopped_early == "" and run.finished
+    assert run.budget_s == pytest.approx(7.2) and run.spent_s > spent
+    assert result.global_step > 5
+
+
+def test_train_then_continue_by_minutes_on_the_command_line(tmp_path, sample_file):
+    folder = tmp_path / "m"
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(sample_file), "--minutes", "0.1",
+                           "--target-vocab-size", "320", "--model-dir", str(folder)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "time budget 0.1 min" in out and "Training complete" in out
+    meta = ModelFolder(str(folder)).read_meta()
+    assert (meta["model"]["d_model"], meta["model"]["n_layer"]) == budget.LADDER[0][:2]  # 6 s buy the smallest
+    steps_before = meta["progress"]["step"]
+
+    more = tmp_path / "more.txt"
+    more.write_text("A second text about the harbour and its boats.\n" * 80, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "continue", str(more), "--minutes", "0.1",
+                           "--no-expand-vocab", "--model-dir", str(folder)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    later = ModelFolder(str(folder)).read_meta()
+    assert later["progress"]["step"] > steps_before
+    assert later["model"] == meta["model"]  # a model keeps its size when it goes on
+    status = subprocess.run([sys.executable, str(ROOT / "interface.py"), "status", "--model-dir", str(folder)],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "a 0.1-minute budget" in status.stdout and "more.txt" in status.stdout
+
+    bad = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(sample_file), "--minutes", "-1",
+                          "--model-dir", str(tmp_path / "n")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "a time budget is a number of minutes" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_the_menu_asks_for_a_length_and_explains_a_bad_one(tmp_path, sample_file):
+    lines = ["bpe", "1", "1", str(sample_file), "ten minutes", "0.1m", "6", "5"]
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "--model-dir", str(tmp_path / "m"), *TINY_CLI],
+                          input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "Training length: epochs, or minutes such as 10m" in out
+    assert "Invalid length: a time budget is a number of minutes" in out
+    assert "time budget 0.1 min" in out and "Training complete" in out and "Traceback" not in out
