@@ -978,6 +978,8 @@ class Trainer:
         steps_here = 0
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
         clock = BudgetClock(run) if run.budget_s else None
+        eval_batches = (dataset.val_batch_count(run.batch_size, cfg.eval_batches)  # what the final evaluation runs
+                        if clock is not None else 0)
         if clock is not None:
             deadline = min(deadline or math.inf, clock.deadline)
         self._stopping = StopCheck(stop, deadline, agreed_by_ranks=self.dist is not None)
@@ -1011,7 +1013,7 @@ class Trainer:
                     loss = self._step(x, y, lr, run, on_event, segments)
                     dt = time.perf_counter() - t0
                     if clock is not None:
-                        self._stopping.deadline = clock.after_step(run, cfg.eval_batches, deadline, plan.n_batches)
+                        self._stopping.deadline = clock.after_step(run, eval_batches, deadline, plan.n_batches)
                     run.batch += 1
                     run.run_step += 1
                     progress.step += 1

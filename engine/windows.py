@@ -142,6 +142,11 @@ class TokenDataset:
     def val_batches(self, batch_size: int, max_batches: int | None = None):
         return iter_windows(self.val, self.window, batch_size, max_batches)
 
+    def val_batch_count(self, batch_size: int, max_batches: int) -> int:
+        """How many batches ``val_batches(batch_size, max_batches)`` yields."""
+        windows = max(1, (len(self.val) - 1) // max(1, min(self.window, len(self.val) - 1)))
+        return min(max_batches, -(-windows // batch_size))
+
 
 def iter_windows(tokens: np.ndarray, window: int, batch_size: int, max_batches: int | None = None):
     """Consecutive, non-overlapping (x, y) windows over ``tokens``, batched (for evaluation)."""

@@ -23,7 +23,10 @@ limit still leaves what it measured:
    the same under torchrun on one GPU (DistributedDataParallel's cost), and, where the
    machine has more GPUs, all of them with the same batch per GPU: tokens/s and the
    scaling efficiency (N-GPU tokens/s over N times one GPU's). ``--smoke`` runs two
-   gloo processes on the CPU instead.
+   gloo processes on the CPU instead;
+8. the time budget on this device: the probe's FLOP/s, the shapes it plans for 3, 10
+   and 30 minutes on a 1 MB text, and a real ``interface.py train --minutes`` run whose
+   wall time must stay within its budget (plus start-up).
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import flops_per_token  # noqa: E402
-from engine import hardware  # noqa: E402
+from engine import budget, hardware  # noqa: E402
 from engine.reports import MemoryBackoff  # noqa: E402
 from engine.sources import source_from_text  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
@@ -175,6 +178,31 @@ def train_command(processes: int, data: Path, folder: Path, flags: list[str], mi
     return out
 
 
+def check_budget(runtime: hardware.Runtime, smoke: bool) -> dict:
+    """The time-budget probe and plans on this device, then a short real budget run."""
+    batch = hardware.default_batch_size(runtime, 256, 256)
+    rate = budget.probe_flop_rate(runtime, 8000, batch)
+    plans = {minutes: budget.plan_budget(minutes, rate, 300_000, 8000, batch) for minutes in (3, 10, 30)}
+    out = {"probe_tflops": rate / 1e12, "batch": batch,
+           "plans": {m: {"shape": vars(p.shape), "lr": p.learning_rate, "dropout": p.dropout,
+                         "tokens": p.planned_tokens} for m, p in plans.items()}}
+    minutes = 0.1 if smoke else 1.0
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "text.txt"
+        data.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(20_000)))
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(data), "--minutes",
+                               str(minutes), "--model-dir", str(Path(tmp) / "m")],
+                              capture_output=True, text=True, timeout=600, cwd=ROOT)
+        out["run"] = {"minutes": minutes, "wall_s": round(time.perf_counter() - t0, 1),
+                      "returncode": proc.returncode,
+                      "lines": [line for line in proc.stdout.splitlines()
+                                if "time budget" in line or line.startswith(("Validation", "Training"))][-4:]}
+        if proc.returncode != 0:
+            out["run"]["stderr"] = proc.stderr[-2000:]
+    return out
+
+
 def check_ddp(runtime: hardware.Runtime, cfg: ModelConfig, per_gpu_batch: int, smoke: bool, minutes: float) -> dict:
     """Plain training, the same under DDP on one device, and on every GPU with the batch per GPU kept."""
     gpus = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
@@ -215,7 +243,7 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: check that the script runs")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per row")
     p.add_argument("--skip", default="", help="comma-separated checks to skip: flash,train,compile,fp16,"
-                                               "autobatch,backoff,generate,ddp")
+                                               "autobatch,backoff,generate,ddp,budget")
     p.add_argument("--ddp-minutes", type=float, default=0.75, help="training time of each distributed row")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -265,6 +293,7 @@ def main() -> int:
     record("generate", lambda: time_generation(runtime, cfg))
     ddp_batch = 4 if args.smoke else 16  # per GPU: the large preset at context 1024 fits it on any 24 GiB card
     record("ddp", lambda: check_ddp(runtime, cfg, ddp_batch, args.smoke, 0.1 if args.smoke else args.ddp_minutes))
+    record("budget", lambda: check_budget(runtime, args.smoke))
     print(f"written: {out_dir / 'gpu_check.json'}")
     return 0
 

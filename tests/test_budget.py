@@ -166,3 +166,16 @@ def test_the_menu_asks_for_a_length_and_explains_a_bad_one(tmp_path, sample_file
     assert "Training length: epochs, or minutes such as 10m" in out
     assert "Invalid length: a time budget is a number of minutes" in out
     assert "time budget 0.1 min" in out and "Training complete" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("n_tokens, window", [(100, 32), (1000, 32), (30_000, 256), (60, 256)])
+def test_val_batch_count_matches_what_evaluation_runs(n_tokens, window):
+    """The budget keeps time for the final evaluation from this count."""
+    import numpy as np
+
+    from engine.windows import TokenDataset
+
+    data = TokenDataset(np.arange(n_tokens, dtype=np.uint16) % 300, window, 0.05)
+    for batch in (1, 4, 8):
+        for most in (2, 50):
+            assert data.val_batch_count(batch, most) == sum(1 for _ in data.val_batches(batch, most))
