@@ -12,6 +12,10 @@ never at the same time, and prints the ratios ours/theirs.
     python bench.py --json out.json    # also write every number as JSON
     python bench.py --skip train,gen,data,reference   # only the server load run (16 clients x 4 requests)
 
+The training section also shows the CPU's instruction set as PyTorch sees it, which
+kernels the step ran (fused AdamW, the fused loss head, the attention path), and where
+a step's time goes by kind of work (torch.profiler): the next bottleneck to look at.
+
 ``transformers`` is needed for the reference only (``pip install -r
 requirements-bench.txt``); without it that section is skipped with a note.
 
@@ -41,6 +45,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from engine import hardware
 from engine.reports import RunStarted, StepDone
@@ -213,8 +218,110 @@ def flops_per_token(model: GPT) -> int:
     return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.context
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+# Variables that cap the instruction set PyTorch, oneDNN or MKL use (unset: the CPU's best).
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_instruction_sets() -> dict:
+    """What the CPU offers and what PyTorch makes of it: the kernel level PyTorch chose
+    (``get_cpu_capability``: DEFAULT, AVX2, AVX512...), any environment variable that
+    caps it, native bf16, and the relevant flags of /proc/cpuinfo (None off Linux)."""
+    flags = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+        if line is not None:
+            present = set(line.split(":", 1)[1].split())
+            flags = {flag: flag in present for flag in CPU_FLAGS}
+    except OSError:
+        pass
+    return {"torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "caps_set": {name: os.environ[name] for name in ISA_CAPS if name in os.environ},
+            "native_bf16": hardware.cpu_has_native_bf16(), "flags": flags,
+            "fp16_weight_decode": hardware.cpu_half_weights_available()}
+
+
+# Categories of a training step's time, by aten op (see ``step_category``).
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm",
+              "aten::linear", "aten::matmul"}
+LOSS_OPS = {"aten::cross_entropy_loss", "aten::log_softmax", "aten::_log_softmax", "aten::_log_softmax_backward_data",
+            "aten::nll_loss", "aten::nll_loss_nd", "aten::nll_loss_forward", "aten::nll_loss_backward"}
+ATTENTION_OPS = {"aten::softmax", "aten::_softmax", "aten::_softmax_backward_data", "aten::scaled_dot_product_attention",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+ELEMENTWISE_OPS = {f"aten::{name}" for name in (
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "where", "gelu", "gelu_backward",
+    "native_layer_norm", "native_layer_norm_backward", "random_", "uniform_", "bernoulli_", "ge", "bitwise_and",
+    "bitwise_right_shift", "bitwise_right_shift_", "fill_", "zero_", "copy_", "clone", "cat", "contiguous", "triu",
+    "masked_fill", "masked_fill_", "neg", "exp", "exp_", "log", "log_", "clamp", "clamp_", "eq", "ne", "abs")}
+STEP_CATEGORIES = ("matrix products", "cross-entropy / loss head", "attention softmax", "element-wise passes",
+                   "optimizer (AdamW, clipping)", "other aten ops")
+
+
+def step_category(name: str, ancestors: list[str]) -> str:
+    """The category of one aten op of a training step, from its name and the names of
+    the profiler events around it (the autograd node, the optimizer's step...).
+
+    Matrix products count as such wherever they run, the loss head's included, so the
+    plain and the fused head compare like with like; everything else inside the loss
+    (its softmax, its passes) counts as the loss head."""
+    if name in MATMUL_OPS:
+        return "matrix products"
+    if (name.startswith(("aten::_fused_adam", "aten::_foreach_")) or name == "aten::linalg_vector_norm"
+            or any(a.startswith(("Optimizer.", "aten::_foreach_")) for a in ancestors)):
+        return "optimizer (AdamW, clipping)"  # clip_grad_norm_: per-tensor norms, a total, one scaling
+    if name in LOSS_OPS or any("FusedHeadLoss" in a or a in LOSS_OPS or "LogSoftmaxBackward" in a
+                               or "NllLossBackward" in a for a in ancestors):
+        return "cross-entropy / loss head"
+    if name in ATTENTION_OPS:
+        return "attention softmax"
+    if name in ELEMENTWISE_OPS:
+        return "element-wise passes"
+    return "other aten ops"
+
+
+def step_breakdown(step, steps: int) -> dict:
+    """Where a training step's time goes: ``step()`` run ``steps`` times under
+    torch.profiler, the self CPU time of every aten op summed by ``step_category``,
+    in ms per step and % of the profiled step, largest first. What no aten op
+    accounts for (Python, the autograd engine, the profiler itself) is its own row.
+
+    Also which kernels ran, read off the event names: fused AdamW, the fused loss
+    head, and the attention path (SDPA, or the explicit one with dropout)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    totals = dict.fromkeys(STEP_CATEGORIES, 0.0)
+    names = set()
+    for event in prof.events():
+        names.add(event.name)
+        if not event.name.startswith("aten::"):
+            continue
+        ancestors, parent = [], event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        totals[step_category(event.name, ancestors)] += event.self_cpu_time_total / 1e3 / steps
+    totals["not in aten ops (Python, autograd, profiler)"] = max(0.0, wall_ms - sum(totals.values()))
+    rows = sorted(({"category": name, "ms": ms, "pct": 100 * ms / wall_ms} for name, ms in totals.items()),
+                  key=lambda row: -row["ms"])
+    sdpa = any("scaled_dot_product" in name for name in names)
+    return {
+        "steps": steps, "step_ms": wall_ms, "categories": rows,
+        "kernels": {
+            "fused_adamw": any(name.startswith("aten::_fused_adamw") for name in names),
+            "fused_loss": any(name.startswith("FusedHeadLoss") for name in names),
+            "attention": "scaled_dot_product_attention" if sdpa else "explicit, with dropout "
+                                                                    "(model.causal_attention_with_dropout)",
+        },
+    }
+
+
 def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, warmup: int,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, profile_steps: int = 3) -> dict:
     runtime = hardware.detect_runtime("cpu", precision)
     torch.manual_seed(seed)
     model = GPT(cfg)
@@ -257,8 +364,17 @@ def bench_training(cfg: ModelConfig, batch: int, precision: str, steps: int, war
             t2 = time.perf_counter()
             ratios.append(fpt * tokens_per_step / gemm_flops * (t2 - t1) / (t1 - t0))
         paired["mfu_model_paired"] = statistics.median(ratios)
+    # Last, so that the profiler's overhead touches none of the timings above.
+    later = iter(range(warmup + steps + max(3, steps // 2), 10**9))
+
+    def profiled_step() -> None:
+        x, y = dataset.train_batch(plan, next(later) % plan.n_batches)
+        train_step(model, optimizer, x, y, 3e-4, runtime, grad_clip=1.0)
+
+    breakdown = step_breakdown(profiled_step, profile_steps)
     return {
         **paired,
+        "breakdown": breakdown,
         "precision": runtime.precision, "steps": steps, "warmup": warmup,
         "step_s": step,
         "tokens_per_s": {"median": tokens_per_step / step["median"], "min": tokens_per_step / step["max"],
@@ -695,6 +811,10 @@ def _table(title: str, rows: list[tuple[str, str]]) -> None:
         print(f"  {label:<{width}}  {value}")
 
 
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
 def _tps(d: dict) -> str:
     return f"{d['median']:,.0f} tok/s (min {d['min']:,.0f}, max {d['max']:,.0f})"
 
@@ -719,6 +839,17 @@ def print_report(r: dict) -> None:
     _table("Matrix products (MFU denominators)", rows)
 
     ref = r.get("reference", {})
+    isa = r.get("cpu_isa")
+    if isa:
+        caps = ", ".join(f"{name}={value}" for name, value in isa["caps_set"].items()) or "none set"
+        flags = ("not readable (no /proc/cpuinfo)" if isa["flags"] is None else
+                 ", ".join(f"{flag} {_yes(present)}" for flag, present in isa["flags"].items()))
+        _table("Training: the CPU's instruction set", [
+            ("PyTorch CPU kernels", f"{isa['torch_capability']} (torch.backends.cpu.get_cpu_capability())"),
+            ("caps in the environment", f"{caps} ({', '.join(ISA_CAPS)})"),
+            ("CPU flags", flags),
+            ("native bf16", _yes(isa["native_bf16"])),
+            ("fp16-weight decode (FBGEMM)", _yes(isa["fp16_weight_decode"]) + " (generation, not training)")])
     for t in r["training"]:
         rows = [("tokens/s", _tps(t["tokens_per_s"]) + _load_note(t["other_load"])),
                 ("step", f"{1e3 * t['step_s']['median']:.0f} ms (batch prep {t['batch_prep_ms']:.2f} ms = "
@@ -730,6 +861,15 @@ def print_report(r: dict) -> None:
                 ("peak RSS", f"{t['peak_rss_mb']:,.0f} MB"),
                 ("loss", f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} over {t['warmup'] + t['steps']} steps")]
         _table(f"Training ({t['precision']}, {t['params'] / 1e6:.2f}M parameters)", rows)
+        b = t["breakdown"]
+        k = b["kernels"]
+        _table(f"Training ({t['precision']}): kernels that ran", [
+            ("fused AdamW", _yes(k["fused_adamw"])),
+            ("fused loss head (no logits held)", _yes(k["fused_loss"])),
+            ("attention", k["attention"])])
+        _table(f"Training ({t['precision']}): where a step's time goes (torch.profiler, {b['steps']} steps, "
+               f"self CPU time of aten ops; {b['step_ms']:.0f} ms per profiled step)",
+               [(row["category"], f"{row['ms']:7.1f} ms  {row['pct']:5.1f}%") for row in b["categories"]])
 
     g = r.get("generation")
     if g:
@@ -880,6 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         report["training"] = []
         if "train" not in skip:  # first, so that its peak memory is the training's own
+            report["cpu_isa"] = cpu_instruction_sets()
             precisions = ["fp32"]
             if hardware.cpu_has_native_bf16() and not args.no_bf16 and not args.quick:
                 precisions.append("bf16")

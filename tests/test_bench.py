@@ -53,3 +53,35 @@ def test_the_server_load_run_answers_every_request(trained_once, tmp_path):
     assert 0 < result["completion_tokens"] <= 8 * 8 and result["tokens_per_s"] > 0
     assert result["latency_s"]["p50"] <= result["latency_s"]["p95"] <= result["latency_s"]["max"]
     assert result["first_token_s"], "half the requests stream"
+
+
+def test_the_training_breakdown_accounts_for_the_step_and_names_the_kernels():
+    train = bench.bench_training(TINY, batch=2, precision="fp32", steps=1, warmup=1, profile_steps=2)
+    b = train["breakdown"]
+    assert b["steps"] == 2 and b["step_ms"] > 0
+    assert abs(sum(row["pct"] for row in b["categories"]) - 100) < 1e-6
+    assert [row["ms"] for row in b["categories"]] == sorted((row["ms"] for row in b["categories"]), reverse=True)
+    assert {row["category"] for row in b["categories"]} >= set(bench.STEP_CATEGORIES)
+    ms = {row["category"]: row["ms"] for row in b["categories"]}
+    assert ms["matrix products"] > 0 and ms["optimizer (AdamW, clipping)"] > 0
+    # CPU fp32 training with dropout: fused AdamW, the fused loss head, the explicit attention.
+    assert b["kernels"]["fused_adamw"] and b["kernels"]["fused_loss"]
+    assert b["kernels"]["attention"].startswith("explicit")
+
+
+def test_step_categories_follow_the_op_and_where_it_ran():
+    assert bench.step_category("aten::mm", ["FusedHeadLoss"]) == "matrix products"
+    assert bench.step_category("aten::exp_", ["FusedHeadLoss"]) == "cross-entropy / loss head"
+    assert bench.step_category("aten::_log_softmax_backward_data", []) == "cross-entropy / loss head"
+    assert bench.step_category("aten::_softmax", []) == "attention softmax"
+    assert bench.step_category("aten::mul_", ["aten::_foreach_mul_"]) == "optimizer (AdamW, clipping)"
+    assert bench.step_category("aten::_fused_adamw_", ["Optimizer.step#AdamW.step"]) == "optimizer (AdamW, clipping)"
+    assert bench.step_category("aten::gelu_backward", ["GeluBackward0"]) == "element-wise passes"
+    assert bench.step_category("aten::embedding_dense_backward", []) == "other aten ops"
+
+
+def test_the_cpu_instruction_sets_are_reported():
+    isa = bench.cpu_instruction_sets()
+    assert isa["torch_capability"]
+    assert isa["flags"] is None or set(isa["flags"]) == set(bench.CPU_FLAGS)
+    assert set(isa["caps_set"]) <= set(bench.ISA_CAPS)
