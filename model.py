@@ -5,6 +5,7 @@ Module names follow GPT-2 (``wte``, ``wpe``, ``h``, ``ln_f``, ``lm_head``, ``c_a
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -537,6 +538,10 @@ class Decoder:
         self.ln_f = (vec(model.ln_f.weight), vec(model.ln_f.bias))
         self.head = product(model.lm_head)
         self.eps = model.ln_f.eps
+        # With fp16 weights the step is approximate already (logits move by ~1e-3), and
+        # the tanh form of GELU, which differs from the exact one by at most ~5e-4, costs
+        # half as much at batch 1 (5 against 11 us for a 1024-wide row, four times a token).
+        self.gelu = functools.partial(F.gelu, approximate="tanh") if half else F.gelu
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config, self.device, self.dtype)
@@ -568,7 +573,7 @@ class Decoder:
             # (1, H, 1, D) is already laid out as (1, C); only a chunk needs the transpose.
             y = y.view(1, C) if T == 1 else y.transpose(1, 2).reshape(T, C)
             x = x + proj(y)
-            x = x + fc_proj(F.gelu(fc(F.layer_norm(x, (C,), w2, b2, self.eps))))
+            x = x + fc_proj(self.gelu(fc(F.layer_norm(x, (C,), w2, b2, self.eps))))
         cache.pos = end
         if T > 1:
             x = x[-1:]

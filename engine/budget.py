@@ -42,7 +42,7 @@ LADDER = [
     (1024, 12, 16),
     (1024, 24, 16),
 ]
-TOKENS_PER_PARAM = 1.0  # training tokens per block parameter the chosen shape must reach (see README)
+TOKENS_PER_PARAM = 0.2  # training tokens per block parameter the chosen shape must reach (see README)
 PROBE_SHAPE = (256, 4, 4)  # the reference model the probe times (the compact preset)
 PROBE_SECONDS = 3.0  # at least this long, after one untimed warm-up step
 
