@@ -419,9 +419,14 @@ class BudgetClock:
     budget too. Every ``REPLAN_EVERY`` steps the learning-rate schedule's length is
     set from the steps timed so far, so the cosine reaches its floor as time runs out.
     The re-planned length is part of ``RunState``: a resume goes on from it.
+
+    In a distributed run the ranks would time their steps differently, and a learning
+    rate that differs between ranks would pull their weights apart; there the schedule
+    keeps rank 0's first estimate (``replan=False``) and only the deadline ends the run.
     """
 
-    def __init__(self, run: RunState) -> None:
+    def __init__(self, run: RunState, replan: bool = True) -> None:
+        self.replan = replan
         self.session_start = time.monotonic()
         self.spent_before = run.spent_s
         self.deadline = self.session_start + max(0.0, run.budget_s - run.spent_s)
@@ -446,11 +451,12 @@ class BudgetClock:
             # An evaluation batch is a forward pass: about a third of a training step.
             reserve = min(eval_batches * step_s / 3 + 1.0, 0.2 * run.budget_s)
             self.deadline = self.end - reserve
-            run.total_steps = run.run_step + 1 + max(0, int((self.deadline - now) / step_s))
-            # Enough epochs for those steps, and one to spare should the steps get faster:
-            # the clock ends the run, never the epoch count.
-            left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
-            run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
+            if self.replan:
+                run.total_steps = run.run_step + 1 + max(0, int((self.deadline - now) / step_s))
+                # Enough epochs for those steps, and one to spare should the steps get faster:
+                # the clock ends the run, never the epoch count.
+                left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
+                run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
         return min(self.deadline, other_deadline if other_deadline is not None else math.inf)
 
 
@@ -977,7 +983,7 @@ class Trainer:
             on_event(CompileChecked(self._compiled is not None, note))
         steps_here = 0
         deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
-        clock = BudgetClock(run) if run.budget_s else None
+        clock = BudgetClock(run, replan=self.dist is None) if run.budget_s else None
         eval_batches = (dataset.val_batch_count(run.batch_size, cfg.eval_batches)  # what the final evaluation runs
                         if clock is not None else 0)
         if clock is not None:
