@@ -8,8 +8,9 @@ the before/after table, so the menu can show what was gained and what was kept.
 from __future__ import annotations
 
 from engine.reports import ContinualReport, DatasetComparison, OnEvent, ignore_events
+from engine.runs import StopFlag
 from engine.sources import Source, source_from_texts
-from trainer import GROWTH_SAMPLE_BYTES, StopFlag, Trainer
+from trainer import GROWTH_SAMPLE_BYTES, Trainer
 
 
 def train_on_new_data(trainer: Trainer, new_data: list[str] | Source, epochs: int = 5, expand_vocab: bool = True,

@@ -35,8 +35,9 @@ from engine.distributed import (
     lost_contact,
 )
 from engine.reports import USER_ERRORS, EpochStarted, StepDone, TrainingEvent, TrainResult
+from engine.runs import TIME_LIMIT, StopFlag
 from engine.sources import open_source
-from trainer import TIME_LIMIT, StopFlag, Trainer
+from trainer import Trainer
 
 EXIT_CODES = {"": 0, TIME_LIMIT: 0, "interrupted": 130, "terminated": 143}
 

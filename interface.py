@@ -36,9 +36,10 @@ from engine.distributed import launched_by_torchrun
 from engine.model_export import DTYPES, DestinationInUse, default_destination, export_model
 from engine.model_folder import HISTORY_FILE, LOSS_PLOT_FILE, ModelFolder
 from engine.reports import USER_ERRORS, ContinualReport, ExportReport, TrainResult
+from engine.runs import StopFlag
 from engine.sources import Source, open_source, source_from_text
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
-from trainer import StopFlag, Trainer
+from trainer import Trainer
 
 END_OF_TEXT_INPUT = "END"
 
