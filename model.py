@@ -174,6 +174,8 @@ class FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        if bool((targets < -1).any()):  # F.cross_entropy would refuse it; here it would count as id 0
+            raise ValueError("targets must be token ids or -1 (ignored)")
         learned = targets != -1  # (N,)
         count = learned.sum()
         # Each row's share of the mean: 1/learned, or 0 for an ignored row. The gradient

@@ -183,3 +183,10 @@ def test_micro_batches_with_a_slice_that_learns_nothing_match_the_plain_path():
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-6)
     for name in plain:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_negative_target_other_than_minus_one_is_refused():
+    """-100 (another library's ignore index) would otherwise be learned as token 0."""
+    h, weight = torch.randn(4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="token ids or -1"):
+        FusedHeadLoss.apply(h, weight, torch.tensor([1, -100, 2, -1]), 2)
