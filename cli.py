@@ -162,8 +162,9 @@ def add_model_size_flags(p: argparse.ArgumentParser) -> None:
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=whole_number(1, MAX_EPOCHS), default=DEFAULT_EPOCHS,
-                   help="passes over the data (the menu's default answer; default %(default)s)")
+    t.add_argument("--epochs", type=whole_number(1, MAX_EPOCHS),
+                   help=f"passes over the data (the menu's default answer; default {DEFAULT_EPOCHS}, "
+                        f"{DEFAULT_CHAT_EPOCHS} for finetune)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
@@ -285,15 +286,15 @@ def run_train(args: argparse.Namespace, app: MenuApp) -> int:
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", metavar="PATH",
                    help="a JSONL file or a folder of them; nothing: the built-in conversations")
-    p.add_argument("--chat-epochs", type=whole_number(1, MAX_EPOCHS), default=DEFAULT_CHAT_EPOCHS, metavar="N",
-                   help="passes over the conversations (default %(default)s)")
+    p.add_argument("--chat-epochs", dest="epochs", type=whole_number(1, MAX_EPOCHS), metavar="N",
+                   help=f"the same as --epochs: passes over the conversations (default {DEFAULT_CHAT_EPOCHS})")
 
 
 def run_finetune(args: argparse.Namespace, app: MenuApp) -> int:
     """The menu's Train on Conversations: the model learns the chat format."""
     _require_model(app)
     source = app.describe_conversations(open_conversations(args.path))
-    return _training_status(app.finetune_on(source, args.chat_epochs))
+    return _training_status(app.finetune_on(source, args.epochs))
 
 
 def run_continue(args: argparse.Namespace, app: MenuApp) -> int:
@@ -458,7 +459,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     """The subcommand's arguments on top of every flag's default (``App`` reads them all)."""
     defaults = argparse.ArgumentParser(add_help=False)
     add_all_flags(defaults)
-    return build_parser().parse_args(argv, namespace=defaults.parse_args([]))
+    args = build_parser().parse_args(argv, namespace=defaults.parse_args([]))
+    if args.epochs is None:  # each command has its own default
+        args.epochs = DEFAULT_CHAT_EPOCHS if args.command == "finetune" else DEFAULT_EPOCHS
+    return args
 
 
 def main(argv: list[str], app_class: Callable[..., MenuApp]) -> int:

@@ -20,7 +20,7 @@ import cli
 import continual
 import server
 from chat_repl import ChatLoop
-from cli import DEFAULT_CHAT_EPOCHS, MAX_EPOCHS, TrainingLength, parse_training_length
+from cli import DEFAULT_CHAT_EPOCHS, DEFAULT_EPOCHS, MAX_EPOCHS, TrainingLength, parse_training_length
 from distributed_training import make_trainer
 from engine import hardware
 from engine.conversations import ConversationSource, open_conversations
@@ -145,7 +145,7 @@ class App:
 
     def ask_length(self) -> TrainingLength:
         """Epochs, or minutes for a time budget (the model size is then chosen for that time)."""
-        default = self.args.epochs
+        default = self.args.epochs or DEFAULT_EPOCHS
         while True:
             answer = self.ask(f"Training length: epochs, or minutes such as 10m for a time budget "
                               f"[default: {default} epochs]: ")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import cli
 from engine.display import TrainingProgress
 from engine.loss_plot import loss_curves
 from engine.reports import EpochStarted, EvalResult, Evaluated, StepDone
@@ -191,3 +192,12 @@ def test_finetune_on_a_conversation_file_makes_a_chat_model(trained_copy, tmp_pa
     bad = subprocess.run([sys.executable, str(ROOT / "interface.py"), "finetune", str(tmp_path / "bad.jsonl"),
                           "--model-dir", str(folder)], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 1 and "no usable conversation" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_each_command_has_its_own_epochs_default():
+    """finetune --epochs is honoured (it was once silently replaced by --chat-epochs' default)."""
+    assert cli.parse(["train", "x.txt"]).epochs == cli.DEFAULT_EPOCHS
+    assert cli.parse(["finetune"]).epochs == cli.DEFAULT_CHAT_EPOCHS
+    assert cli.parse(["finetune", "--epochs", "2"]).epochs == 2
+    assert cli.parse(["finetune", "--chat-epochs", "4"]).epochs == 4
+    assert cli.parse(["continue", "x.txt", "--epochs", "5"]).epochs == 5
