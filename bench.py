@@ -450,9 +450,10 @@ def bench_generation(cfg: ModelConfig, tokenizer, new_tokens: int, prompt_len: i
     if plain_only:
         with OtherLoad() as load:
             out["cached"] = _time_generation(gen, prompt, plain, True, repeats)
+            out["cached_default_sampling"] = _time_generation(gen, prompt, ours, True, repeats)
             if runtime.decode_weights is not None:
                 out["cached_fp32"] = _time_generation(exact, prompt, plain, True, repeats)
-        for key in ("cached", "cached_fp32"):
+        for key in ("cached", "cached_default_sampling", "cached_fp32"):
             out.get(key, {}).pop("ids", None)
         out["other_load"] = load.share
         return out
@@ -600,6 +601,7 @@ def race(script: Path, cfg: ModelConfig, gen_cfg: ModelConfig, tokenizer, batch:
                                                           plain_only=True), max_wait)
         row["ours_gen"] = gen["cached"]["tokens_per_s"]["median"]
         row["ours_gen_fp32"] = gen.get("cached_fp32", gen["cached"])["tokens_per_s"]["median"]
+        row["ours_gen_default"] = gen["cached_default_sampling"]["tokens_per_s"]["median"]
         ref = measure_when_quiet(lambda: run_reference(script, cfg, batch, steps, warmup, new_tokens, prompt_len,
                                                        repeats, only="gen"), max_wait)
         if "skipped" in ref:
@@ -608,10 +610,11 @@ def race(script: Path, cfg: ModelConfig, gen_cfg: ModelConfig, tokenizer, batch:
         row["train_ratio"] = row["ours_train"] / row["theirs_train"]
         row["gen_ratio"] = row["ours_gen"] / row["theirs_gen"]
         row["gen_ratio_fp32"] = row["ours_gen_fp32"] / row["theirs_gen"]
+        row["gen_ratio_default"] = row["ours_gen_default"] / row["theirs_gen"]
         out["rounds"].append(row)
     out["gen_weights"] = gen["weights"]
-    for key in ("ours_train", "theirs_train", "ours_gen", "ours_gen_fp32", "theirs_gen", "train_ratio",
-                "gen_ratio", "gen_ratio_fp32"):
+    for key in ("ours_train", "theirs_train", "ours_gen", "ours_gen_fp32", "ours_gen_default", "theirs_gen",
+                "train_ratio", "gen_ratio", "gen_ratio_fp32", "gen_ratio_default"):
         out[key] = spread([row[key] for row in out["rounds"]])
     return out
 
@@ -906,14 +909,18 @@ def print_report(r: dict) -> None:
         print(f"\n== Race: ours, then {ref['impl']} (transformers {ref['transformers']}, "
               f"{ref['params'] / 1e6:.2f}M parameters), back to back, {len(race_result['rounds'])} round(s)")
         print(f"  {'round':<6} {'train ours':>11} {'theirs':>8} {'ratio':>7}   {'generate ours':>14} {'theirs':>8} "
-              f"{'ratio':>7}  (tokens/s)")
+              f"{'ratio':>7}   {'ours, default sampling':>22} {'ratio':>7}  (tokens/s)")
         for i, row in enumerate(race_result["rounds"], 1):
             print(f"  {i:<6} {row['ours_train']:>11,.0f} {row['theirs_train']:>8,.0f} {row['train_ratio']:>6.2f}x   "
-                  f"{row['ours_gen']:>14,.0f} {row['theirs_gen']:>8,.0f} {row['gen_ratio']:>6.2f}x")
+                  f"{row['ours_gen']:>14,.0f} {row['theirs_gen']:>8,.0f} {row['gen_ratio']:>6.2f}x   "
+                  f"{row['ours_gen_default']:>22,.0f} {row['gen_ratio_default']:>6.2f}x")
         tr, gr = race_result["train_ratio"], race_result["gen_ratio"]
         print(f"  ours/theirs, training:   median {tr['median']:.2f}x (min {tr['min']:.2f}x, max {tr['max']:.2f}x)")
         print(f"  ours/theirs, generation: median {gr['median']:.2f}x (min {gr['min']:.2f}x, max {gr['max']:.2f}x)"
-              f"  ({race_result['gen_weights']} weights)")
+              f"  ({race_result['gen_weights']} weights; top-k 50, temperature 0.8 on both sides)")
+        gd = race_result["gen_ratio_default"]
+        print(f"  ours/theirs, generation with our default sampling (+ top-p 0.95, repetition penalty 1.1): "
+              f"median {gd['median']:.2f}x (min {gd['min']:.2f}x, max {gd['max']:.2f}x)")
         if race_result["gen_weights"] != "fp32":
             g32 = race_result["gen_ratio_fp32"]
             print(f"  ours/theirs, generation with fp32 weights (ours {race_result['ours_gen_fp32']['median']:,.0f} "
@@ -972,7 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--steps", type=int, help="timed training steps (10; quick 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps first (3)")
-    p.add_argument("--rounds", type=int, help="ours-then-theirs rounds of the race (3; quick 1)")
+    p.add_argument("--rounds", type=int, help="ours-then-theirs rounds of the race (5; quick 1)")
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast training row")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: train,gen,data,reference,server")
     p.add_argument("--server-clients", type=int, default=16, help="clients of the server load run (16)")
@@ -995,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig(vocab_size=args.vocab, context=args.context, d_model=args.d_model or d_model,
                       n_layer=args.n_layer or n_layer, n_head=args.n_head or n_head, dropout=args.dropout)
     steps = args.steps or (5 if args.quick else 10)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     gen_repeats = 2 if args.quick else 3
     new_tokens, prompt_len = 200, 10
     corpus = Path(args.corpus)
@@ -1074,7 +1081,8 @@ def main(argv: list[str] | None = None) -> int:
     race_result, ratios = report.get("race", {}), {}
     if race_result.get("rounds"):
         ratios = {"train_tokens_per_s": race_result["train_ratio"], "gen_tokens_per_s": race_result["gen_ratio"],
-                  "gen_tokens_per_s_fp32_weights": race_result["gen_ratio_fp32"]}
+                  "gen_tokens_per_s_fp32_weights": race_result["gen_ratio_fp32"],
+                  "gen_tokens_per_s_default_sampling": race_result["gen_ratio_default"]}
     report["ratios"] = ratios
     print_report(report)
     if args.json:
