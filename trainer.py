@@ -454,8 +454,10 @@ class Trainer:
         self._flop_rate = budget.probe_flop_rate(self.runtime, vocab, batch, pinned)
         plan = budget.plan_budget(minutes, self._flop_rate, int(len(tokens) * (1 - self.config.val_fraction)),
                                   vocab, batch, context, pinned)
-        if "learning_rate" not in self.train_overrides:
-            self.config = replace(self.config, learning_rate=plan.learning_rate)
+        # What the user set wins over the plan, and the plan says so.
+        plan = replace(plan, learning_rate=self.train_overrides.get("learning_rate", plan.learning_rate),
+                       dropout=self.model_overrides.get("dropout", plan.dropout))
+        self.config = replace(self.config, learning_rate=plan.learning_rate)
         on_event(Notice(plan.describe()))
         return plan
 

@@ -179,3 +179,13 @@ def test_val_batch_count_matches_what_evaluation_runs(n_tokens, window):
     for batch in (1, 4, 8):
         for most in (2, 50):
             assert data.val_batch_count(batch, most) == sum(1 for _ in data.val_batches(batch, most))
+
+
+def test_settings_the_user_gave_win_over_the_plan_and_the_plan_says_so(tmp_path, sample_file, quick_probe):
+    trainer = Trainer(str(tmp_path / "m"), "bpe", model_overrides={**TINY_MODEL, "dropout": 0.05},
+                      train_overrides={**TINY_TRAIN, "learning_rate": 3e-3})
+    events = []
+    trainer.train(open_source(str(sample_file)), 1, events.append, minutes=0.05)
+    plan_line = next(e.text for e in events if type(e).__name__ == "Notice" and e.text.startswith("time budget"))
+    assert "learning rate 0.003" in plan_line and "dropout 0.05" in plan_line
+    assert trainer.model.config.dropout == 0.05 and trainer.config.learning_rate == 3e-3
