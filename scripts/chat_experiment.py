@@ -37,6 +37,10 @@ from response_generator import GenerationConfig, ResponseGenerator, render_plain
 from trainer import Trainer, estimate_loss  # noqa: E402
 
 REPLY_TOKENS = 64
+# The length limit a user gets (GenerationConfig's max_new_tokens): a tenth of the
+# held-out reference replies are themselves longer than 64 tokens, so a model that
+# answers as the data does cannot end all of them within 64.
+DEFAULT_REPLY_TOKENS = GenerationConfig().max_new_tokens
 
 
 def held_out_chat_loss(trainer: Trainer, held_out) -> tuple[float, float]:
@@ -47,23 +51,24 @@ def held_out_chat_loss(trainer: Trainer, held_out) -> tuple[float, float]:
     return result.val_loss, result.bpb
 
 
-def reply_behaviour(folder: Path, held_out, learned: bool) -> tuple[float, float]:
-    """(turn-end rate, role-leak rate) of greedy replies to each held-out first question."""
+def reply_behaviour(folder: Path, held_out, learned: bool, limit: int = REPLY_TOKENS) -> tuple[float, float]:
+    """(turn-end rate, role-leak rate) of greedy replies of at most ``limit`` tokens to each
+    held-out first question."""
     gen = ResponseGenerator(str(folder), hardware.detect_runtime())
     tok = gen.tokenizer
     chat = tok.chat_token_ids()
-    cfg = GenerationConfig(temperature=0, max_new_tokens=REPLY_TOKENS, repetition_penalty=1.1)
+    cfg = GenerationConfig(temperature=0, max_new_tokens=limit, repetition_penalty=1.1)
     ended = leaked = 0
     for conv in held_out:
         question = conv[:2] if conv[0].role == "system" else conv[:1]
         if learned:
-            ids = gen.fit_prompt(render(tok, chat, question, open_reply=True)[0], REPLY_TOKENS)
+            ids = gen.fit_prompt(render(tok, chat, question, open_reply=True)[0], limit)
             out = list(gen.generate_ids(ids, cfg, stop_ids=frozenset({chat.end})))
-            ended += gen.finish_reason == "stop" and len(out) < REPLY_TOKENS
+            ended += gen.finish_reason == "stop" and len(out) < limit
             text = tok.decode(out)
             leaked += chat.user in out or chat.system in out or "User:" in text
         else:
-            ids = gen.fit_prompt(tok.encode(render_plain(question)), REPLY_TOKENS)
+            ids = gen.fit_prompt(tok.encode(render_plain(question)), limit)
             text = tok.decode(list(gen.generate_ids(ids, cfg)))
             cut = text.find("\nUser:")
             ended += cut >= 0 or gen.finish_reason == "stop"
@@ -113,8 +118,9 @@ def main() -> None:
         seconds = time.time() - t0
         loss, bpb = held_out_chat_loss(trainer, held_out)
         turn_end, leak = reply_behaviour(folder, held_out, learned=True)
+        turn_end_default, _ = reply_behaviour(folder, held_out, learned=True, limit=DEFAULT_REPLY_TOKENS)
         rows[label] = {"chat_loss": loss, "chat_bpb": bpb, "text_bpb": text_bpb(trainer), "turn_end": turn_end,
-                       "role_leak": leak, "seconds": seconds}
+                       "turn_end_default_limit": turn_end_default, "role_leak": leak, "seconds": seconds}
 
     print(f"\n{len(held_out)} held-out conversations; replies of at most {REPLY_TOKENS} tokens, greedy\n")
     print(f"{'':24} | {'assist. loss':>12} | {'assist. bpb':>11} | {'turn-end':>8} | {'role leak':>9} | "
@@ -125,6 +131,8 @@ def main() -> None:
     before = rows["before"]["text_bpb"]
     for label, r in rows.items():
         if label != "before":
+            print(f"{label}: turn-end within {DEFAULT_REPLY_TOKENS} tokens (the default length limit) "
+                  f"{r['turn_end_default_limit']:.1%}")
             print(f"{label}: text bpb {r['text_bpb'] - before:+.4f}, fine-tuning took {r['seconds']:.0f} s")
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     if not args.workdir:
