@@ -451,7 +451,7 @@ class Trainer:
         context = self.model_overrides.get("context", ModelConfig(vocab_size=1).context)
         batch = self.config.batch_size or hardware.default_batch_size(self.runtime, 256, context)
         pinned = self._pinned_shape()  # probed itself: then the rate is that of the model that trains
-        self._flop_rate = budget.probe_flop_rate(self.runtime, vocab, batch, pinned)
+        self._flop_rate = budget.probe_flop_rate(self.runtime, vocab, batch, pinned, budget.probe_seconds(minutes))
         plan = budget.plan_budget(minutes, self._flop_rate, int(len(tokens) * (1 - self.config.val_fraction)),
                                   vocab, batch, context, pinned)
         # What the user set wins over the plan, and the plan says so.
@@ -461,12 +461,13 @@ class Trainer:
         on_event(Notice(plan.describe()))
         return plan
 
-    def _tokens_per_s(self, batch_size: int, window: int) -> float:
+    def _tokens_per_s(self, batch_size: int, window: int, minutes: float) -> float:
         """What this model is expected to train per second here (the probe's rate, measured once)."""
         c = self.model.config
         shape = budget.Shape(c.d_model, c.n_layer, c.n_head, window)
         if self._flop_rate is None:
-            self._flop_rate = budget.probe_flop_rate(self.runtime, c.vocab_size, batch_size, shape)
+            self._flop_rate = budget.probe_flop_rate(self.runtime, c.vocab_size, batch_size, shape,
+                                                     budget.probe_seconds(minutes))
         return self._flop_rate / shape.flops_per_token(c.vocab_size)
 
     def _create(self, source: Source, on_event: OnEvent, minutes: float = 0.0) -> None:
@@ -699,7 +700,7 @@ class Trainer:
             total_steps = epochs * steps_per_epoch
             if time_budget is not None:
                 # A first guess from the probe; the loop re-plans it from the steps it times.
-                total_steps = max(1, int(time_budget.seconds_left() * self._tokens_per_s(batch_size, dataset.window)
+                total_steps = max(1, int(time_budget.seconds_left() * self._tokens_per_s(batch_size, dataset.window, time_budget.seconds / 60)
                                          / (batch_size * dataset.window)))
                 epochs = min(100_000, 2 + 2 * total_steps // steps_per_epoch)  # the clock ends it, not these
             run = RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=total_steps,

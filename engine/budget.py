@@ -107,6 +107,11 @@ def dropout_for(passes: float) -> float:
     return 0.2
 
 
+def probe_seconds(minutes: float) -> float:
+    """How long to probe: ``PROBE_SECONDS``, but at most 2% of a short budget (0.3 s at least)."""
+    return min(PROBE_SECONDS, max(0.3, 0.02 * minutes * 60))
+
+
 def probe_flop_rate(runtime: hardware.Runtime, vocab_size: int, batch_size: int, shape: Shape | None = None,
                     seconds: float | None = None) -> float:
     """Training FLOP/s of this machine: timed steps of ``shape`` on random tokens.

@@ -192,8 +192,9 @@ def test_a_tiny_model_learns_three_conversations_and_stops_at_end_of_turn(kind, 
         append_conversation(path, conv)
     trainer = Trainer(str(folder), kind, model_overrides={"dropout": 0.0},
                       train_overrides={"learning_rate": 1e-2, "warmup_steps": 2, "rehearsal": 0.0})
-    result = trainer.train_conversations(open_conversations(str(path)), 150)
-    assert result.final_eval.val_loss < 0.3
+    # 250 passes: at 150 the loss was 0.13 and one token of one reply could still go astray.
+    result = trainer.train_conversations(open_conversations(str(path)), 250)
+    assert result.final_eval.val_loss < 0.05
     generator = ResponseGenerator(str(folder))
     assert generator.chat_ids is not None  # config.json says chat_tuned
     cfg = GenerationConfig(temperature=0, max_new_tokens=30, repetition_penalty=1.0)

@@ -117,7 +117,7 @@ def test_letters_where_epochs_are_asked_then_typed_text(tmp_path):
     answers = ["bpe", "1", "2", *SAMPLE_TEXT.splitlines(), "END", "abc", "0", "1e9", "1", "4"]
     code, out = run_app(tmp_path, answers)
     assert code == 0
-    assert out.count("Invalid number") == 3
+    assert out.count("Invalid length") == 3
     assert "Training complete" in out and "Training loss by step" in out
 
 
