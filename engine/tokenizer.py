@@ -51,6 +51,11 @@ def byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
+def without_lone_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (not a character; SentencePiece refuses it) as U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class BaseTokenizer:
     kind = ""
     filename = ""
@@ -152,10 +157,17 @@ class BPETokenizer(BaseTokenizer):
         return self._tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except (TypeError, ValueError, RuntimeError):  # a lone surrogate: not a character
+            return self._tok.encode(without_lone_surrogates(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        try:
+            encoded = self._tok.encode_batch(texts, add_special_tokens=False)
+        except (TypeError, ValueError, RuntimeError):
+            encoded = self._tok.encode_batch([without_lone_surrogates(t) for t in texts], add_special_tokens=False)
+        return [e.ids for e in encoded]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
@@ -248,11 +260,17 @@ class SentencePieceTokenizer(BaseTokenizer):
         return self._sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        try:
+            return self._sp.encode(text)
+        except RuntimeError:  # a lone surrogate (e.g. typed on a terminal that is not UTF-8)
+            return self._sp.encode(without_lone_surrogates(text))
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # Every core the process may use: a fixed count would leave a big machine idle.
-        return self._sp.encode(texts, num_threads=usable_cpu_cores())
+        try:
+            return self._sp.encode(texts, num_threads=usable_cpu_cores())
+        except RuntimeError:
+            return self._sp.encode([without_lone_surrogates(t) for t in texts], num_threads=usable_cpu_cores())
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
