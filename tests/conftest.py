@@ -5,12 +5,32 @@ in seconds on two CPU cores. Model folders always live under ``tmp_path``.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# Under pytest-xdist (the README's test command runs one worker per core) every worker
+# gets its share of the cores, and so do the programs it starts (they inherit the
+# variable). Two workers with two OpenMP threads each on two cores spin at each other's
+# barriers: the suite took as long as one worker did.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,6 +52,11 @@ TINY_MODEL = dict(d_model=32, n_layer=1, n_head=2, context=32)
 TINY_TRAIN = dict(target_vocab_size=320, batch_size=4, checkpoint_every=10, eval_batches=4)
 TINY_CLI = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "32",
             "--target-vocab-size", "320", "--batch-size", "4", "--seed", "7"]
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: the cores this process may use (a container's limit, not the host's count)."""
+    return _cores()
 
 
 @pytest.fixture(autouse=True)

@@ -128,19 +128,19 @@ def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, s
 
 def test_train_then_continue_by_minutes_on_the_command_line(tmp_path, sample_file):
     folder = tmp_path / "m"
-    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(sample_file), "--minutes", "0.07",
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(sample_file), "--minutes", "0.05",
                            "--target-vocab-size", "320", "--model-dir", str(folder)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
-    assert "time budget 0.07 min" in out and "Training complete" in out
+    assert "time budget 0.05 min" in out and "Training complete" in out
     meta = ModelFolder(str(folder)).read_meta()
-    assert (meta["model"]["d_model"], meta["model"]["n_layer"]) == budget.LADDER[0][:2]  # 4 s buy the smallest
+    assert (meta["model"]["d_model"], meta["model"]["n_layer"]) == budget.LADDER[0][:2]  # 3 s buy the smallest
     steps_before = meta["progress"]["step"]
 
     more = tmp_path / "more.txt"
     more.write_text("A second text about the harbour and its boats.\n" * 80, encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "continue", str(more), "--minutes", "0.07",
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "continue", str(more), "--minutes", "0.05",
                            "--no-expand-vocab", "--model-dir", str(folder)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -148,7 +148,7 @@ def test_train_then_continue_by_minutes_on_the_command_line(tmp_path, sample_fil
     assert later["progress"]["step"] > steps_before
     assert later["model"] == meta["model"]  # a model keeps its size when it goes on
     runs = ModelFolder(str(folder)).status().runs
-    assert [r.minutes for r in runs] == [0.07, 0.07] and runs[-1].name.endswith("more.txt")
+    assert [r.minutes for r in runs] == [0.05, 0.05] and runs[-1].name.endswith("more.txt")
 
     bad = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(sample_file), "--minutes", "-1",
                           "--model-dir", str(tmp_path / "n")], capture_output=True, text=True, timeout=60, cwd=ROOT)
