@@ -12,7 +12,8 @@ For every budget it runs the real command line, one run at a time, in turns:
 
 and prints a table of the held-out bits per byte each reached (the last 5% of the
 text; every run trains its own tokenizer, the same one, from the same data), with
-the shape, the steps and the wall time. Nothing else should run on the machine.
+the shape, the steps and the wall time, and whether a run ended with the weights of an
+earlier, better pass. Nothing else should run on the machine.
 """
 from __future__ import annotations
 
@@ -38,11 +39,13 @@ def train(data: Path, minutes: float, folder: Path, flags: list[str]) -> dict:
     status = subprocess.run([sys.executable, str(ROOT / "interface.py"), "status", "--json", "--model-dir",
                              str(folder)], capture_output=True, text=True, cwd=ROOT, check=True)
     info = json.loads(status.stdout)
-    plan = next((line for line in (proc.stdout + proc.stderr).splitlines() if "time budget" in line), "")
+    lines = (proc.stdout + proc.stderr).splitlines()
+    plan = next((line for line in lines if "time budget" in line), "")
+    kept = next((line for line in lines if "kept the weights of pass" in line), "")
     m = info["model"]
     return {"shape": f"d{m['d_model']} x{m['n_layer']} ctx{m['context']} drop{m['dropout']}",
             "bpb": info["last_eval"]["bpb"], "steps": info["steps"], "tokens": info["tokens_seen"],
-            "wall_s": round(wall, 1), "plan": plan.strip()}
+            "wall_s": round(wall, 1), "plan": plan.strip(), "kept": kept.strip()}
 
 
 def shape_flags(spec: str) -> list[str]:
@@ -73,8 +76,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print(f"\n{'minutes':>7} | {'run':<16} | {'shape':<26} | {'steps':>6} | {'tokens':>10} | {'wall s':>6} | bpb")
     for r in rows:
+        best = "  (best pass kept)" if r["kept"] else ""
         print(f"{r['minutes']:>7g} | {r['run']:<16} | {r['shape']:<26} | {r['steps']:>6} | {r['tokens']:>10,} | "
-              f"{r['wall_s']:>6} | {r['bpb']:.4f}")
+              f"{r['wall_s']:>6} | {r['bpb']:.4f}{best}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
