@@ -53,6 +53,7 @@ from engine.reports import (
 )
 from engine.runs import (
     TIME_LIMIT,
+    BestWeights,
     Budget,
     BudgetClock,
     Progress,
@@ -812,6 +813,7 @@ class Trainer:
         self._stopping = StopCheck(stop, deadline, agreed_by_ranks=self.dist is not None)
         memory_checked = self.dist is None  # a distributed run first finds a micro-batch every rank holds
         final_eval = None
+        best = BestWeights() if clock is not None else None
         on_event(RunStarted(resumed=resumed, params=model.num_params(), train_tokens=dataset.n_train_tokens,
                             device=str(rt.device), precision=rt.precision, epochs=run.epochs,
                             batch_size=run.batch_size, window=run.window, micro_batches=run.micro_batches,
@@ -857,9 +859,10 @@ class Trainer:
                 run.epoch += 1
                 run.batch = 0
                 progress.epochs_done += 1
-                if clock is None:  # a time budget spends its minutes on training, and evaluates at the end
-                    final_eval = self._evaluate(dataset, token_bytes, run)
-                    on_event(Evaluated(final_eval))
+                final_eval = self._evaluate(dataset, token_bytes, run)
+                on_event(Evaluated(final_eval))
+                if best is not None:
+                    best.offer(model, final_eval)
                 self.save_checkpoint()
                 on_event(EpochEnded(run.epoch, run.epochs))
             stopped = self._stopping.reason()
@@ -871,8 +874,16 @@ class Trainer:
                     on_event(Notice(f"the time budget was spent before the first step ({clock.spent():.0f} s "
                                     "went to reading and tokenizing the data); give it more minutes"))
                 run.finished = True
-                final_eval = self._evaluate(dataset, token_bytes, run, partial_epoch=run.batch > 0)
-                on_event(Evaluated(final_eval))
+                if final_eval is None or final_eval.step != progress.step:  # not just evaluated at a pass's end
+                    final_eval = self._evaluate(dataset, token_bytes, run, partial_epoch=run.batch > 0)
+                    on_event(Evaluated(final_eval))
+                if best is not None and best.beats(final_eval):
+                    best.restore(model)
+                    on_event(Notice(f"kept the weights of pass {best.result.epoch} (held-out {best.result.bpb:.4f} "
+                                    f"bits/byte, against {final_eval.bpb:.4f} at the end): later passes over this "
+                                    "text overfit it"))
+                    final_eval = self._record_eval(replace(best.result, step=progress.step, epoch=run.epoch,
+                                                           partial_epoch=run.batch > 0), run)
                 run.spent_s = clock.spent()
             elif run.epoch < run.epochs:
                 stopped = TIME_LIMIT
@@ -1025,8 +1036,11 @@ class Trainer:
                                 device=self.runtime.device)
             total_nats, total_tokens, total_bytes = self.dist.all_reduce_sum(sums).tolist()
             result = eval_result(total_nats, int(total_tokens), int(total_bytes))
-        result = replace(result, step=self.progress.step, epoch=run.epoch, dataset=run.name,
-                         partial_epoch=partial_epoch)
+        return self._record_eval(replace(result, step=self.progress.step, epoch=run.epoch, dataset=run.name,
+                                         partial_epoch=partial_epoch), run)
+
+    def _record_eval(self, result: EvalResult, run: RunState) -> EvalResult:
+        """The folder's record of the latest evaluation: what Training Status and Continue read."""
         if self.writes_folder:
             self.memory.note_latest(dataset_id_of(run.cache_file), result)
         self.history["evals"].append(result.to_dict())

@@ -1,8 +1,10 @@
 """Time-budget mode: the plan's rules, a run that ends with its minutes, resume and Continue."""
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import torch
 
 import cli
 from engine import budget
@@ -102,6 +104,30 @@ def test_a_budget_run_ends_with_its_minutes_and_a_decayed_schedule(tmp_path, sam
     assert any(n.startswith("time budget 0.12 min") for n in notices)  # the plan is told before training
     saved = ModelFolder(str(tmp_path / "m")).read_meta()
     assert saved["model"]["d_model"] == TINY_MODEL["d_model"]  # sizes the user gave are kept
+    # Every pass was evaluated, and the run ends with weights no worse than any of them.
+    evals = trainer.history["evals"]
+    assert trainer.progress.epochs_done > 1 and len(evals) >= trainer.progress.epochs_done + 1
+    assert result.final_eval.val_loss <= min(e["val_loss"] for e in evals[:-1])
+
+
+def test_best_weights_are_kept_and_restored_only_when_strictly_better(tiny_model):
+    from engine.reports import EvalResult
+    from engine.runs import BestWeights
+
+    def ev(loss):
+        return EvalResult(val_loss=loss, perplexity=2.0, bpb=loss, val_tokens=10)
+
+    best = BestWeights()
+    assert not best.beats(ev(9.0))  # nothing kept yet
+    best.offer(tiny_model, ev(2.0))
+    kept = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.add_(1.0)
+    best.offer(tiny_model, ev(2.5))  # worse: not kept
+    assert best.beats(ev(2.5)) and not best.beats(ev(2.0)) and best.result.val_loss == 2.0
+    best.restore(tiny_model)
+    assert all(torch.equal(v, kept[k]) for k, v in tiny_model.state_dict().items())
 
 
 def test_an_interrupted_budget_run_resumes_with_the_time_it_has_left(tmp_path, sample_file, quick_probe):
@@ -188,3 +214,28 @@ def test_settings_the_user_gave_win_over_the_plan_and_the_plan_says_so(tmp_path,
     plan_line = next(e.text for e in events if type(e).__name__ == "Notice" and e.text.startswith("time budget"))
     assert "learning rate 0.003" in plan_line and "dropout 0.05" in plan_line
     assert trainer.model.config.dropout == 0.05 and trainer.config.learning_rate == 3e-3
+
+
+def test_a_budget_run_that_gets_worse_ends_with_its_best_pass(tmp_path, sample_file, quick_probe, monkeypatch):
+    """The wiring of the best-pass rule: the held-out losses are made to rise after pass 1
+    (a real tiny run does not overfit on cue); the weights saved are those of pass 1."""
+    trainer = budget_trainer(tmp_path / "m")
+    real_evaluate = Trainer._evaluate
+    seen = {}
+
+    def rising(self, dataset, token_bytes, run, partial_epoch=False):
+        result = real_evaluate(self, dataset, token_bytes, run, partial_epoch)
+        n = len(seen)
+        seen[n] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return replace(result, val_loss=1.0 + n, bpb=1.0 + n)
+
+    monkeypatch.setattr(Trainer, "_evaluate", rising)
+    events = []
+    result = trainer.train(open_source(str(sample_file)), 1, events.append, minutes=0.12)
+    assert len(seen) >= 2 and trainer.progress.epochs_done >= 1
+    notices = [e.text for e in events if type(e).__name__ == "Notice"]
+    assert any(n.startswith("kept the weights of pass 1 (held-out 1.0000 bits/byte") for n in notices)
+    assert result.final_eval.bpb == 1.0 and result.final_eval.step == trainer.progress.step
+    model, _, _ = ModelFolder(str(tmp_path / "m")).load_model()
+    assert all(torch.equal(v, seen[0][k]) for k, v in model.state_dict().items())
+    assert ModelFolder(str(tmp_path / "m")).status().last_eval.bpb == 1.0
