@@ -10,31 +10,23 @@ import shutil
 import sys
 from pathlib import Path
 
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-# Under pytest-xdist (the README's test command runs one worker per core) every worker
-# gets its share of the cores, and so do the programs it starts (they inherit the
-# variable). Two workers with two OpenMP threads each on two cores spin at each other's
-# barriers: the suite took as long as one worker did.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _share = max(1, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from engine.hardware import usable_cpu_cores  # noqa: E402
+
+# Under pytest-xdist (the README's test command runs one worker per core) every worker
+# gets its share of the cores, and so do the programs it starts (they inherit the
+# variables). Two workers with two OpenMP threads each on two cores spin at each other's
+# barriers: the suite took as long as one worker did.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, usable_cpu_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
 
 from model import GPT, ModelConfig  # noqa: E402
 
@@ -56,7 +48,7 @@ TINY_CLI = ["--d-model", "32", "--n-layer", "1", "--n-head", "2", "--context", "
 
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: the cores this process may use (a container's limit, not the host's count)."""
-    return _cores()
+    return usable_cpu_cores()
 
 
 @pytest.fixture(autouse=True)
