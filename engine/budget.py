@@ -46,7 +46,7 @@ LADDER = [
 ]
 # Training tokens per block parameter the chosen shape must reach. The sweep in the README
 # brackets it: shapes that got 0.05-0.07 lost to the next smaller one (384x6 at 10 min,
-# 512x8 at 30), shapes at 0.2-0.34 won or tied; 0.13 sits in the middle of that bracket
+# 512x8 at 30), shapes at 0.17-0.34 won or tied; 0.13 sits in the middle of that bracket
 # (0.2 itself let a slow probe pick d192x4 at 3 min, which lost 0.02 bits/byte to d256x4).
 TOKENS_PER_PARAM = 0.13
 PROBE_SHAPE = (256, 4, 4)  # the reference model the probe times (the compact preset)
