@@ -47,11 +47,11 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from engine import hardware
-from engine.reports import RunStarted, StepDone
-from engine.sources import open_source, source_from_text
-from engine.tokenizer import chunk_text, train_tokenizer
-from engine.windows import TokenDataset, tokenize_source
+from engine.data.sources import open_source, source_from_text
+from engine.data.tokenizer import chunk_text, train_tokenizer
+from engine.data.windows import TokenDataset, tokenize_source
+from engine.runtime import hardware
+from engine.training.events import RunStarted, StepDone
 from model import GPT, Decoder, ModelConfig
 from response_generator import (
     CHAT_STOPS,
@@ -626,7 +626,7 @@ def bench_quality(corpus: Path, minutes: float, workdir: Path) -> dict:
     from trainer import Trainer
 
     try:
-        from cli import DEFAULT_EPOCHS
+        from engine.app.cli import DEFAULT_EPOCHS
     except ImportError:  # the command line is not needed to train; fall back to its documented default
         DEFAULT_EPOCHS = 3
     trainer = Trainer(str(workdir / "quality_model"), "bpe", train_overrides={"max_minutes": minutes})
@@ -754,8 +754,8 @@ def _percentiles(values: list[float]) -> dict:
 
 def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int, workdir: Path) -> dict:
     """``clients`` threads, each sending ``per_client`` requests one after another, to a real
-    server process on 127.0.0.1 (server.py on a free port). Every request must succeed."""
-    from engine.listening import serving_subprocess
+    server process on 127.0.0.1 (interface.py serve on a free port). Every request must succeed."""
+    from engine.serving.listening import serving_subprocess
 
     # The same model in this process, one request at a time, with the server's threads:
     # the yardstick for what serving costs.
@@ -770,7 +770,7 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     torch.set_num_threads(threads)
     params = gen.model.num_params()
     del gen
-    command = [sys.executable, str(ROOT / "server.py"), "--model-dir", str(model_dir), "--port", "0",
+    command = [sys.executable, str(ROOT / "interface.py"), "serve", "--model-dir", str(model_dir), "--port", "0",
                "--max-waiting", str(clients * per_client)]
     results: list[dict] = []
     with OtherLoad() as load, serving_subprocess(command, workdir / "server.log") as child:

@@ -16,15 +16,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import cli
-import continual
-import server
-from chat_repl import ChatLoop
-from cli import DEFAULT_CHAT_EPOCHS, DEFAULT_EPOCHS, MAX_EPOCHS, TrainingLength, parse_training_length
-from distributed_training import make_trainer
-from engine import hardware
-from engine.conversations import ConversationSource, open_conversations
-from engine.display import (
+from engine.app import cli
+from engine.app.chat_repl import ChatLoop
+from engine.app.cli import DEFAULT_CHAT_EPOCHS, DEFAULT_EPOCHS, MAX_EPOCHS, TrainingLength, parse_training_length
+from engine.app.console import USER_ERRORS
+from engine.app.display import (
     ConsoleOutput,
     TrainingProgress,
     human_bytes,
@@ -32,12 +28,17 @@ from engine.display import (
     loss_chart,
     rows_table,
 )
-from engine.distributed import launched_by_torchrun
-from engine.model_export import DTYPES, DestinationInUse, default_destination, export_model
-from engine.model_folder import HISTORY_FILE, LOSS_PLOT_FILE, ModelFolder
-from engine.reports import USER_ERRORS, ContinualReport, ExportReport, TrainResult
-from engine.runs import StopFlag
-from engine.sources import Source, open_source, source_from_text
+from engine.app.distributed_training import make_trainer
+from engine.data.conversations import ConversationSource, open_conversations
+from engine.data.sources import Source, open_source, source_from_text
+from engine.export.model_export import DTYPES, DestinationInUse, ExportReport, default_destination, export_model
+from engine.folder.model_folder import HISTORY_FILE, LOSS_PLOT_FILE, ModelFolder
+from engine.runtime import hardware
+from engine.runtime.distributed import launched_by_torchrun
+from engine.serving import server
+from engine.training import continual
+from engine.training.events import ContinualReport, TrainResult
+from engine.training.runs import StopFlag
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 from trainer import Trainer
 

@@ -28,11 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine import hardware  # noqa: E402
-from engine.chat_format import render  # noqa: E402
-from engine.chat_windows import ChatDataset, split_conversations  # noqa: E402
-from engine.conversations import builtin_conversations  # noqa: E402
-from engine.sources import builtin_source  # noqa: E402
+from engine.data.chat_format import render  # noqa: E402
+from engine.data.chat_windows import ChatDataset, split_conversations  # noqa: E402
+from engine.data.conversations import builtin_conversations  # noqa: E402
+from engine.data.sources import builtin_source  # noqa: E402
+from engine.runtime import hardware  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator, render_plain  # noqa: E402
 from trainer import Trainer, estimate_loss  # noqa: E402
 

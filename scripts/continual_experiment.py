@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import continual  # noqa: E402
-from engine.sources import open_source  # noqa: E402
+from engine.data.sources import open_source  # noqa: E402
+from engine.training import continual  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 MODEL = dict(d_model=128, n_layer=4, n_head=4, context=128)

@@ -47,9 +47,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import flops_per_token  # noqa: E402
-from engine import budget, hardware  # noqa: E402
-from engine.reports import MemoryBackoff  # noqa: E402
-from engine.sources import source_from_text  # noqa: E402
+from engine.data.sources import source_from_text  # noqa: E402
+from engine.runtime import hardware  # noqa: E402
+from engine.training import budget
+from engine.training.events import MemoryBackoff  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
 from trainer import TrainConfig, Trainer, make_optimizer, train_step  # noqa: E402

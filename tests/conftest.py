@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine.hardware import usable_cpu_cores  # noqa: E402
+from engine.runtime.hardware import usable_cpu_cores  # noqa: E402
 
 # Under pytest-xdist (the README's test command runs one worker per core) every worker
 # gets its share of the cores, and so do the programs it starts (they inherit the
@@ -87,7 +87,7 @@ def trained_once(tmp_path_factory):
     Training is the slow part of most tests. Tests that only read a model share these
     folders; tests that change one take a private copy (``trained_copy``).
     """
-    from engine.sources import source_from_text
+    from engine.data.sources import source_from_text
     from trainer import Trainer
 
     made: dict[tuple[str, int], Path] = {}

@@ -34,7 +34,7 @@ def test_half_weight_quality_check_scores_every_held_out_token():
     import pytest
     import torch
 
-    from engine import hardware
+    from engine.runtime import hardware
     if not hardware.cpu_half_weights_available():
         pytest.skip("no fp16-weight kernel on this CPU")
     torch.manual_seed(0)

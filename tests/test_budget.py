@@ -6,11 +6,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-import cli
-from engine import budget
-from engine.model_folder import ModelFolder
-from engine.sources import open_source
-from trainer import StopFlag, Trainer
+from engine.app import cli
+from engine.data.sources import open_source
+from engine.folder.model_folder import ModelFolder
+from engine.training import budget
+from engine.training.runs import StopFlag
+from trainer import Trainer
 
 from conftest import ROOT, TINY_CLI, TINY_MODEL, TINY_TRAIN
 
@@ -71,7 +72,7 @@ def test_the_length_question_refuses_nonsense_in_one_line(answer):
 
 
 def test_probe_measures_a_positive_rate():
-    from engine import hardware
+    from engine.runtime import hardware
 
     rate = budget.probe_flop_rate(hardware.detect_runtime("cpu", "fp32"), 320, 2, budget.Shape(32, 1, 2, 32), 0.2)
     assert 1e7 < rate < 1e15
@@ -111,8 +112,8 @@ def test_a_budget_run_ends_with_its_minutes_and_a_decayed_schedule(tmp_path, sam
 
 
 def test_best_weights_are_kept_and_restored_only_when_strictly_better(tiny_model):
-    from engine.reports import EvalResult
-    from engine.runs import BestWeights
+    from engine.folder.records import EvalResult
+    from engine.training.runs import BestWeights
 
     def ev(loss):
         return EvalResult(val_loss=loss, perplexity=2.0, bpb=loss, val_tokens=10)
@@ -198,7 +199,7 @@ def test_val_batch_count_matches_what_evaluation_runs(n_tokens, window):
     """The budget keeps time for the final evaluation from this count."""
     import numpy as np
 
-    from engine.windows import TokenDataset
+    from engine.data.windows import TokenDataset
 
     data = TokenDataset(np.arange(n_tokens, dtype=np.uint16) % 300, window, 0.05)
     for batch in (1, 4, 8):

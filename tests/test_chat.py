@@ -8,20 +8,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import storage
-from engine.chat_format import CHAT_TOKENS, Message, parse, render, render_text
-from engine.chat_windows import ChatDataset, conversation_examples, inputs_and_targets, pack_rows
-from engine.conversations import (
+from engine.data.chat_format import CHAT_TOKENS, Message, parse, render, render_text
+from engine.data.chat_windows import ChatDataset, conversation_examples, inputs_and_targets, pack_rows
+from engine.data.conversations import (
     BUILTIN_CONVERSATIONS_NAME,
     append_conversation,
     builtin_conversations,
     last_conversation,
     open_conversations,
 )
-from engine.model_folder import ModelFolder
-from engine.reports import Notice
-from engine.sources import source_from_text
-from engine.tokenizer import KINDS, train_tokenizer
+from engine.data.sources import source_from_text
+from engine.data.tokenizer import KINDS, train_tokenizer
+from engine.folder.model_folder import ModelFolder
+from engine.runtime import storage
+from engine.training.events import Notice
 from response_generator import GenerationConfig, ResponseGenerator
 from trainer import Trainer
 
@@ -205,7 +205,7 @@ def test_a_tiny_model_learns_three_conversations_and_stops_at_end_of_turn(kind, 
 
 
 def test_an_older_model_gets_the_chat_tokens_with_every_old_id_and_row_kept(tmp_path, monkeypatch):
-    import engine.tokenizer as tokenizer_module
+    import engine.data.tokenizer as tokenizer_module
 
     folder = tmp_path / "old"
     with monkeypatch.context() as m:  # a tokenizer as made before the chat tokens existed
@@ -233,8 +233,8 @@ def open_conversations_from(tmp_path, convs):
 
 
 def test_chat_training_resumes_exactly(trained_copy, tmp_path):
-    from engine.reports import StepDone
-    from trainer import StopFlag
+    from engine.training.events import StepDone
+    from engine.training.runs import StopFlag
 
     source = builtin_conversations()
     source.conversations = source.conversations[:60]
@@ -319,7 +319,7 @@ def test_a_packed_conversation_gets_the_logits_it_would_get_alone(tiny_model):
 
 
 def test_replayed_text_carries_its_share_of_a_conversation_batch():
-    from engine.dataset_memory import balance_replayed_targets
+    from engine.training.dataset_memory import balance_replayed_targets
 
     y = torch.full((8, 64), -1)
     y[:6, 40:50] = 7  # six conversation rows, ten learned targets each

@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-import cli
-from engine.display import TrainingProgress
-from engine.loss_plot import loss_curves
-from engine.reports import EpochStarted, EvalResult, Evaluated, StepDone
+from engine.app import cli
+from engine.app.display import TrainingProgress
+from engine.app.loss_plot import loss_curves
+from engine.folder.records import EvalResult
+from engine.training.events import EpochStarted, Evaluated, StepDone
 from interface import main
 from response_generator import GenerationConfig, ResponseGenerator
 
@@ -177,8 +178,8 @@ def test_export_from_the_main_menu(trained_once, tmp_path):
 
 
 def test_finetune_on_a_conversation_file_makes_a_chat_model(trained_copy, tmp_path):
-    from engine.chat_format import Message
-    from engine.conversations import append_conversation
+    from engine.data.chat_format import Message
+    from engine.data.conversations import append_conversation
 
     folder = trained_copy("bpe", 1)
     chats = tmp_path / "chats.jsonl"

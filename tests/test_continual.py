@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-import continual
-from engine import storage
-from engine.model_folder import ModelFolder
-from engine.reports import StepDone
-from engine.sources import source_from_text
-from engine.tokenizer import KINDS, train_tokenizer
-from engine.vocab_growth import expand_tokenizer, learn_merges
+from engine.data.sources import source_from_text
+from engine.data.tokenizer import KINDS, train_tokenizer
+from engine.data.vocab_growth import expand_tokenizer, learn_merges
+from engine.folder.model_folder import ModelFolder
+from engine.runtime import storage
+from engine.training import continual
+from engine.training.events import StepDone
 from trainer import Trainer, lr_at
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN

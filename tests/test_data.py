@@ -4,9 +4,9 @@ import codecs
 import numpy as np
 import pytest
 
-from engine.sources import BUILTIN_NAME, open_source, source_from_text
-from engine.tokenizer import EOT_ID, train_tokenizer
-from engine.windows import TokenDataset, tokenize_source
+from engine.data.sources import BUILTIN_NAME, open_source, source_from_text
+from engine.data.tokenizer import EOT_ID, train_tokenizer
+from engine.data.windows import TokenDataset, tokenize_source
 
 from conftest import SAMPLE_TEXT
 
@@ -126,9 +126,9 @@ def _peak_growth_tokenizing(tmp_path, megabytes: int) -> tuple[int, int]:
 import resource, sys
 sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import SAMPLE_TEXT
-from engine.sources import open_source
-from engine.windows import tokenize_source
-from engine.tokenizer import train_tokenizer
+from engine.data.sources import open_source
+from engine.data.windows import tokenize_source
+from engine.data.tokenizer import train_tokenizer
 tok = train_tokenizer("bpe", [SAMPLE_TEXT], 400)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 ids = tokenize_source(open_source({str(big)!r}), tok, {str(tmp_path / f'cache{megabytes}')!r})

@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import interface
-from engine.distributed import LaunchEnv
-from engine.model_folder import ModelFolder
-from trainer import RunState, StopCheck, StopFlag, accumulate_gradients, micro_batches_for
+from engine.folder.model_folder import ModelFolder
+from engine.runtime.distributed import LaunchEnv
+from engine.training.runs import RunState, StopCheck, StopFlag, micro_batches_for
+from trainer import accumulate_gradients
 
 from conftest import ROOT, SAMPLE_TEXT
 
@@ -254,7 +255,7 @@ def test_the_launch_environment_is_read_or_refused_clearly():
 def test_ranks_weighted_by_the_global_batch_average_to_its_gradient(tiny_model, tiny_config):
     """Two ranks' shares of a batch whose learned targets are uneven (as in conversations):
     weighted by the global count and averaged as DDP does, they give the whole batch's gradient."""
-    from engine import hardware
+    from engine.runtime import hardware
 
     runtime = hardware.detect_runtime("cpu", "fp32")
     tiny_model.train()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import hardware, storage
-from engine.chat_format import Message, render
-from engine.export_gguf import gguf_name
-from engine.model_export import DestinationInUse, check_destination, export_model
-from engine.model_folder import ModelFolder
+from engine.data.chat_format import Message, render
+from engine.export.gguf_file import gguf_name
+from engine.export.model_export import DestinationInUse, check_destination, export_model
+from engine.folder.model_folder import ModelFolder
+from engine.runtime import hardware, storage
 from response_generator import GenerationConfig, ResponseGenerator
 
 # Scripts the tiny tokenizers never saw (byte fallback), emoji with a modifier, a combining

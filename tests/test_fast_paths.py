@@ -3,17 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import hardware
-from engine.tokenizer import chunk_text, train_tokenizer
-from model import (
-    GPT,
-    Decoder,
-    _HalfProduct,
-    _Product,
-    causal_attention_with_dropout,
-    cpu_dropout,
-    half_products_work,
-)
+from engine.data.tokenizer import chunk_text, train_tokenizer
+from engine.model.decoder import _HalfProduct, _Product, half_products_work
+from engine.model.layers import causal_attention_with_dropout, cpu_dropout
+from engine.runtime import hardware
+from model import GPT, Decoder
 from response_generator import CHAT_STOPS, TextStreamer
 
 from conftest import SAMPLE_TEXT

@@ -11,21 +11,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_module
-from engine import hardware
-from model import GPT, FusedHeadLoss, ModelConfig
+from engine.model import gpt as gpt_module
+from engine.model import layers as layers_module
+from engine.model.layers import FusedHeadLoss
+from engine.runtime import hardware
+from model import GPT, ModelConfig
 from trainer import accumulate_gradients
 
 
 @contextlib.contextmanager
 def _plain_head():
     """GPT.forward's plain path even in training: the logits whole, then F.cross_entropy."""
-    original = model_module.fused_loss_applies
-    model_module.fused_loss_applies = lambda *_: False
+    original = gpt_module.fused_loss_applies
+    gpt_module.fused_loss_applies = lambda *_: False
     try:
         yield
     finally:
-        model_module.fused_loss_applies = original
+        gpt_module.fused_loss_applies = original
 
 
 def _plain_loss(model: GPT, x, y, segments=None) -> torch.Tensor:
@@ -65,7 +67,7 @@ def _model(vocab: int, context: int = 24) -> GPT:
 @pytest.mark.parametrize("B,T,vocab", [(2, 24, 97), (3, 11, 50), (1, 1, 13)])
 def test_fused_loss_matches_plain_path(monkeypatch, rows, B, T, vocab):
     """Chunks of every size, rows not a multiple of the chunk, one row in all."""
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", rows * vocab)
+    monkeypatch.setattr(layers_module, "LOSS_CHUNK_LOGITS", rows * vocab)
     seen = []
     apply = FusedHeadLoss.apply
     monkeypatch.setattr(FusedHeadLoss, "apply", lambda *args: seen.append(args[3]) or apply(*args))
@@ -90,7 +92,7 @@ def test_the_forward_pass_returns_no_logits_only_when_fused():
 
 
 def test_fused_loss_ignores_minus_one_even_in_whole_chunks(monkeypatch):
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", 8 * 97)
+    monkeypatch.setattr(layers_module, "LOSS_CHUNK_LOGITS", 8 * 97)
     m = _model(97)
     x = torch.randint(0, 97, (2, 24))
     y = torch.randint(0, 97, (2, 24))

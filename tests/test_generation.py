@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import hardware
-from engine.chat_format import Message
-from engine.tokenizer import KINDS, chunk_text, train_tokenizer
+from engine.data.chat_format import Message
+from engine.data.tokenizer import KINDS, chunk_text, train_tokenizer
+from engine.runtime import hardware
 from response_generator import (
     CHAT_STOPS,
     ChatSession,

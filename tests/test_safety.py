@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import storage
-from engine import tokenizer as tokenizer_module
-from engine.model_folder import ModelFolder, tokenizer_files
-from engine.sources import source_from_text
-from engine.tokenizer import train_tokenizer
+from engine.data import tokenizer as tokenizer_module
+from engine.data.sources import source_from_text
+from engine.data.tokenizer import train_tokenizer
+from engine.folder.model_folder import ModelFolder, tokenizer_files
+from engine.runtime import storage
 from response_generator import sample_next_token
 from trainer import Trainer
 
@@ -200,7 +200,7 @@ def test_second_writer_is_refused(trained):
 
 
 def test_lock_of_a_killed_process_does_not_stick(trained):
-    code = ("import sys, os, signal; sys.path.insert(0, %r); from engine.model_folder import ModelFolder\n"
+    code = ("import sys, os, signal; sys.path.insert(0, %r); from engine.folder.model_folder import ModelFolder\n"
             "with ModelFolder(%r).writer_lock(): os.kill(os.getpid(), signal.SIGKILL)") % (str(ROOT), str(trained))
     proc = subprocess.run([sys.executable, "-c", code], timeout=60)
     assert proc.returncode == -signal.SIGKILL

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 
-from engine.chat_format import Message
-from engine.listening import exposure_warning, is_loopback, serving_subprocess
-from engine.storage import read_json, write_json
+from engine.data.chat_format import Message
+from engine.runtime.storage import read_json, write_json
+from engine.serving.listening import exposure_warning, is_loopback, serving_subprocess
 from response_generator import ChatSession, GenerationConfig, ResponseGenerator
 
 from conftest import ROOT
@@ -348,8 +348,8 @@ def test_a_chat_tuned_model_answers_in_its_learned_format_like_the_generator(tra
 def test_while_the_model_loads_every_request_gets_503(model_folder):
     from fastapi.testclient import TestClient
 
-    from engine.job_queue import GenerationWorker
-    from server import ServeSettings, create_app
+    from engine.serving.job_queue import GenerationWorker
+    from engine.serving.server import ServeSettings, create_app
 
     release = threading.Event()
 
@@ -379,8 +379,8 @@ def test_while_the_model_loads_every_request_gets_503(model_folder):
 def test_a_model_that_cannot_load_is_503_with_the_reason():
     from fastapi.testclient import TestClient
 
-    from engine.job_queue import GenerationWorker
-    from server import ServeSettings, create_app
+    from engine.serving.job_queue import GenerationWorker
+    from engine.serving.server import ServeSettings, create_app
 
     def broken():
         raise ValueError("model.pth is damaged")
@@ -397,7 +397,7 @@ def test_a_model_that_cannot_load_is_503_with_the_reason():
 
 
 def test_run_serve_says_in_one_line_why_it_cannot_start(tmp_path, trained_copy):
-    from server import ServeSettings, run_serve
+    from engine.serving.server import ServeSettings, run_serve
 
     lines: list[str] = []
     assert run_serve(tmp_path / "empty", ServeSettings(port=0), output_fn=lines.append) == 2
@@ -421,7 +421,7 @@ def test_only_loopback_addresses_are_quiet():
 def test_the_key_may_come_from_the_environment(monkeypatch):
     import argparse
 
-    from server import ServeSettings, add_serve_arguments
+    from engine.serving.server import ServeSettings, add_serve_arguments
 
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
@@ -435,7 +435,7 @@ def test_the_key_may_come_from_the_environment(monkeypatch):
 def test_a_body_that_never_arrives_is_a_408():
     import asyncio
 
-    from engine.api_guard import Gate
+    from engine.serving.api_guard import Gate
 
     async def app(scope, receive, send):  # never reached
         raise AssertionError("the app saw a request the gate should have refused")

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from engine.sources import BLOCK_CHARS, SAMPLE_SLICES, SLICE_BYTES, SNIFF_BYTES, open_source
+from engine.data.sources import BLOCK_CHARS, SAMPLE_SLICES, SLICE_BYTES, SNIFF_BYTES, open_source
 
 # A paragraph as a Windows word processor saves it: curly quotes and apostrophes, dashes,
 # an ellipsis, accented letters (ï is where a wrong Windows code page shows: cp1250 reads ď).

@@ -2,9 +2,7 @@
 import numpy as np
 import pytest
 
-from engine import storage
-from engine.model_folder import ModelFolder, tokenizer_files
-from engine.tokenizer import (
+from engine.data.tokenizer import (
     EOT_ID,
     KINDS,
     MIN_VOCAB,
@@ -14,7 +12,9 @@ from engine.tokenizer import (
     supported_vocab_size,
     train_tokenizer,
 )
-from engine.vocab_growth import expand_tokenizer
+from engine.data.vocab_growth import expand_tokenizer
+from engine.folder.model_folder import ModelFolder, tokenizer_files
+from engine.runtime import storage
 
 from conftest import SAMPLE_TEXT
 

@@ -5,12 +5,21 @@ import math
 import pytest
 import torch
 
-from engine import hardware
-from engine.model_folder import ModelFolder
-from engine.reports import CompileChecked, CompileFailed, MemoryBackoff, Notice, RunStarted, StepDone, TokenizerTraining
-from engine.sources import source_from_text
+from engine.data.sources import source_from_text
+from engine.folder.model_folder import ModelFolder
+from engine.runtime import hardware
+from engine.training.events import (
+    CompileChecked,
+    CompileFailed,
+    MemoryBackoff,
+    Notice,
+    RunStarted,
+    StepDone,
+    TokenizerTraining,
+)
+from engine.training.runs import StopFlag
 from model import GPT
-from trainer import StopFlag, TrainConfig, Trainer, lr_at
+from trainer import TrainConfig, Trainer, lr_at
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 

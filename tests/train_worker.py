@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from engine.reports import StepDone  # noqa: E402
-from engine.sources import open_source  # noqa: E402
+from engine.data.sources import open_source  # noqa: E402
+from engine.training.events import StepDone  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 from conftest import TINY_MODEL, TINY_TRAIN  # noqa: E402

@@ -1,0 +1,153 @@
+"""A trained model as one GGUF file, for llama.cpp and Ollama (the ``gpt2`` architecture).
+
+llama.cpp's GPT-2 graph is our network: learned positions, pre-norm blocks with
+biases, a fused q|k|v projection and a head tied to the token embedding (it reuses
+``token_embd.weight`` when there is no ``output.weight``). Two things differ:
+
+* Its GELU is the tanh approximation; ours is exact. Logits move by about 3e-3 and
+  greedy decoding agreed token for token where we measured it.
+* Tokenizers. A BPE model exports exactly: our byte-level tokens, merges and GPT-2
+  pre-tokenizer are what llama.cpp's "gpt2" tokenizer implements. A SentencePiece
+  model exports as llama.cpp's "llama" tokenizer with our pieces, scores and byte
+  pieces, but llama.cpp segments BPE-style (merging the best-scoring pair) where
+  SentencePiece's unigram model finds the best whole segmentation, so some text
+  splits into other tokens than ours (``SENTENCEPIECE_NOTE``). No llama.cpp
+  tokenizer reproduces unigram with byte fallback.
+
+Tensors keep our (out, in) layout; ``gguf`` turns numpy shapes into ggml's order.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from engine.data.chat_format import chat_ids_in_force, jinja_chat_template
+from engine.data.tokenizer import EOT_TOKEN, BaseTokenizer, BPETokenizer
+from engine.model.gpt import GPT
+
+ARCH = "gpt2"
+DTYPES = ("f32", "f16")
+EXPORT_MARK = "custom_llm.export_version"  # marks a file this program wrote (it may replace it)
+SENTENCEPIECE_NOTE = ("llama.cpp may split some text into different tokens than this SentencePiece model does "
+                      "(it has no unigram tokenizer with byte fallback); answers can differ from ours")
+
+# Our state-dict names -> GGUF's (per block, after "h.N.").
+_BLOCK_NAMES = {
+    "ln_1.weight": "attn_norm.weight", "ln_1.bias": "attn_norm.bias",
+    "attn.c_attn.weight": "attn_qkv.weight", "attn.c_attn.bias": "attn_qkv.bias",  # fused [Q|K|V] as ours
+    "attn.c_proj.weight": "attn_output.weight", "attn.c_proj.bias": "attn_output.bias",
+    "ln_2.weight": "ffn_norm.weight", "ln_2.bias": "ffn_norm.bias",
+    "mlp.c_fc.weight": "ffn_up.weight", "mlp.c_fc.bias": "ffn_up.bias",
+    "mlp.c_proj.weight": "ffn_down.weight", "mlp.c_proj.bias": "ffn_down.bias",
+}
+_TOP_NAMES = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+              "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
+
+
+def gguf_name(name: str) -> str | None:
+    """Our parameter name -> its GGUF name; None for the tied head (not written).
+
+    >>> gguf_name("h.3.attn.c_attn.weight")
+    'blk.3.attn_qkv.weight'
+    """
+    if name == "lm_head.weight":
+        return None
+    if name.startswith("h."):
+        _, layer, rest = name.split(".", 2)
+        return f"blk.{layer}.{_BLOCK_NAMES[rest]}"
+    return _TOP_NAMES[name]
+
+
+def gguf_tensors(model: GPT, dtype: str = "f32") -> dict[str, np.ndarray]:
+    """Every tensor to write, by GGUF name. With f16, matrices are f16; norms and biases
+    stay f32, as llama.cpp expects of 1-D tensors."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use f32 or f16")
+    out = {}
+    for name, tensor in model.state_dict().items():
+        target = gguf_name(name)
+        if target is None:
+            continue
+        array = tensor.detach().float().cpu().numpy()
+        out[target] = array.astype(np.float16) if dtype == "f16" and array.ndim == 2 else array
+    return out
+
+
+def _bpe_vocab(tok: BPETokenizer) -> tuple[list[str], list[int], list[str]]:
+    """Tokens (byte-level spelling), their types and the merges ("a b"), in id order."""
+    from gguf import TokenType
+
+    spec = json.loads(tok.to_bytes())
+    special = {t["id"] for t in spec["added_tokens"] if t.get("special")}
+    tokens = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+    types = [TokenType.CONTROL if i in special else TokenType.NORMAL for i in range(tok.vocab_size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, types, merges
+
+
+def _sentencepiece_vocab(tok: BaseTokenizer) -> tuple[list[str], list[float], list[int]]:
+    """Pieces, scores and types, in id order (the proto's types are GGUF's numbers too)."""
+    from gguf import TokenType
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(tok.to_bytes())
+    kinds = pb.ModelProto.SentencePiece.Type
+    type_of = {kinds.NORMAL: TokenType.NORMAL, kinds.UNKNOWN: TokenType.UNKNOWN, kinds.CONTROL: TokenType.CONTROL,
+               kinds.USER_DEFINED: TokenType.USER_DEFINED, kinds.UNUSED: TokenType.UNUSED, kinds.BYTE: TokenType.BYTE}
+    return ([p.piece for p in proto.pieces], [p.score for p in proto.pieces],
+            [type_of[p.type] for p in proto.pieces])
+
+
+def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, name: str,
+               dtype: str = "f32") -> None:
+    """Write ``model`` and its tokenizer to ``path`` (the caller makes the write atomic)."""
+    from gguf import GGUFWriter, LlamaFileType
+
+    tensors = gguf_tensors(model, dtype)  # checks dtype before anything is written
+    c = model.config
+    w = GGUFWriter(str(path), ARCH)
+    w.add_name(name)
+    w.add_uint32(EXPORT_MARK, 1)
+    w.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
+    w.add_context_length(c.context)
+    w.add_embedding_length(c.d_model)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.d_ff)
+    w.add_head_count(c.n_head)
+    w.add_layer_norm_eps(1e-5)
+    if isinstance(tok, BPETokenizer):
+        tokens, types, merges = _bpe_vocab(tok)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which our ByteLevel pre-tokenizer uses
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+    else:
+        tokens, scores, types = _sentencepiece_vocab(tok)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_add_space_prefix(False)  # we train with add_dummy_prefix=False
+        w.add_unk_token_id(tokens.index("<unk>") if "<unk>" in tokens else 2)
+    # Always set: llama.cpp's defaults (11 for gpt2) point at ordinary tokens of ours.
+    w.add_bos_token_id(tok.eot_id)
+    w.add_eos_token_id(tok.eot_id)
+    w.add_pad_token_id(tok.pad_id)
+    w.add_add_bos_token(False)  # our prompts start as they are; a chat prompt brings its own <|endoftext|>
+    w.add_add_eos_token(False)
+    chat = chat_ids_in_force(meta, tok)
+    if chat is not None:
+        w.add_eot_token_id(chat.end)  # a reply ends at <|end|>
+        w.add_chat_template(jinja_chat_template(EOT_TOKEN))
+    for tensor_name, array in tensors.items():
+        w.add_tensor(tensor_name, array)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()

@@ -1,0 +1,8 @@
+"""Serving: the OpenAI-compatible HTTP server for one model folder.
+
+Owns ``server`` (routes, request -> generation settings, ``run_serve``),
+``openai_wire`` (the API's request and response shapes), ``job_queue`` (the thread
+that owns the model and runs requests), ``api_guard`` (API key, body size, the error
+shape) and ``listening`` (sockets, and a server as a child process). May import every
+package above it except ``training`` and ``export``.
+"""

@@ -1,0 +1,244 @@
+"""Where a training run stands, and when it stops.
+
+``RunState`` and ``Progress`` are what a checkpoint records so that a resume is
+exact. ``StopFlag``/``graceful_interrupts`` turn Ctrl+C and SIGTERM into a clean stop
+after the current step, ``StopCheck`` adds the clock and, in a distributed run, the
+agreement of every rank. ``Budget`` and ``BudgetClock`` are the wall clock of a
+time-budget run, ``BestWeights`` its memory of the best held-out result. The
+Trainer's loop asks these; it owns none of their rules.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.folder.records import EvalResult
+
+REPLAN_EVERY = 10  # steps between re-plans of a time-budget run's schedule
+
+
+class StopFlag:
+    """Set by Ctrl+C or SIGTERM; the loop finishes its step, saves, and returns."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        self.requested = True
+        self.reason = reason
+
+
+@contextlib.contextmanager
+def graceful_interrupts(flag: StopFlag):
+    """First Ctrl+C/SIGTERM asks the loop to stop after the current step; a second
+    Ctrl+C stops at once (the last checkpoint on disk is still whole)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set("interrupted" if signum == signal.SIGINT else "terminated")
+
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+TIME_LIMIT = "time limit reached"
+
+
+class StopCheck:
+    """Why a run stops before its next step ("" while it goes on).
+
+    Alone, a process looks at its own flag and clock. The ranks of a distributed run
+    must all stop after the same step, so each puts its flag and clock into that step's
+    all-reduce (``votes``) and all of them follow what any one said (``agree``): a
+    Ctrl+C or SIGTERM on any rank, or its time limit, stops every rank after that step.
+    """
+
+    REASONS = ("terminated", "interrupted", TIME_LIMIT)  # the first that any rank gave wins
+
+    def __init__(self, flag: StopFlag, deadline: float | None, agreed_by_ranks: bool = False) -> None:
+        self.flag = flag
+        self.deadline = deadline
+        self.agreed_by_ranks = agreed_by_ranks
+        self.agreed = ""
+
+    def local(self) -> str:
+        if self.flag.requested:
+            return self.flag.reason
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return TIME_LIMIT
+        return ""
+
+    def reason(self) -> str:
+        return self.agreed if self.agreed_by_ranks else self.local()
+
+    def votes(self) -> list[float]:
+        local = self.local()
+        if local and local not in self.REASONS:
+            local = "interrupted"
+        return [float(local == reason) for reason in self.REASONS]
+
+    def agree(self, votes: list[float]) -> None:
+        """``votes`` summed over the ranks."""
+        self.agreed = next((reason for reason, n in zip(self.REASONS, votes) if n > 0), "")
+
+
+@dataclass
+class RunState:
+    """Where a training run stands; saved in the checkpoint so a resume is exact."""
+
+    cache_file: str  # the token cache of the data (the run's identity)
+    name: str
+    epochs: int
+    total_steps: int
+    batch_size: int
+    window: int  # the window length in force (shorter than the context for short texts)
+    start_step: int
+    epoch: int = 0
+    batch: int = 0  # next batch of the current epoch
+    run_step: int = 0
+    micro_batches: int = 1  # > 1 after an out-of-memory back-off (per process in a distributed run)
+    finished: bool = False
+    kind: str = "text"  # "text", or "chat" for fine-tuning on conversations
+    world_size: int = 1  # processes that share each batch (torchrun); batch_size is their total
+    budget_s: float = 0.0  # a time-budget run: its wall-clock seconds (0: the epochs decide)
+    spent_s: float = 0.0  # of them, spent so far (tokenizing included), kept across a resume
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunState:
+        d = dict(d)
+        if "seq_len" in d:  # its name before format 2
+            d["window"] = d.pop("seq_len")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A time budget counted from ``started`` (``time.monotonic()``), for one session."""
+
+    seconds: float
+    started: float
+
+    def spent(self) -> float:
+        return time.monotonic() - self.started
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.seconds - self.spent())
+
+
+class BudgetClock:
+    """The wall clock of a time-budget run in this session, and its schedule.
+
+    The run ends at its deadline, early enough that the final evaluation fits in the
+    budget too. Every ``REPLAN_EVERY`` steps the learning-rate schedule's length is
+    set from the steps timed so far, so the cosine reaches its floor as time runs out.
+    The re-planned length is part of ``RunState``: a resume goes on from it.
+
+    In a distributed run the ranks would time their steps differently, and a learning
+    rate that differs between ranks would pull their weights apart; there the schedule
+    keeps rank 0's first estimate (``replan=False``) and only the deadline ends the run.
+    """
+
+    def __init__(self, run: RunState, replan: bool = True) -> None:
+        self.replan = replan
+        self.session_start = time.monotonic()
+        self.spent_before = run.spent_s
+        self.deadline = self.session_start + max(0.0, run.budget_s - run.spent_s)
+        self.end = self.deadline  # the budget's end; ``deadline`` leaves room for the final evaluation
+        self.steps = 0
+        self.timed_from: float | None = None  # after the first step (allocations, kernel choices)
+
+    def spent(self) -> float:
+        return self.spent_before + time.monotonic() - self.session_start
+
+    def after_step(self, run: RunState, eval_batches: int, other_deadline: float | None,
+                   steps_per_epoch: int) -> float:
+        """Count a step (``run.batch`` and ``run.run_step`` not yet advanced past it);
+        returns the deadline in force from now on."""
+        now = time.monotonic()
+        run.spent_s = self.spent()
+        self.steps += 1
+        if self.timed_from is None:
+            self.timed_from = now
+        elif self.steps % REPLAN_EVERY == 0:
+            step_s = (now - self.timed_from) / (self.steps - 1)
+            # An evaluation batch is a forward pass: about a third of a training step.
+            reserve = min(eval_batches * step_s / 3 + 1.0, 0.2 * run.budget_s)
+            self.deadline = self.end - reserve
+            if self.replan:
+                run.total_steps = run.run_step + 1 + max(0, int((self.deadline - now) / step_s))
+                # Enough epochs for those steps, and one to spare should the steps get faster:
+                # the clock ends the run, never the epoch count.
+                left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
+                run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
+        return min(self.deadline, other_deadline if other_deadline is not None else math.inf)
+
+
+class BestWeights:
+    """The weights of a time-budget run's best held-out evaluation so far, on the CPU.
+
+    A budget fills its minutes with passes over the text, and on a small text later
+    passes can overfit it: on an 82,000-token text, 10 minutes reached 2.29 bits/byte
+    where 3 minutes of the same shape had reached 2.06 (README, "Time budget"). So the
+    run evaluates after each pass, keeps the best weights, and ends with them if the
+    last evaluation is worse, as nanoGPT keeps its best validation checkpoint. Held
+    in memory only: a run resumed after Ctrl+C starts a new record.
+    """
+
+    def __init__(self) -> None:
+        self.result: EvalResult | None = None
+        self._state: dict[str, torch.Tensor] = {}
+
+    def offer(self, model: torch.nn.Module, result: EvalResult) -> None:
+        if self.beats(result):
+            return
+        self.result = result
+        self._state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    def beats(self, result: EvalResult) -> bool:
+        """Strictly better than ``result``: a tie keeps the later, more trained weights."""
+        return self.result is not None and self.result.val_loss < result.val_loss
+
+    def restore(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self._state)
+
+
+@dataclass
+class Progress:
+    """Counters over the model's whole life, and the current run."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epochs_done: int = 0
+    run: RunState | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Progress:
+        run = d.get("run")
+        return cls(d["step"], d["tokens_seen"], d["epochs_done"], RunState.from_dict(run) if run else None)
+
+
+def micro_batches_for(run: RunState, world_size: int) -> int:
+    """The micro-batches per process that keep the slice size of ``run`` on ``world_size`` processes."""
+    rows_per_slice = -(-(run.batch_size // run.world_size) // run.micro_batches)
+    return max(1, -(-(run.batch_size // world_size) // rows_per_slice))
