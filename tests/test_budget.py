@@ -1,4 +1,5 @@
 """Time-budget mode: the plan's rules, a run that ends with its minutes, resume and Continue."""
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -162,7 +163,10 @@ def test_train_then_continue_by_minutes_on_the_command_line(tmp_path, sample_fil
     out = proc.stdout + proc.stderr
     assert "time budget 0.05 min" in out and "Training complete" in out
     meta = ModelFolder(str(folder)).read_meta()
-    assert (meta["model"]["d_model"], meta["model"]["n_layer"]) == budget.LADDER[0][:2]  # 3 s buy the smallest
+    # The shape depends on how fast this machine is; the model must be the one the plan named.
+    planned = re.search(r"d_model (\d+), (\d+) layers, (\d+) heads", out)
+    shape = (meta["model"]["d_model"], meta["model"]["n_layer"], meta["model"]["n_head"])
+    assert planned and tuple(map(int, planned.groups())) == shape and shape in budget.LADDER
     steps_before = meta["progress"]["step"]
 
     more = tmp_path / "more.txt"

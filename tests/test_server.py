@@ -29,7 +29,7 @@ from conftest import ROOT
 
 SERVE_COMMAND = [sys.executable, str(ROOT / "interface.py"), "serve"]
 KEY = "test-key-123"
-CAP = 2000
+CAP = 100_000  # the most a server allows: no machine makes that many tokens before the test hangs up
 MAX_BODY = 65536
 # Every sampling setting spelled out, so the in-process generator gets exactly what the server gets.
 SETTINGS = dict(temperature=0.9, top_p=0.9, top_k=40, repetition_penalty=1.2)
