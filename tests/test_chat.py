@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from engine.data.chat_format import CHAT_TOKENS, Message, parse, render, render_text
 from engine.data.chat_windows import ChatDataset, conversation_examples, inputs_and_targets, pack_rows
 from engine.data.conversations import (
-    BUILTIN_CONVERSATIONS_NAME,
     append_conversation,
     builtin_conversations,
     last_conversation,
@@ -123,46 +122,6 @@ def test_packing_keeps_conversations_whole_and_masks_the_padding(tok):
     assert (segments[:, 0] == 1).all() and int(segments.max()) > 1
     recovered = [m for row in ids for m in parse(tok, chat, [i for i in row.tolist() if i != tok.pad_id])]
     assert recovered == [m for c in convs for m in c]
-
-
-@pytest.mark.parametrize("line, message", [
-    ("not json", "not JSON"),
-    ('{"messages": [{"role": "wizard", "content": "hi"}]}', "unknown role 'wizard'"),
-    ('{"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "x"}]}', "empty content"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant reply"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "do not alternate"),
-    ('{"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]}', "do not alternate"),
-    ('{"text": "hello"}', '"messages" list'),
-    ('[{"role": "user"}]', 'needs "role" and "content"'),
-])
-def test_every_bad_line_is_named_and_skipped(tmp_path, line, message):
-    good = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
-    path = tmp_path / "chats.jsonl"
-    path.write_text("\n".join([good, good.replace("hi", "hey"), line, good.replace("hi", "yo")]) + "\n")
-    source = open_conversations(str(path))
-    assert len(source.conversations) == 3 and source.skipped == 1
-    assert source.problems[0].startswith("chats.jsonl:3: ") and message in source.problems[0]
-    assert any("1 bad line(s) skipped; training on the other 3" in n for n in source.notes)
-
-
-def test_a_file_that_is_mostly_not_conversations_is_refused(tmp_path):
-    path = tmp_path / "notes.jsonl"
-    path.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
-                    + "just some text\n" * 5)
-    with pytest.raises(ValueError, match="only 1 of 6 lines are valid conversations"):
-        open_conversations(str(path))
-    (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="no usable conversation"):
-        open_conversations(str(tmp_path / "empty.jsonl"))
-    with pytest.raises(FileNotFoundError):
-        open_conversations(str(tmp_path / "missing.jsonl"))
-
-
-def test_the_builtin_set_is_real_dialogue():
-    source = builtin_conversations()
-    assert source.name == BUILTIN_CONVERSATIONS_NAME
-    assert len(source.conversations) > 500 and source.n_bytes > 50_000
-    assert all(c[0].role == "user" and c[-1].role == "assistant" for c in source.conversations)
 
 
 def test_saved_chats_read_back_as_training_data(tmp_path):

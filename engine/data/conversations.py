@@ -1,21 +1,24 @@
-"""Conversations to fine-tune on: JSONL files, folders of them, or the built-in set.
+"""Conversations to fine-tune on: files and folders of them, and the built-in set.
 
-A file holds one conversation a line, in the form most tools export::
+A file holds conversations in one of the forms ``conversation_formats`` reads
+(OpenAI ``messages``, ShareGPT, Alpaca), detected from its first record:
 
-    {"messages": [{"role": "system", "content": "..."}, {"role": "user", ...}, ...]}
+- ``.jsonl``: one conversation a line;
+- ``.json``: one list of conversations, one conversation, or JSON lines after all;
+- ``.parquet``: one conversation a row, with the same fields as the JSON forms (needs
+  the optional extra in ``requirements-parquet.txt``).
 
-or a bare JSON array of such messages. A ``.json`` file may also hold one list of
-conversations. Every line is checked (JSON, known roles, non-empty content, roles
-alternating after an optional system message, at least one assistant reply).
+Bad records are reported by file and line (or row) and skipped: exported chat logs
+often carry a few broken lines, and refusing thousands of good conversations for them
+helps nobody. But when fewer than half the records are good, the file is refused:
+that is the wrong format, not a few accidents. Identical conversations are kept once,
+so the held-out part never repeats a training conversation word for word.
 
-Bad lines are reported by file and line and skipped: exported chat logs often carry
-a few broken lines, and refusing thousands of good conversations for them helps
-nobody. But when fewer than half the lines are good, the file is refused: that is the
-wrong format, not a few accidents. Identical conversations are kept once, so the
-held-out part never repeats a training conversation word for word.
-
-The built-in set is the English part of ``chatterbot-corpus`` (BSD-3-Clause), about
-240 KB of short dialogues installed with the program: nothing is downloaded.
+The built-in set is the Chit-Chat Challenge dataset (BYU Perception, Control and
+Cognition lab; the ``chitchat-dataset`` package, MIT licence): 7,168 conversations that
+people had with each other about everyday things, 258,145 messages, installed with the
+program, so nothing is downloaded. One person's messages in a row form one turn (joined
+by line breaks); the first person to speak is the user, the other the assistant.
 """
 from __future__ import annotations
 
@@ -23,28 +26,36 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from engine.data.chat_format import Message, check_messages
+from engine.data.chat_format import Message
+from engine.data.conversation_formats import ConversationForm, Reading, detect_form, read_record
 from engine.runtime import storage
 
-CONVERSATION_SUFFIXES = (".jsonl", ".json")
-BUILTIN_CONVERSATIONS_NAME = "built-in conversations (chatterbot-corpus, English)"
+CONVERSATION_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_PROBLEMS_SHOWN = 5
+PARQUET_EXTRA = "requirements-parquet.txt"
+BUILTIN_CONVERSATIONS_NAME = "built-in conversations (Chit-Chat Challenge, English)"
+BUILTIN_CITATION = ("the Chit-Chat Challenge dataset of BYU's Perception, Control and Cognition lab "
+                    "(pypi.org/project/chitchat-dataset, MIT licence)")
 
 
 @dataclass
 class ConversationSource:
-    """Validated conversations, and what was skipped on the way."""
+    """Validated conversations, and what was skipped or adjusted on the way."""
 
     name: str
     conversations: list[list[Message]]
     problems: list[str] = field(default_factory=list)  # "file:line: what is wrong", the first few
     skipped: int = 0  # lines or entries left out because they were bad
     duplicates: int = 0  # identical conversations kept once
+    forms: tuple[ConversationForm, ...] = ()  # the forms its files were in
+    reading: Reading = field(default_factory=Reading)
+    citation: str = ""  # where a built-in set comes from, and its licence
 
     @property
     def notes(self) -> list[str]:
-        """One-line notes for the user about what was left out."""
+        """One-line notes for the user about what was read, left out or adjusted."""
         notes = [f"skipped: {p}" for p in self.problems]
         if self.skipped > len(self.problems):
             notes.append(f"... {self.skipped - len(self.problems)} more bad line(s) skipped")
@@ -52,7 +63,7 @@ class ConversationSource:
             notes.append(f"{self.skipped} bad line(s) skipped; training on the other {len(self.conversations)}")
         if self.duplicates:
             notes.append(f"{self.duplicates} duplicate conversation(s) kept once")
-        return notes
+        return notes + self.reading.notes
 
     @property
     def n_bytes(self) -> int:
@@ -67,39 +78,43 @@ class ConversationSource:
         return h.hexdigest()
 
 
+@dataclass
+class _Collected:
+    """Conversations gathered from files, before duplicates are dropped."""
+
+    good: list[list[Message]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    seen: int = 0
+    forms: list[ConversationForm] = field(default_factory=list)
+    reading: Reading = field(default_factory=Reading)
+
+
 def parse_messages(value, where: str) -> list[Message]:
-    """A conversation from decoded JSON: {"messages": [...]} or a bare list of messages."""
-    if isinstance(value, dict):
-        if "messages" not in value:
-            raise ValueError(f"{where}: an object needs a \"messages\" list")
-        value = value["messages"]
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: expected a list of messages or {{\"messages\": [...]}}")
-    messages = []
-    for i, item in enumerate(value):
-        if not isinstance(item, dict) or "role" not in item or "content" not in item:
-            raise ValueError(f"{where}: message {i + 1} needs \"role\" and \"content\"")
-        if not isinstance(item["content"], str):
-            raise ValueError(f"{where}: message {i + 1} content must be text")
-        messages.append(Message(str(item["role"]), item["content"]))
-    try:
-        check_messages(messages)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    return messages
+    """A conversation from one decoded record in any of the forms (the form is detected)."""
+    form = detect_form(value)
+    if form is None:
+        raise ValueError(f"{where}: {_unknown_form(value)}")
+    return read_record(value, form, where, Reading())
 
 
-def _is_one_conversation(value) -> bool:
-    return (isinstance(value, dict) and "messages" in value) or (
-        isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value))
+def _unknown_form(record: object) -> str:
+    if isinstance(record, dict) and record:
+        keys = ", ".join(sorted(map(str, record))[:6])
+        return (f"a record with the fields {keys}; expected \"messages\" list (OpenAI), \"conversations\" "
+                "(ShareGPT) or \"instruction\"/\"output\" (Alpaca)")
+    return "expected a \"messages\" list (OpenAI), \"conversations\" (ShareGPT) or \"instruction\"/\"output\" (Alpaca)"
 
 
-def _read_file(path: Path, good: list[list[Message]], problems: list[str]) -> int:
-    """Append the file's valid conversations to ``good``; returns the lines (entries) seen."""
+def _records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, decoded record) for every record of a file; where a record cannot be decoded,
+    (where, the ValueError that says why)."""
+    if path.suffix.lower() == ".parquet":
+        yield from _parquet_records(path)
+        return
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise ValueError(f"{path} is not UTF-8 text; conversation files must be UTF-8 JSON lines") from None
+        raise ValueError(f"{path} is not UTF-8 text; conversation files must be UTF-8 JSON") from None
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
     if path.suffix.lower() == ".json":
@@ -107,58 +122,141 @@ def _read_file(path: Path, good: list[list[Message]], problems: list[str]) -> in
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # perhaps JSON lines after all
-        if _is_one_conversation(whole):
-            whole = [whole]
-        if isinstance(whole, list):  # a list of conversations
-            for i, conv in enumerate(whole):
-                try:
-                    good.append(parse_messages(conv, f"{path.name}: conversation {i + 1}"))
-                except ValueError as exc:
-                    problems.append(str(exc))
-            return len(whole)
-    seen = 0
+        if whole is not None and detect_form(whole) is not None and not _is_list_of_records(whole):
+            whole = [whole]  # one conversation
+        if isinstance(whole, list):
+            for i, record in enumerate(whole):
+                yield f"{path.name}: conversation {i + 1}", record
+            return
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+        if line.strip():
+            try:
+                yield f"{path.name}:{number}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield f"{path.name}:{number}", ValueError(f"{path.name}:{number}: not JSON ({exc.msg})")
+
+
+def _is_list_of_records(value: object) -> bool:
+    """A list whose items are conversations (not a bare list of messages, which is one)."""
+    return isinstance(value, list) and bool(value) and not all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"reading {path.name} needs pyarrow; run: python -m pip install -r {PARQUET_EXTRA}") from None
+    try:
+        table = pq.ParquetFile(path)
+        row = 0
+        for batch in table.iter_batches(batch_size=4096):
+            for record in batch.to_pylist():
+                row += 1
+                yield f"{path.name}: row {row}", record
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"cannot read {path} as Parquet: {str(exc).splitlines()[0]}") from None
+
+
+def _read_file(path: Path, into: _Collected) -> None:
+    """Add the file's valid conversations (in the form of its first record) to ``into``."""
+    form = None
+    reading = Reading()
+    for where, record in _records(path):
+        into.seen += 1
+        if isinstance(record, ValueError):
+            into.problems.append(str(record))
             continue
-        seen += 1
-        where = f"{path.name}:{number}"
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            problems.append(f"{where}: not JSON ({exc.msg})")
+        form = form or detect_form(record)
+        if form is None:
+            into.problems.append(f"{where}: {_unknown_form(record)}")
             continue
         try:
-            good.append(parse_messages(value, where))
+            into.good.append(read_record(record, form, where, reading))
         except ValueError as exc:
-            problems.append(str(exc))
-    return seen
+            into.problems.append(str(exc))
+    if form is not None and form not in into.forms:
+        into.forms.append(form)
+    into.reading.add(reading)
 
 
-def _finish(name: str, good: list[list[Message]], problems: list[str], seen: int) -> ConversationSource:
+def finish(name: str, collected: _Collected, citation: str = "") -> ConversationSource:
+    """The conversations gathered, each kept once; refuses a source that is mostly not conversations."""
+    good, problems, seen = collected.good, collected.problems, collected.seen
     if not good:
         detail = f": {problems[0]}" if problems else ""
         raise ValueError(f"{name} holds no usable conversation{detail}")
     if len(good) * 2 < seen:
         raise ValueError(f"{name}: only {len(good)} of {seen} lines are valid conversations, so this looks like "
-                         f"another format (first problem: {problems[0]}); expected one "
-                         "{\"messages\": [{\"role\": ..., \"content\": ...}]} per line")
+                         f"another format (first problem: {problems[0]}); expected one conversation per line as "
+                         "{\"messages\": [{\"role\": ..., \"content\": ...}]}, ShareGPT or Alpaca")
     unique, keys = [], set()
     for conv in good:
         key = tuple((m.role, m.content) for m in conv)
         if key not in keys:
             keys.add(key)
             unique.append(conv)
-    return ConversationSource(name, unique, problems[:MAX_PROBLEMS_SHOWN], len(problems), len(good) - len(unique))
+    return ConversationSource(name, unique, problems[:MAX_PROBLEMS_SHOWN], len(problems), len(good) - len(unique),
+                              tuple(collected.forms), collected.reading, citation)
+
+
+def collected_from(conversations: list[list[Message]]) -> _Collected:
+    """Conversations built in code (the built-in sets), ready for ``finish``."""
+    return _Collected(good=conversations, seen=len(conversations))
+
+
+def open_conversation_files(spec: str) -> ConversationSource:
+    """A conversation file or a folder of them (.jsonl, .json, .parquet), typed by the user."""
+    spec = spec.strip().strip('"').strip("'")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CONVERSATION_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no .jsonl, .json or .parquet files")
+    else:
+        files = [path]
+    collected = _Collected()
+    for file in files:
+        _read_file(file, collected)
+    return finish(str(path), collected)
 
 
 def builtin_conversations() -> ConversationSource:
+    """The built-in set: the Chit-Chat Challenge's 7,168 human conversations (see the module docstring)."""
+    try:
+        import chitchat_dataset
+    except ImportError:
+        raise ValueError("the built-in conversations need the package chitchat-dataset; "
+                         "run: python -m pip install -r requirements.txt") from None
+    data = storage.read_json(Path(chitchat_dataset.__file__).with_name("dataset.json"))
+    conversations = []
+    for key in sorted(data):  # the file's order is a dict's; sorted, the set is the same on every machine
+        turns = []
+        for turn in data[key]["messages"]:
+            text = "\n".join(u["text"].strip() for u in turn if u["text"].strip())
+            if not text:
+                continue
+            role = "user" if len(turns) % 2 == 0 else "assistant"
+            if turns and turn[0]["sender"] == turns[-1][0]:  # one sender twice in a row: one turn
+                turns[-1] = (turns[-1][0], Message(role := turns[-1][1].role, f"{turns[-1][1].content}\n{text}"))
+            else:
+                turns.append((turn[0]["sender"], Message(role, text)))
+        messages = [m for _, m in turns]
+        if len(messages) % 2:  # the last word was the first speaker's: it has no reply
+            messages.pop()
+        if messages:
+            conversations.append(messages)
+    return finish(BUILTIN_CONVERSATIONS_NAME, collected_from(conversations), BUILTIN_CITATION)
+
+
+def chatterbot_conversations() -> ConversationSource:
     """The English dialogues of chatterbot-corpus, each read as alternating user/assistant turns."""
     try:
         import yaml
         from chatterbot_corpus.corpus import DATA_DIRECTORY
     except ImportError:
-        raise ValueError("the built-in conversations need the packages chatterbot-corpus and pyyaml; "
-                         "run: python -m pip install -r requirements.txt") from None
+        raise ValueError("this set needs the packages chatterbot-corpus and pyyaml") from None
     good: list[list[Message]] = []
     for path in sorted((Path(DATA_DIRECTORY) / "english").glob("*.yml")):
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -169,27 +267,14 @@ def builtin_conversations() -> ConversationSource:
             turns = turns[: len(turns) // 2 * 2]  # a chain that ends with a question has no reply
             if turns:
                 good.append([Message("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns)])
-    return _finish(BUILTIN_CONVERSATIONS_NAME, good, [], len(good))
+    return finish("chatterbot-corpus (English)", collected_from(good))
 
 
 def open_conversations(spec: str) -> ConversationSource:
-    """A JSONL/JSON file or a folder of them typed by the user; empty means the built-in set."""
-    spec = spec.strip().strip('"').strip("'")
-    if not spec:
+    """What the user typed: a conversation file or folder; nothing means the built-in set."""
+    if not spec.strip().strip('"').strip("'"):
         return builtin_conversations()
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CONVERSATION_SUFFIXES)
-        if not files:
-            raise ValueError(f"{path} holds no .jsonl or .json files")
-    else:
-        files = [path]
-    good: list[list[Message]] = []
-    problems: list[str] = []
-    seen = sum(_read_file(p, good, problems) for p in files)
-    return _finish(str(path), good, problems, seen)
+    return open_conversation_files(spec)
 
 
 def append_conversation(path: str | Path, messages: list[Message]) -> Path:
@@ -211,8 +296,8 @@ def append_conversation(path: str | Path, messages: list[Message]) -> Path:
 
 
 def last_conversation(path: str | Path) -> list[Message]:
-    """The last valid conversation in a JSONL/JSON file (to continue it)."""
-    source = open_conversations(str(path))
+    """The last valid conversation in a conversation file (to continue it)."""
+    source = open_conversation_files(str(path))
     if source.skipped and not source.conversations:
         raise ValueError(source.problems[0])
     return source.conversations[-1]
