@@ -15,7 +15,7 @@ def test_training_and_generation_sections_run_on_a_tiny_model():
     train = bench.bench_training(TINY, batch=2, precision="fp32", steps=2, warmup=1)
     assert train["tokens_per_s"]["median"] > 0 and train["steps"] == 2
     assert 0 <= train["batch_prep_pct_of_step"] < 100
-    gen = bench.bench_generation(TINY, bench._NoEndTokenizer(None), new_tokens=5, prompt_len=3, repeats=1)
+    gen = bench.bench_generation(TINY, bench.NoEndTokenizer(None), new_tokens=5, prompt_len=3, repeats=1)
     assert gen["cached"]["tokens"] == gen["uncached"]["tokens"] == 5  # no end token: every run is full length
     # Where generation reads fp16 weights, the exact fp32 row is timed beside it.
     assert ("cached_fp32" in gen) == (gen["weights"] == "fp16")

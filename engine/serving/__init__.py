@@ -1,6 +1,7 @@
 """Serving: the OpenAI-compatible HTTP server for one model folder.
 
-Owns ``server`` (routes, request -> generation settings, ``run_serve``),
+Owns ``server`` (the settings and flags, building the app, ``run_serve``), ``routes``
+(the endpoints, request -> generation settings, a client that hangs up),
 ``openai_wire`` (the API's request and response shapes), ``job_queue`` (the thread
 that owns the model and runs requests), ``api_guard`` (API key, body size, the error
 shape) and ``listening`` (sockets, and a server as a child process). May import every

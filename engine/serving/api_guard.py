@@ -3,15 +3,23 @@
 ``Gate`` is ASGI middleware in front of the app: it checks the API key, then reads
 the body up to the size limit. ``ApiError`` is any refusal, sent in the OpenAI error
 shape with its HTTP status; a 4xx is the client's mistake, a 5xx the server's.
+``install_error_handlers`` makes every other failure (a body that does not validate,
+an unknown path, a bug) leave in that same shape.
 """
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from engine.serving.openai_wire import error_body
+from engine.serving.openai_wire import describe_validation_errors, error_body
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -101,3 +109,38 @@ class Gate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+# -- every failure in the OpenAI error shape -----------------------------------------------------
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return exc.response()
+
+
+async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = describe_validation_errors(exc.errors())
+    return ApiError(400, message, param).response()
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (unreadable JSON, no such path, wrong method), told in our words."""
+    messages = {400: "the body could not be read as JSON (it must be UTF-8, nested at most a few hundred levels)",
+                404: f"there is no {request.url.path} on this server (try /v1/models)",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+    message = messages.get(exc.status_code, str(exc.detail))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return ApiError(exc.status_code, message, code=code, headers=exc.headers).response()
+
+
+async def _bug(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 that names no internals; the traceback goes to the server's log."""
+    log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError(500, "the server failed on this request; see its log", code="internal_error").response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every refusal and failure of ``app`` answers in the OpenAI error shape, never a traceback."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _bug)

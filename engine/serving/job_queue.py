@@ -19,9 +19,33 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
+
+
+class WorkerState(str, Enum):
+    """Where the worker is: loading the model, answering jobs, or stopped by a load failure.
+
+    A ``str`` so that ``/health`` sends the value as it is ("loading", "ready", "failed").
+    """
+
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class FinishReason(str, Enum):
+    """Why a job's text ended; the values are the OpenAI API's ``finish_reason``.
+
+    STOP and LENGTH are the generator's own (``GenerationStats.finish_reason``, a plain
+    string in ``engine.generation``); CANCELLED is the worker's: the client left.
+    """
+
+    STOP = "stop"  # end of text, end of turn, or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -40,7 +64,7 @@ class Piece:
 class Finished:
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" or "length" (the generator's), or "cancelled"
+    finish_reason: FinishReason
 
 
 @dataclass(frozen=True)
@@ -101,7 +125,7 @@ class WorkerCounts:
 class GenerationWorker:
     """The thread that loads the model with ``load()`` and then runs jobs one at a time.
 
-    ``state`` is "loading", then "ready", or "failed" (``error`` says why).
+    ``state`` is LOADING, then READY, or FAILED (``error`` says why).
     ``on_loaded(error)`` is called once from the worker thread, with None on success.
     """
 
@@ -110,7 +134,7 @@ class GenerationWorker:
         self._load = load
         self._on_loaded = on_loaded
         self.max_waiting = max_waiting
-        self.state = "loading"
+        self.state = WorkerState.LOADING
         self.error: str | None = None
         self.counts = WorkerCounts()
         self.busy = False
@@ -147,14 +171,14 @@ class GenerationWorker:
         began = time.perf_counter()
         try:
             generator = self._load()
-        except Exception as exc:  # any failure must end in "failed", never a silent dead thread
+        except Exception as exc:  # any failure must end in FAILED, never a silent dead thread
             log.debug("loading the model failed", exc_info=True)
-            self.state, self.error = "failed", str(exc) or type(exc).__name__
+            self.state, self.error = WorkerState.FAILED, str(exc) or type(exc).__name__
             if self._on_loaded:
                 self._on_loaded(self.error)
             return
         log.info("model loaded in %.2f s", time.perf_counter() - began)
-        self.state = "ready"
+        self.state = WorkerState.READY
         if self._on_loaded:
             self._on_loaded(None)
         while True:
@@ -173,7 +197,7 @@ class GenerationWorker:
     def _serve(self, job: Job, generator: Any) -> None:
         if job.cancelled:  # the client left while the job waited
             self.counts.cancelled += 1
-            job.emit(Finished(0, 0, "cancelled"))
+            job.emit(Finished(0, 0, FinishReason.CANCELLED))
             return
         pieces = None
         stopped = False
@@ -198,10 +222,10 @@ class GenerationWorker:
             if pieces is not None and hasattr(pieces, "close"):
                 pieces.close()  # ends the generator, which records last_stats
         stats = generator.last_stats
-        reason = "cancelled" if stopped else stats.finish_reason
+        reason = FinishReason.CANCELLED if stopped else FinishReason(stats.finish_reason)
         self.counts.cancelled += stopped
         self.counts.finished += not stopped
         self.counts.prompt_tokens += stats.prompt_tokens
         self.counts.completion_tokens += stats.completion_tokens
-        log.info("%d prompt + %d completion tokens, %s", stats.prompt_tokens, stats.completion_tokens, reason)
+        log.info("%d prompt + %d completion tokens, %s", stats.prompt_tokens, stats.completion_tokens, reason.value)
         job.emit(Finished(stats.prompt_tokens, stats.completion_tokens, reason))

@@ -1,0 +1,200 @@
+"""The benchmark's printout: one table per section, from the report ``sections.run_benchmark`` collects.
+
+Each ``print_*`` takes its section's part of the report (the dicts the ``bench_*``
+functions return, which are also what ``--json`` writes) and prints it; a number
+taken while other processes used the CPU carries a warning (``load_note``).
+"""
+from __future__ import annotations
+
+from benchlib.machine import BUSY_WARNING, ISA_CAPS
+
+
+def load_note(share: float | None) -> str:
+    if share is None or share < BUSY_WARNING:
+        return ""
+    return f"   !! other processes used {100 * share:.0f}% of the CPU meanwhile: unreliable"
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> None:
+    print(f"\n== {title}")
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+
+
+def _note(title: str, note: str) -> None:
+    """A section that did not run: its title and why."""
+    print(f"\n== {title}\n  {note}")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _tps(d: dict) -> str:
+    return f"{d['median']:,.0f} tok/s (min {d['min']:,.0f}, max {d['max']:,.0f})"
+
+
+def print_environment(env: dict) -> None:
+    _table("Environment", [
+        ("CPU", f"{env['cpu']} ({env['cores']} cores, torch threads {env['threads']}, "
+                f"native bf16: {'yes' if env['native_bf16'] else 'no'})"),
+        ("software", f"Python {env['python']}, torch {env['torch']}"),
+        ("model", f"d_model {env['config']['d_model']}, {env['config']['n_layer']} layers, "
+                  f"{env['config']['n_head']} heads, context {env['config']['context']}, "
+                  f"vocab {env['config']['vocab']}, batch {env['config']['batch']}, dropout {env['config']['dropout']}"),
+    ])
+
+
+def print_matmul(mm: dict) -> None:
+    rows = [("fp32 1024^3 matmul", f"{mm['square_fp32']['gflops_median']:.0f} GFLOP/s "
+                                   f"(best {mm['square_fp32']['gflops_best']:.0f})"),
+            ("fp32 model-shaped GEMMs", f"{mm['model_gemms_fp32']['gflops_median']:.0f} GFLOP/s "
+                                        f"(best {mm['model_gemms_fp32']['gflops_best']:.0f})")]
+    if "square_bf16" in mm:
+        rows.append(("bf16 1024^3 matmul", f"{mm['square_bf16']['gflops_median']:.0f} GFLOP/s"))
+    _table("Matrix products (MFU denominators)", rows)
+
+
+def print_cpu_isa(isa: dict) -> None:
+    caps = ", ".join(f"{name}={value}" for name, value in isa["caps_set"].items()) or "none set"
+    flags = ("not readable (no /proc/cpuinfo)" if isa["flags"] is None else
+             ", ".join(f"{flag} {_yes(present)}" for flag, present in isa["flags"].items()))
+    _table("Training: the CPU's instruction set", [
+        ("PyTorch CPU kernels", f"{isa['torch_capability']} (torch.backends.cpu.get_cpu_capability())"),
+        ("caps in the environment", f"{caps} ({', '.join(ISA_CAPS)})"),
+        ("CPU flags", flags),
+        ("native bf16", _yes(isa["native_bf16"])),
+        ("fp16-weight decode (FBGEMM)", _yes(isa["fp16_weight_decode"]) + " (generation, not training)")])
+
+
+def print_training(t: dict) -> None:
+    """One precision's training row: speed, MFU, memory, the kernels that ran, the profile."""
+    rows = [("tokens/s", _tps(t["tokens_per_s"]) + load_note(t["other_load"])),
+            ("step", f"{1e3 * t['step_s']['median']:.0f} ms (batch prep {t['batch_prep_ms']:.2f} ms = "
+                     f"{t['batch_prep_pct_of_step']:.2f}% of a step)"),
+            ("FLOPs/token", f"{t['flops_per_token'] / 1e6:.1f} M -> {t['achieved_gflops']:.0f} GFLOP/s achieved"),
+            ("MFU", f"{t['mfu_square']:.0%} of the {t['precision']} 1024^3 rate" +
+             (f", {t['mfu_model']:.0%} of the model-shaped rate" if "mfu_model" in t else "") +
+             (f"; {t['mfu_model_paired']:.0%} of it timed beside each step" if "mfu_model_paired" in t else "")),
+            ("peak RSS", f"{t['peak_rss_mb']:,.0f} MB"),
+            ("loss", f"{t['loss_first']:.3f} -> {t['loss_last']:.3f} over {t['warmup'] + t['steps']} steps")]
+    _table(f"Training ({t['precision']}, {t['params'] / 1e6:.2f}M parameters)", rows)
+    b = t["breakdown"]
+    k = b["kernels"]
+    _table(f"Training ({t['precision']}): kernels that ran", [
+        ("fused AdamW", _yes(k["fused_adamw"])),
+        ("fused loss head (no logits held)", _yes(k["fused_loss"])),
+        ("attention", k["attention"])])
+    _table(f"Training ({t['precision']}): where a step's time goes (torch.profiler, {b['steps']} steps, "
+           f"self CPU time of aten ops; {b['step_ms']:.0f} ms per profiled step)",
+           [(row["category"], f"{row['ms']:7.1f} ms  {row['pct']:5.1f}%") for row in b["categories"]])
+
+
+def print_generation(g: dict) -> None:
+    rows = [("cached, top-k 50 T 0.8", _tps(g["cached"]["tokens_per_s"]) + f"  ({g['weights']} weights)" +
+             load_note(g["other_load"]))]
+    if "cached_fp32" in g:
+        rows.append(("cached, fp32 weights (exact)", _tps(g["cached_fp32"]["tokens_per_s"])))
+    rows += [("time to first token", f"{g['cached']['first_token_ms']:.1f} ms ({g['prompt_tokens']}-token prompt)"),
+             ("cached, default sampling", _tps(g["cached_default_sampling"]["tokens_per_s"]) +
+              "  (+ top-p 0.95, repetition penalty 1.1)"),
+             ("uncached (reference path, fp32)", _tps(g["uncached"]["tokens_per_s"])),
+             ("what the cache buys", f"{g['cache_speedup']:.1f}x (both fp32)")]
+    if "stream_us_per_token" in g:
+        rows.append(("text streaming", f"{g['stream_us_per_token']:.0f} us/token plain, "
+                                       f"{g['stream_chat_us_per_token']:.0f} us/token with chat stops"))
+    _table(f"Generation (batch 1, {g['new_tokens']} new tokens)", rows)
+
+
+def print_data(rows: list[dict]) -> None:
+    print("\n== Data path (MB/s: tokenize_source end to end, our encode_batch, the library alone)")
+    print(f"  {'tokenizer':<14} {'corpus':<24} {'train s':>8} {'end-to-end':>11} {'wrapper':>8} {'library':>8} "
+          f"{'wrapper +':>10} {'e2e +':>7} {'cache hit':>10} {'bytes/tok':>10}")
+    for d in rows:
+        print(f"  {d['tokenizer']:<14} {d['corpus']:<24} {d['train_s']:>8.2f} {d['encode_mb_s']:>11.2f} "
+              f"{d['wrapper_mb_s']:>8.2f} {d['library_mb_s']:>8.2f} {d['wrapper_overhead_pct']:>9.1f}% "
+              f"{d['end_to_end_overhead_pct']:>6.1f}% {d['cached_load_ms']:>8.1f}ms "
+              f"{d['bytes_per_token']:>10.2f}{load_note(d['other_load'])}")
+
+
+def print_race(race_result: dict, ref: dict) -> None:
+    """The rounds of ours-then-theirs, and the spread of each ratio."""
+    print(f"\n== Race: ours, then {ref['impl']} (transformers {ref['transformers']}, "
+          f"{ref['params'] / 1e6:.2f}M parameters), back to back, {len(race_result['rounds'])} round(s)")
+    print(f"  {'round':<6} {'train ours':>11} {'theirs':>8} {'ratio':>7}   {'generate ours':>14} {'theirs':>8} "
+          f"{'ratio':>7}   {'ours, default sampling':>22} {'ratio':>7}  (tokens/s)")
+    for i, row in enumerate(race_result["rounds"], 1):
+        print(f"  {i:<6} {row['ours_train']:>11,.0f} {row['theirs_train']:>8,.0f} {row['train_ratio']:>6.2f}x   "
+              f"{row['ours_gen']:>14,.0f} {row['theirs_gen']:>8,.0f} {row['gen_ratio']:>6.2f}x   "
+              f"{row['ours_gen_default']:>22,.0f} {row['gen_ratio_default']:>6.2f}x")
+    tr, gr = race_result["train_ratio"], race_result["gen_ratio"]
+    print(f"  ours/theirs, training:   median {tr['median']:.2f}x (min {tr['min']:.2f}x, max {tr['max']:.2f}x)")
+    print(f"  ours/theirs, generation: median {gr['median']:.2f}x (min {gr['min']:.2f}x, max {gr['max']:.2f}x)"
+          f"  ({race_result['gen_weights']} weights; top-k 50, temperature 0.8 on both sides)")
+    gd = race_result["gen_ratio_default"]
+    print(f"  ours/theirs, generation with our default sampling (+ top-p 0.95, repetition penalty 1.1): "
+          f"median {gd['median']:.2f}x (min {gd['min']:.2f}x, max {gd['max']:.2f}x)")
+    if race_result["gen_weights"] != "fp32":
+        g32 = race_result["gen_ratio_fp32"]
+        print(f"  ours/theirs, generation with fp32 weights (ours {race_result['ours_gen_fp32']['median']:,.0f} "
+              f"tokens/s): median {g32['median']:.2f}x (min {g32['min']:.2f}x, max {g32['max']:.2f}x)")
+
+
+def print_server(sv: dict) -> None:
+    lat, first = sv["latency_s"], sv["first_token_s"]
+    rows = [("requests", f"{sv['succeeded']} of {sv['requests']} succeeded" +
+             ("" if sv["succeeded"] == sv["requests"] else f"  !! FAILED: {'; '.join(sv['errors'])}")),
+            ("latency", f"p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, max {lat['max']:.2f} s"
+             if lat else "none")]
+    if first:
+        rows.append(("first token (streams)", f"p50 {first['p50']:.2f} s, p95 {first['p95']:.2f} s"))
+    rows.append(("throughput", f"{sv['tokens_per_s']:,.0f} completion tokens/s ({sv['completion_tokens']:,} "
+                               f"in {sv['wall_s']:.1f} s)" + load_note(sv["other_load"])))
+    rows.append(("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model and "
+                                              f"{sv['threads']} thread(s), as the server uses)"))
+    _table(f"Server under load ({sv['clients']} clients x {sv['per_client']} requests on 127.0.0.1, "
+           f"up to {sv['max_tokens']} tokens each, {sv['params'] / 1e6:.2f}M parameters)", rows)
+
+
+def print_quality(q: dict) -> None:
+    c, h = q["config"], q.get("half_weights")
+    rows = [
+        ("validation bits/byte", f"{q['val_bpb']:.3f}  (classic small-GPT recipe: 2.72; target <= 2.5)"
+         + load_note(q["other_load"])),
+        ("validation loss", f"{q['val_loss']:.3f} nats/token"),
+        ("steps, tokens", f"{q['steps']} steps, {q['tokens_seen']:,} tokens ({q['stopped']})"),
+        ("setup", f"d_model {c['d_model']}, {c['n_layer']} layers, context {c['context']}, vocab {c['vocab']}, "
+                  f"batch {c['batch']}, lr {c['lr']:g}, warm-up {c['warmup_steps']}, {c['precision']}")]
+    if h:
+        rows.append(("generation, fp16 weights", f"{h['fp16_bits_per_token']:.4f} vs {h['fp32_bits_per_token']:.4f} "
+                     f"bits/token with fp32 weights; same top token {h['top1_agreement']:.2%} "
+                     f"({h['tokens']} held-out tokens)"))
+    _table(f"Quality per minute ({q['minutes'] * 60:.0f} s on tinyshakespeare, default CPU setup)", rows)
+
+
+def print_report(r: dict) -> None:
+    """Every section that ran, in a fixed order; a section skipped for a reason says why."""
+    print_environment(r["environment"])
+    print_matmul(r["matmul"])
+    if r.get("cpu_isa"):
+        print_cpu_isa(r["cpu_isa"])
+    for t in r["training"]:
+        print_training(t)
+    if r.get("generation"):
+        print_generation(r["generation"])
+    if r.get("data"):
+        print_data(r["data"])
+    elif r.get("data_note"):
+        _note("Data path", r["data_note"])
+    ref, race_result = r.get("reference", {}), r.get("race", {})
+    if ref.get("skipped"):
+        _note("Race against the reference", f"skipped: {ref['skipped']}")
+    elif race_result.get("rounds"):
+        print_race(race_result, ref)
+    if r.get("server"):
+        print_server(r["server"])
+    elif r.get("server_note"):
+        _note("Server under load", r["server_note"])
+    if r.get("quality"):
+        print_quality(r["quality"])
