@@ -24,7 +24,7 @@ def flops_per_token(model: GPT) -> int:
     """6 x (every weight a token passes through: all but the position table, the tied
     head counted as the matrix product it is) + the attention scores and mixing."""
     cfg = model.config
-    n = model.num_params() - model.wpe.weight.numel()
+    n = model.num_params() - (model.wpe.weight.numel() if model.wpe is not None else 0)
     return 6 * n + 12 * cfg.n_layer * cfg.d_model * cfg.context
 
 
