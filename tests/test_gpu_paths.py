@@ -2,14 +2,17 @@
 
 ``torch.cuda``'s queries are faked (capabilities and memory of named cards), so the
 rules that decide precision, TF32, presets and batch sizes run as they would on the
-card.
+card; the generation ``Decoder``'s low-precision arithmetic runs on the CPU, whose
+kernels take fp16 and bf16 too.
 """
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from engine.model.decoder import Decoder, _Product
 from engine.runtime import hardware
+from model import GPT, ModelConfig
 
 
 class FakeCuda:
@@ -185,3 +188,66 @@ def test_the_old_call_guesses_the_depth_from_the_preset_of_that_width(monkeypatc
         runtime, 1024, 1024, n_layer=12, vocab_size=8000)
     assert hardware.default_batch_size(runtime, 256, 1024) == hardware.default_batch_size(
         runtime, 256, 1024, n_layer=4, vocab_size=8000)
+
+
+# -- the generation Decoder in fp16 and bf16 ----------------------------------------------
+
+@pytest.fixture
+def small_model() -> GPT:
+    torch.manual_seed(7)
+    return GPT(ModelConfig(vocab_size=211, context=32, d_model=64, n_layer=3, n_head=4, dropout=0.0)).eval()
+
+
+def decode(decoder: Decoder, ids: list[int]) -> torch.Tensor:
+    """The logits after every position from the 6th on: a prefill, then one token at a time."""
+    cache = decoder.new_cache()
+    return torch.stack([decoder.step(ids[:6], cache)] + [decoder.step([t], cache) for t in ids[6:]])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+def test_low_precision_decoding_stays_close_to_fp32(small_model, dtype, tolerance):
+    ids = torch.randint(0, 211, (20,)).tolist()
+    exact = small_model(torch.tensor([ids]))[0][0, 5:]
+    decoder = Decoder(small_model, dtype)
+    got = decode(decoder, ids)
+    assert got.dtype == torch.float32
+    # fp16 products round to 11 bits, bf16 ones to 8; logits here are of size ~0.5.
+    torch.testing.assert_close(got, exact, atol=tolerance, rtol=0)
+    assert not torch.equal(got, exact)  # the low precision is really used
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_decoder_keeps_products_low_and_the_stream_in_fp32(small_model, dtype):
+    decoder = Decoder(small_model, dtype)
+    assert decoder.dtype == dtype and decoder.stream_dtype == torch.float32
+    assert decoder.wte.dtype == decoder.wpe.dtype == torch.float32
+    assert decoder.wte.data_ptr() == small_model.wte.weight.data_ptr()  # the model's own: no copy
+    assert all(t.dtype == torch.float32 for t in decoder.ln_f)
+    for w1, b1, qkv, proj, w2, b2, fc, fc_proj in decoder.layers:
+        assert {w1.dtype, b1.dtype, w2.dtype, b2.dtype} == {torch.float32}
+        assert all(isinstance(p, _Product) and p.weight.dtype == dtype for p in (qkv, proj, fc, fc_proj))
+    assert decoder.head.weight.dtype == dtype and decoder.new_cache().rows.dtype == dtype
+
+
+def test_an_fp16_residual_stream_past_65504_does_not_overflow(small_model):
+    # A stream that fp16 cannot hold: position rows of +-65000 (the largest fp16 is 65504),
+    # and an attention bias that pushes them past it. Training's autocast keeps the stream
+    # in fp32 and the layer norm brings it back to size; decoding must do the same.
+    with torch.no_grad():
+        sign = torch.where(torch.arange(64) % 2 == 0, 1.0, -1.0)
+        small_model.wpe.weight.copy_(65000.0 * sign)
+        small_model.h[0].attn.c_proj.bias.fill_(1000.0)
+    ids = torch.randint(0, 211, (12,)).tolist()
+    exact = small_model(torch.tensor([ids]))[0][0, 5:]
+    assert torch.isfinite(exact).all()
+    got = decode(Decoder(small_model, torch.float16), ids)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, exact, atol=2e-2, rtol=0)
+
+
+def test_fp32_decoding_is_unchanged(small_model):
+    ids = torch.randint(0, 211, (16,)).tolist()
+    decoder = Decoder(small_model)
+    assert decoder.stream_dtype == decoder.dtype == torch.float32
+    torch.testing.assert_close(decode(decoder, ids), small_model(torch.tensor([ids]))[0][0, 5:],
+                               atol=1e-5, rtol=1e-5)
