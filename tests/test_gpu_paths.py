@@ -251,3 +251,41 @@ def test_fp32_decoding_is_unchanged(small_model):
     assert decoder.stream_dtype == decoder.dtype == torch.float32
     torch.testing.assert_close(decode(decoder, ids), small_model(torch.tensor([ids]))[0][0, 5:],
                                atol=1e-5, rtol=1e-5)
+
+
+# -- scripts/gpu_check.py ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+    return gpu_check
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0),  # SXM
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0),
+    ("NVIDIA H200 NVL", 835.0),
+    ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A10", 125.0),
+    ("NVIDIA A10G", None),  # not an A10
+    ("Tesla T4", None),
+])
+def test_mfu_uses_the_peak_of_the_exact_card(gpu_check, name, peak):
+    assert gpu_check.peak_tflops(name) == peak
+
+
+def test_gpu_check_selects_its_checks(gpu_check):
+    smoke = gpu_check.parse_args(["--out", "x", "--smoke"]).selected
+    assert "compile" not in smoke and "compile_ddp" not in smoke and "fp16_resume" in smoke
+    assert gpu_check.parse_args(["--out", "x", "--smoke", "--only", "compile_ddp"]).selected == ["compile_ddp"]
+    full = gpu_check.parse_args(["--out", "x", "--skip", "budget,ddp"]).selected
+    assert full == [c for c in gpu_check.CHECKS if c not in ("budget", "ddp")]
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--out", "x", "--only", "nonsense"])
