@@ -1,86 +1,162 @@
 #!/usr/bin/env python3
-"""Every GPU check in one run, for a session that has a GPU for a few minutes.
+"""Every GPU check in one script, for a session that has a GPU for a few minutes.
 
-    python scripts/gpu_check.py --out results/         # on the GPU machine
-    python scripts/gpu_check.py --smoke --out /tmp/x   # tiny sizes on the CPU: does it run?
+    python scripts/gpu_check.py --out results/                      # on the GPU machine
+    python scripts/gpu_check.py --out results/ --only fp16_resume,chat
+    python scripts/gpu_check.py --smoke --out /tmp/x                # tiny sizes on the CPU: does it run?
 
-Each check is independent (one failing does not stop the rest) and its result goes
-into ``<out>/gpu_check.json`` as soon as it finishes, so a run cut short by a time
-limit still leaves what it measured:
+Each check is independent (one failing does not stop the rest; one that needs a
+trained model folder trains its own, once per run) and its result goes into
+``<out>/gpu_check.json`` as soon as it finishes, so a run cut short by a time limit
+still leaves what it measured. The last line printed is a one-line summary to paste
+into a note. Each check is sized for one call of at most 600 s on an H100; a whole run
+is not, so split it with ``--only``/``--skip``, e.g. ``--only flash,train,fp16,
+autobatch,backoff,generate``, then ``--only fp16_resume,chat,generate_paths,decode,
+cpu_load``, then ``--only compile,compile_ddp``, then ``--only ddp,multi_rank,budget``.
+A check that trains directly backs off to smaller micro-batches when out of memory, as
+the Trainer does; the others train through the Trainer.
 
-1. flash attention: which ``scaled_dot_product_attention`` kernels run for our
-   attention shapes in bf16 (the profiler's kernel names);
-2. the large preset (d_model 1024, 12 layers, context 1024) trained with the
-   trainer's own step under bf16 autocast, eager and then ``torch.compile``d:
-   tokens/s and MFU against the card's dense bf16 peak;
-3. fp16 autocast with a GradScaler: a few steps, finite losses, the scale;
-4. the automatic batch size: what ``hardware.default_batch_size`` picks and the
-   peak memory of a step at that size;
-5. the out-of-memory back-off under real memory pressure: a batch far too large
-   for the card must train (at a smaller micro-batch) instead of failing;
-6. generation: batch-1 sampling tokens/s with the KV cache, and time to first token;
-7. distributed training through ``interface.py train``: one process without torchrun,
-   the same under torchrun on one GPU (DistributedDataParallel's cost), and, where the
-   machine has more GPUs, all of them with the same batch per GPU: tokens/s and the
-   scaling efficiency (N-GPU tokens/s over N times one GPU's). ``--smoke`` runs two
-   gloo processes on the CPU instead;
-8. the time budget on this device: the probe's FLOP/s, the shapes it plans for 3, 10
-   and 30 minutes on a 1 MB text, and a real ``interface.py train --minutes`` run whose
-   wall time must stay within its budget (plus start-up).
+The throughput checks are here; ``gpu_check_trainer.py`` holds the Trainer's paths and
+``gpu_check_runs.py`` the runs of ``interface.py train``.
+
+Throughput, on the large preset (d_model 1024, 12 layers, context 1024):
+
+- ``flash``: which ``scaled_dot_product_attention`` kernels run for our shapes;
+- ``train``/``compile``: the trainer's own step under the autocast dtype, eager and
+  ``torch.compile``d: tokens/s and MFU against the card's dense bf16 peak;
+- ``fp16``: fp16 autocast with a GradScaler: finite losses, the scale;
+- ``autobatch``: what ``hardware.default_batch_size`` picks and the peak memory of a
+  step at that size (against the card's);
+- ``backoff``: a batch far too large for the card must train (at a smaller micro-batch);
+- ``generate``: batch-1 sampling tokens/s with the KV cache, and time to first token.
+
+Paths that had never run on a GPU, through the ``Trainer`` on a small model:
+
+- ``fp16_resume``: fp16 training stopped halfway, the GradScaler's state in the
+  checkpoint, and a resume that must repeat the uninterrupted run's losses;
+- ``chat``: fine-tuning on conversations (packed examples: attention with a mask, and
+  dropout), with the attention kernels that ran;
+- ``generate_paths``: generation from the saved folder, with and without the KV cache
+  (greedy: the same tokens?), and a chat reply;
+- ``decode``: the generation ``Decoder`` in fp32, bf16 and fp16 against the fp32
+  forward pass, on logits;
+- ``cpu_load``: the checkpoint of a run stopped on the GPU resumed on the CPU, and its
+  model generating there.
+
+Distributed and timed runs of ``interface.py train``:
+
+- ``ddp``: one process, the same under torchrun on one GPU (DDP's cost) and on every
+  GPU with the batch per GPU kept: tokens/s and the scaling efficiency;
+- ``compile_ddp``: ``--compile`` under torchrun (DDP around a compiled model), on one
+  GPU and on all of them;
+- ``multi_rank`` (more than one GPU; the smoke run uses two CPU processes): a run on
+  every GPU stopped by its time limit, resumed on as many, then on one process;
+- ``budget``: the time budget's probe and plans here, and a real ``--minutes`` run.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
-import re
+import math
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+SCRIPTS = Path(__file__).resolve().parent
+sys.path[:0] = [str(SCRIPTS.parent), str(SCRIPTS)]  # the project, and the two modules beside this one
+
+from gpu_check_runs import check_budget, check_compile_ddp, check_ddp, check_multi_rank  # noqa: E402
+from gpu_check_trainer import (  # noqa: E402
+    Workspace,
+    attention_kernels,
+    check_chat,
+    check_cpu_load,
+    check_decode,
+    check_fp16_resume,
+    check_generate_paths,
+    sync,
+)
 
 from bench import flops_per_token  # noqa: E402
 from engine.data.sources import source_from_text  # noqa: E402
 from engine.runtime import hardware  # noqa: E402
-from engine.training import budget
 from engine.training.events import MemoryBackoff  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
 from trainer import TrainConfig, Trainer, make_optimizer, train_step  # noqa: E402
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+CHECKS = ("flash", "train", "compile", "fp16", "autobatch", "backoff", "generate", "fp16_resume", "chat",
+          "generate_paths", "decode", "cpu_load", "ddp", "compile_ddp", "multi_rank", "budget")
+# torch.compile on a CPU takes a minute or more before its first step: a smoke run
+# leaves these out unless --only names them.
+SLOW_ON_CPU = {"compile", "compile_ddp"}
+
+# Dense bf16 tensor-core peaks (no 2:4 sparsity), TFLOP/s, by a substring of the device
+# name, the most specific first. NVIDIA's datasheets give bf16 with sparsity; dense is
+# half: H100 SXM 1,979 (989), H100 PCIe 1,513 (756), H100 NVL 1,671 (835); H200 SXM as
+# H100 SXM (989), H200 NVL as H100 NVL (835); GH200's GPU as H100 SXM (989). A100 624
+# (312), L40S 733 (362), A10 250 (125); RTX 4090 165 with fp32 accumulation (Ada
+# whitepaper). AWS's A10G is a different part from the A10: unknown here (None). The
+# device names: "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+# "NVIDIA H200", "NVIDIA H200 NVL".
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("A10G", None), ("A10", 125.0),
+                    ("4090", 165.0))
 
 
 def peak_tflops(name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    """The dense bf16 peak of the GPU called ``name``, where we know it (None: unknown)."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
 def check_flash(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     model = GPT(cfg).to(runtime.device).train()
     x = torch.randint(0, cfg.vocab_size, (2, cfg.context), device=runtime.device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        with runtime.autocast():
-            _, loss = model(x, x)
-        loss.backward()
+    names = attention_kernels(runtime, model, x)
+    flash = any("flash" in n.lower() for n in names)
+    return {"attention_kernels": names, "flash_used": flash, "line": "flash" if flash else "no flash kernel"}
+
+
+def steps_backing_off(forward, optimizer, x: torch.Tensor, runtime: hardware.Runtime,
+                      scaler: torch.amp.GradScaler | None, steps: int) -> tuple[list[float], list[float], int]:
+    """``steps`` training steps on the batch ``x``: losses, step times and micro-batches.
+
+    Out of memory, a step is retried in twice as many micro-batches, as the Trainer
+    does, so a check measures the largest slice that fits instead of failing.
+    """
+    micro, losses, times = 1, [], []
+    while len(losses) < steps:
         sync()
-    names = sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower() or "flash" in e.key.lower()})
-    return {"attention_kernels": names, "flash_used": any("flash" in n.lower() for n in names)}
+        t0 = time.perf_counter()
+        try:
+            losses.append(train_step(forward, optimizer, x, x, 3e-4, runtime, 1.0, scaler, micro))
+            out_of_memory = False
+        except Exception as error:
+            if not is_out_of_memory(error) or micro >= x.shape[0]:
+                raise
+            out_of_memory = True  # freed below, once the exception no longer holds the step's tensors
+        if out_of_memory:
+            optimizer.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            micro *= 2
+            continue
+        sync()
+        times.append(time.perf_counter() - t0)
+    return losses, times, micro
 
 
 def time_training(runtime: hardware.Runtime, cfg: ModelConfig, batch: int, steps: int, compile_: bool) -> dict:
@@ -92,30 +168,35 @@ def time_training(runtime: hardware.Runtime, cfg: ModelConfig, batch: int, steps
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.context), device=runtime.device)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    t_first = time.perf_counter()
-    for i in range(steps + 3):
-        sync()
-        t0 = time.perf_counter()
-        losses.append(train_step(forward, optimizer, x, x, 3e-4, runtime, 1.0, scaler))
-        sync()
-        if i == 0:
-            first_step_s = time.perf_counter() - t_first
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
+    losses, times, micro = steps_backing_off(forward, optimizer, x, runtime, scaler, steps + 3)
+    step = statistics.median(times[3:])  # after the first steps' warm-up (and compilation)
     tokens_per_s = batch * cfg.context / step
-    out = {"compile": compile_, "precision": runtime.precision, "batch": batch, "steps": steps,
-           "tokens_per_s": tokens_per_s, "step_ms": 1e3 * step, "first_step_s": first_step_s,
+    out = {"compile": compile_, "precision": runtime.precision, "batch": batch, "micro_batches": micro,
+           "steps": steps, "tokens_per_s": tokens_per_s, "step_ms": 1e3 * step, "first_step_s": times[0],
            "loss_first": losses[0], "loss_last": losses[-1],
            "achieved_tflops": flops_per_token(model) * tokens_per_s / 1e12}
+    line = f"{tokens_per_s:,.0f} tok/s"
     if torch.cuda.is_available():
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        peak = peak_tflops(torch.cuda.get_device_name())
+        peak = peak_tflops(torch.cuda.get_device_name(runtime.device))
         if peak:
             out["mfu"] = out["achieved_tflops"] / peak
+            line += f" MFU {out['mfu']:.2f}"
     if scaler is not None:
         out["grad_scale"] = scaler.get_scale()
+        line += f" scale {scaler.get_scale():g}"
+    finite = all(math.isfinite(v) for v in losses)
+    out["line"] = line + ("" if micro == 1 else f" ({micro} micro-batches)") + ("" if finite else " NON-FINITE LOSS")
+    return out
+
+
+def check_autobatch(runtime: hardware.Runtime, cfg: ModelConfig, batch: int) -> dict:
+    out = {"picked": batch, **time_training(runtime, cfg, batch, 3, compile_=False)}
+    if torch.cuda.is_available():
+        card = hardware.accelerator_memory_gib(runtime)
+        out["card_memory_gib"] = card
+        out["peak_share"] = out["peak_memory_gib"] / card
+        out["line"] = f"batch {batch}: peak {out['peak_memory_gib']:.1f} of {card:.1f} GiB"
     return out
 
 
@@ -123,12 +204,15 @@ def check_backoff(runtime: hardware.Runtime, cfg: ModelConfig, batch: int, text:
     events = []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(tmp + "/m", "bpe", runtime=runtime,
-                          model_overrides={k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head",
-                                                                          "context")},
+                          model_overrides={k: getattr(cfg, k) for k in ("d_model", "n_layer", "n_head", "context")},
                           train_overrides={"batch_size": batch, "target_vocab_size": 2000, "checkpoint_every": 1000})
         result = trainer.train(source_from_text(text), 1,
                                lambda event: events.append(event) if isinstance(event, MemoryBackoff) else None)
-    return {"batch": batch, "backoffs": [vars(e) for e in events], "steps": result.steps, "val_loss": result.final_eval.val_loss if result.final_eval else None}
+    last = events[-1] if events else None
+    return {"batch": batch, "backoffs": [vars(e) for e in events], "steps": result.steps,
+            "val_loss": result.final_eval.val_loss if result.final_eval else None,
+            "line": f"batch {batch} trained {result.steps} steps"
+                    + (f" in micro-batches of {last.micro_batch_size}" if last else " without backing off")}
 
 
 def time_generation(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
@@ -150,152 +234,115 @@ def time_generation(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
         if r:  # the first run warms up
             rates.append(count / (time.perf_counter() - t0))
             first.append(t_first)
-    return {"tokens": n, "tokens_per_s": statistics.median(rates), "first_token_ms": 1e3 * statistics.median(first)}
+    rate, first_ms = statistics.median(rates), 1e3 * statistics.median(first)
+    return {"tokens": n, "tokens_per_s": rate, "first_token_ms": first_ms,
+            "line": f"{rate:.0f} tok/s, first token {first_ms:.1f} ms"}
 
 
-ROOT = Path(__file__).resolve().parent.parent
-STEP_LINE = re.compile(r"^step (\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d,]+) tok/s", re.MULTILINE)
+# -- the run --------------------------------------------------------------------------------
 
-
-def train_command(processes: int, data: Path, folder: Path, flags: list[str], minutes: float,
-                  timeout: float) -> dict:
-    """``interface.py train`` alone (``processes`` 0) or under torchrun; tokens/s of its steps."""
-    command = [str(ROOT / "interface.py"), "train", str(data), "--model-dir", str(folder), "--epochs", "1",
-               "--log-every", "1", "--max-minutes", str(minutes), *flags]
-    if processes:
-        command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *command]
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    steps = [(int(step), float(loss), float(rate.replace(",", ""))) for step, loss, rate in
-             STEP_LINE.findall(proc.stdout)]
-    timed = [rate for _, _, rate in steps[3:]] or [rate for _, _, rate in steps]  # after the first steps' warm-up
-    out = {"processes": processes, "returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
-           "steps": len(steps), "tokens_per_s": statistics.median(timed) if timed else None,
-           "loss_first": steps[0][1] if steps else None, "loss_last": steps[-1][1] if steps else None,
-           "summary": [line for line in proc.stdout.splitlines() if line.startswith(("Training", "Validation"))][-3:]}
-    if proc.returncode != 0:
-        out["stderr"] = proc.stderr[-2000:]
-    return out
-
-
-def check_budget(runtime: hardware.Runtime, smoke: bool) -> dict:
-    """The time-budget probe and plans on this device, then a short real budget run."""
-    batch = hardware.default_batch_size(runtime, 256, 256)
-    rate = budget.probe_flop_rate(runtime, 8000, batch)
-    plans = {minutes: budget.plan_budget(minutes, rate, 300_000, 8000, batch) for minutes in (3, 10, 30)}
-    out = {"probe_tflops": rate / 1e12, "batch": batch,
-           "plans": {m: {"shape": vars(p.shape), "lr": p.learning_rate, "dropout": p.dropout,
-                         "tokens": p.planned_tokens} for m, p in plans.items()}}
-    minutes = 0.1 if smoke else 1.0
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "text.txt"
-        data.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(20_000)))
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "train", str(data), "--minutes",
-                               str(minutes), "--model-dir", str(Path(tmp) / "m")],
-                              capture_output=True, text=True, timeout=600, cwd=ROOT)
-        out["run"] = {"minutes": minutes, "wall_s": round(time.perf_counter() - t0, 1),
-                      "returncode": proc.returncode,
-                      "lines": [line for line in proc.stdout.splitlines()
-                                if "time budget" in line or line.startswith(("Validation", "Training"))][-4:]}
-        if proc.returncode != 0:
-            out["run"]["stderr"] = proc.stderr[-2000:]
-    return out
-
-
-def check_ddp(runtime: hardware.Runtime, cfg: ModelConfig, per_gpu_batch: int, smoke: bool, minutes: float) -> dict:
-    """Plain training, the same under DDP on one device, and on every GPU with the batch per GPU kept."""
-    gpus = torch.cuda.device_count() if runtime.device.type == "cuda" else 0
-    most = 2 if smoke and gpus < 2 else gpus  # the smoke run checks two gloo processes on the CPU
-    flags = ["--d-model", str(cfg.d_model), "--n-layer", str(cfg.n_layer), "--n-head", str(cfg.n_head),
-             "--context", str(cfg.context), "--target-vocab-size", str(cfg.vocab_size)]
-    if smoke:
-        flags += ["--device", "cpu"]
-    # Enough text for a few dozen steps on every GPU at once: tokenized once, by the first
-    # run, whose folder the others train further (the same model, cache and tokenizer).
-    tokens_needed = max(1, most) * per_gpu_batch * cfg.context * (40 if not smoke else 12)
-    line = "Line {}: the quick brown fox jumps over the lazy dog, and the dog sleeps on. "
-    report: dict = {"per_gpu_batch": per_gpu_batch, "gpus": gpus}
-    with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "text.txt"
-        data.write_text("".join(line.format(i) for i in range(tokens_needed // 12 + 1)))
-        folder = Path(tmp) / "model"
-        timeout = 60 * minutes + 600
-        report["plain"] = train_command(0, data, folder, [*flags, "--batch-size", str(per_gpu_batch)],
-                                        minutes, timeout)
-        report["ddp_1"] = train_command(1, data, folder, [*flags, "--batch-size", str(per_gpu_batch)],
-                                        minutes, timeout)
-        plain, one = report["plain"]["tokens_per_s"], report["ddp_1"]["tokens_per_s"]
-        if plain and one:
-            report["ddp_1_vs_plain"] = one / plain
-        if most > 1:
-            report[f"ddp_{most}"] = train_command(most, data, folder, [*flags, "--batch-size",
-                                                                       str(most * per_gpu_batch)], minutes, timeout)
-            many = report[f"ddp_{most}"]["tokens_per_s"]
-            if many and one:
-                report["scaling_efficiency"] = many / (most * one)
-    return report
-
-
-def main() -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any device: check that the script runs")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per row")
-    p.add_argument("--skip", default="", help="comma-separated checks to skip: flash,train,compile,fp16,"
-                                               "autobatch,backoff,generate,ddp,budget")
+    p.add_argument("--only", default="", help=f"comma-separated checks to run (default: all): {','.join(CHECKS)}")
+    p.add_argument("--skip", default="", help="comma-separated checks to leave out")
     p.add_argument("--ddp-minutes", type=float, default=0.75, help="training time of each distributed row")
-    args = p.parse_args()
-    skip = set(filter(None, args.skip.split(",")))
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runtime = hardware.detect_runtime()
-    if args.smoke:
-        cfg = ModelConfig(vocab_size=512, context=64, d_model=64, n_layer=2, n_head=4)
-        batch, steps, big_batch, lines = 4, 2, 8, 2_000
-    else:
-        _, d_model, n_layer, n_head = hardware.preset_by_name("large")
-        cfg = ModelConfig(vocab_size=8000, context=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
-        batch = hardware.default_batch_size(runtime, cfg.d_model, cfg.context)
-        # ~1.2M tokens: enough 1024-token windows for one batch of 1024 sequences,
-        # which needs several times an H100's memory at this size.
-        steps, big_batch, lines = args.steps, 1024, 100_000
-    report: dict = {"device": str(runtime.device), "precision": runtime.precision, "torch": torch.__version__,
-                    "config": cfg.to_dict(), "batch": batch}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        report.update(gpu=props.name, memory_gib=props.total_memory / 2**30,
-                      bf16=torch.cuda.is_bf16_supported(), peak_bf16_tflops=peak_tflops(props.name))
+    args = p.parse_args(argv)
+    only, skip = (set(filter(None, s.split(","))) for s in (args.only, args.skip))
+    unknown = (only | skip) - set(CHECKS)
+    if unknown:
+        p.error(f"unknown check(s) {', '.join(sorted(unknown))}; the checks: {', '.join(CHECKS)}")
+    args.selected = [c for c in CHECKS if (c in only if only else not (args.smoke and c in SLOW_ON_CPU))
+                     and c not in skip]
+    return args
 
-    def record(name: str, fn) -> None:
-        if name in skip:
-            return
+
+def summary_line(report: dict, selected: list[str]) -> str:
+    """One line a person can paste into a note: the card, then each check's result."""
+    parts = [report.get("gpu", report["device"]), f"torch {report['torch']}", report["precision"]]
+    for name in selected:
+        result = report.get(name)
+        if isinstance(result, dict):
+            parts.append(f"{name}: " + (f"ERROR {result['error'][:80]}" if "error" in result else result.get("line", "ok")))
+    return "SUMMARY " + " | ".join(parts)
+
+
+def run_checks(names: list[str], checks: dict[str, Callable[[], dict]], report: dict, out_dir: Path) -> None:
+    """Run ``names`` in order into ``report``, writing it after each; one failing stops none."""
+    on_cuda = torch.cuda.is_available()
+    for name in names:
         t0 = time.perf_counter()
         try:
-            report[name] = fn()
+            report[name] = checks[name]()
         except Exception as error:  # one failing check must not hide the others
             report[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()[-2000:]}
         report[name + "_seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"== {name}: {json.dumps(report[name], default=str)[:600]}", flush=True)
+        print(f"== {name} ({report[name + '_seconds']} s): {json.dumps(report[name], default=str)[:600]}", flush=True)
         (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        if torch.cuda.is_available():
+        if on_cuda:
             torch.cuda.empty_cache()
 
-    record("flash", lambda: check_flash(runtime, cfg))
-    record("train", lambda: time_training(runtime, cfg, batch, steps, compile_=False))
-    record("compile", lambda: time_training(runtime, cfg, batch, steps, compile_=True))
-    if runtime.device.type == "cuda":
-        fp16 = hardware.detect_runtime(str(runtime.device), "fp16")
-        record("fp16", lambda: time_training(fp16, cfg, max(1, batch // 2), 5, compile_=False))
-        record("autobatch", lambda: {"picked": batch, **time_training(runtime, cfg, batch, 3, compile_=False)})
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runtime = hardware.detect_runtime()
+    on_cuda = runtime.device.type == "cuda"
+    if args.smoke:
+        cfg = ModelConfig(vocab_size=512, context=64, d_model=64, n_layer=2, n_head=4)
+        batch, steps, big_batch, lines = 4, 2, 8, 500
+    else:
+        _, d_model, n_layer, n_head = hardware.preset_by_name("large")
+        cfg = ModelConfig(vocab_size=8000, context=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
+        batch = hardware.default_batch_size(runtime, cfg.d_model, cfg.context, n_layer=cfg.n_layer,
+                                            vocab_size=cfg.vocab_size)
+        # ~1.2M tokens: enough 1024-token windows for one batch of 1024 sequences,
+        # which needs several times an H100's memory at this size.
+        steps, big_batch, lines = args.steps, 1024, 100_000
+    report: dict = {"device": str(runtime.device), "precision": runtime.precision, "reason": runtime.reason,
+                    "torch": torch.__version__, "config": cfg.to_dict(), "batch": batch, "checks": args.selected}
+    if on_cuda:
+        props = torch.cuda.get_device_properties(runtime.device)
+        report.update(gpu=props.name, memory_gib=props.total_memory / 2**30, gpus=torch.cuda.device_count(),
+                      capability=list(hardware.cuda_capability(runtime.device)), peak_bf16_tflops=peak_tflops(props.name))
+    work = Workspace(Path(tempfile.mkdtemp(prefix="gpu_check-")), runtime, args.smoke)
     text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog. " for i in range(lines))
-    record("backoff", lambda: check_backoff(runtime, cfg, big_batch, text))
-    record("generate", lambda: time_generation(runtime, cfg))
     ddp_batch = 4 if args.smoke else 16  # per GPU: the large preset at context 1024 fits it on any 24 GiB card
-    record("ddp", lambda: check_ddp(runtime, cfg, ddp_batch, args.smoke, 0.1 if args.smoke else args.ddp_minutes))
-    record("budget", lambda: check_budget(runtime, args.smoke))
+    ddp_minutes = 0.1 if args.smoke else args.ddp_minutes
+    checks: dict[str, Callable[[], dict]] = {
+        "flash": lambda: check_flash(runtime, cfg),
+        "train": lambda: time_training(runtime, cfg, batch, steps, compile_=False),
+        "compile": lambda: time_training(runtime, cfg, batch, steps, compile_=True),
+        "fp16": lambda: time_training(hardware.detect_runtime(str(runtime.device), "fp16"), cfg, max(1, batch // 2),
+                                      5, compile_=False),
+        "autobatch": lambda: check_autobatch(runtime, cfg, batch),
+        "backoff": lambda: check_backoff(runtime, cfg, big_batch, text),
+        "generate": lambda: time_generation(runtime, cfg),
+        "fp16_resume": lambda: check_fp16_resume(work),
+        "chat": lambda: check_chat(work),
+        "generate_paths": lambda: check_generate_paths(work),
+        "decode": lambda: check_decode(work),
+        "cpu_load": lambda: check_cpu_load(work),
+        "ddp": lambda: check_ddp(runtime, cfg, ddp_batch, args.smoke, ddp_minutes),
+        # compiling takes a minute or more of the first step: a longer row
+        "compile_ddp": lambda: check_compile_ddp(runtime, cfg, ddp_batch, args.smoke, 2 * ddp_minutes),
+        "multi_rank": lambda: check_multi_rank(runtime, args.smoke),
+        "budget": lambda: check_budget(runtime, args.smoke),
+    }
+    # fp16 autocast does not run on the CPU, and the card's memory is what autobatch measures.
+    names = [n for n in args.selected if on_cuda or n not in ("fp16", "autobatch")]
+    try:
+        run_checks(names, checks, report, out_dir)
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(work.root)
+    report["summary"] = summary_line(report, names)
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"written: {out_dir / 'gpu_check.json'}")
+    print(report["summary"])
     return 0
 
 

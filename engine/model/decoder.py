@@ -142,8 +142,13 @@ class Decoder:
     model's (bf16 or fp16 halve the bytes each step reads), so a Decoder sees the
     weights as they were when it was built: after training, build a new one.
 
-    ``dtype`` is the compute dtype (default: the model's). ``matrix_dtype=torch.float16``
-    on the CPU keeps the weight matrices in fp16 and computes in fp32 (``_HalfProduct``;
+    ``dtype`` is the dtype of the matrix products and the KV cache (default: the
+    model's); on a GPU, the autocast dtype training used. With bf16 or fp16 the rest
+    stays as autocast kept it in training: the residual stream, the embeddings and
+    the layer norms in fp32 (``stream_dtype``). So the sum over the layers never
+    leaves fp32: in fp16 a stream that passes 65504 would become inf, and in bf16
+    each addition would round to 8 bits. ``matrix_dtype=torch.float16`` on the CPU
+    keeps the weight matrices in fp16 and computes in fp32 (``_HalfProduct``;
     ``hardware.Runtime.decode_weights`` says whether this machine has the kernel).
     """
 
@@ -152,10 +157,11 @@ class Decoder:
         self.config = model.config
         self.device = model.device
         self.dtype = dtype or model.wte.weight.dtype
+        self.stream_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
         half = matrix_dtype == torch.float16 and self.device.type == "cpu" and self.dtype == torch.float32
 
-        def vec(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(self.dtype)
+        def vec(t: torch.Tensor) -> torch.Tensor:  # an fp32 model's own tensor: no copy
+            return t.detach().to(self.stream_dtype)
 
         def product(layer: nn.Linear) -> _Product | _HalfProduct:
             return _HalfProduct(layer) if half and _HalfProduct.fits(layer) else _Product(layer, self.dtype)
@@ -196,16 +202,17 @@ class Decoder:
         mask, causal = None, T > 1 and start == 0
         if T > 1 and start > 0:
             mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+        low = self.dtype  # the products' dtype; x, the residual stream, stays in stream_dtype
         for layer, (w1, b1, qkv, proj, w2, b2, fc, fc_proj) in enumerate(self.layers):
-            qkv(F.layer_norm(x, (C,), w1, b1, self.eps), out=cache.rows[layer, start:end])
+            qkv(F.layer_norm(x, (C,), w1, b1, self.eps).to(low), out=cache.rows[layer, start:end])
             # q of the new positions, k and v of all so far: (1, H, T or end, D).
             q, k, v = cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
             # (1, H, 1, D) is already laid out as (1, C); only a chunk needs the transpose.
             y = y.view(1, C) if T == 1 else y.transpose(1, 2).reshape(T, C)
-            x = x + proj(y)
-            x = x + fc_proj(self.gelu(fc(F.layer_norm(x, (C,), w2, b2, self.eps))))
+            x = x + proj(y)  # a low-precision product added to the fp32 stream: the sum is fp32
+            x = x + fc_proj(self.gelu(fc(F.layer_norm(x, (C,), w2, b2, self.eps).to(low))))
         cache.pos = end
         if T > 1:
             x = x[-1:]
-        return self.head(F.layer_norm(x, (C,), *self.ln_f, self.eps))[0].float()
+        return self.head(F.layer_norm(x, (C,), *self.ln_f, self.eps).to(low))[0].float()

@@ -4,9 +4,15 @@ Everything else asks the model for its device; nothing else probes the hardware.
 The rules, and why:
 
 * CUDA first, then Apple's MPS, then the CPU.
-* On CUDA, bf16 autocast where the GPU supports it (Ampere and newer): same range as
-  fp32, so no loss scaling is needed. Older GPUs get fp16 autocast with a GradScaler,
-  because fp16's narrow range underflows small gradients.
+* On CUDA, bf16 autocast where the GPU has bf16 tensor cores (compute capability 8.0,
+  Ampere, and newer): same range as fp32, so no loss scaling is needed. Older GPUs (V100
+  is 7.0, T4 7.5) get fp16 autocast with a GradScaler, because fp16's narrow range
+  underflows small gradients. The capability is asked of the GPU that trains, not of
+  ``torch.cuda.is_bf16_supported()``: since PyTorch 2.6 that answers True wherever bf16
+  can be emulated, sm70/sm75 included, where it runs without tensor cores.
+* On CUDA from capability 8.0, fp32 matrix products run in TF32 (10-bit mantissa, fp32
+  range and sums) on the tensor cores: what ``--precision fp32`` would otherwise compute
+  several times slower, and what autocast leaves in fp32.
 * On the CPU, bf16 autocast where the CPU has native bf16 (AVX512-BF16 or AMX: the
   compact model trained 1.5x faster than in fp32, and in the same 165 s reached 2.21
   against 2.26 validation bits/byte, each evaluated in its own precision); otherwise
@@ -21,17 +27,20 @@ from __future__ import annotations
 import functools
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from engine.model.decoder import half_products_work
 
 # (minimum accelerator memory in GiB, name, d_model, n_layer, n_head), largest first.
+# The minimums are what cards sold by the GB report in GiB, less the memory the driver
+# keeps: a "24 GB" RTX 4090 or 3090 reports ~23.6 GiB, a 12 GB card ~11.7, an 8 GB
+# card ~7.8 (an 80 GB H100 79.1). Compared against 24/12/8, each fell one preset short.
 PRESETS = [
-    (24.0, "large", 1024, 12, 16),
-    (12.0, "medium", 768, 8, 12),
-    (8.0, "standard", 512, 6, 8),
+    (22.0, "large", 1024, 12, 16),
+    (11.0, "medium", 768, 8, 12),
+    (7.0, "standard", 512, 6, 8),
     (0.0, "compact", 256, 4, 4),
 ]
 PRESET_NAMES = [p[1] for p in PRESETS]
@@ -53,7 +62,9 @@ class Runtime:
     def decode_dtype(self) -> torch.dtype | None:
         """Generation's compute dtype: the autocast dtype on accelerators (None: fp32), fp32
         on the CPU, where bf16 element-wise work is slow at batch 1 (a bf16 Decoder: 411
-        against 516 tokens/s in fp32, on a CPU with native bf16)."""
+        against 516 tokens/s in fp32, on a CPU with native bf16). As under autocast, it
+        is the dtype of the matrix products: the ``Decoder`` keeps its residual stream
+        and layer norms in fp32."""
         return torch.float32 if self.device.type == "cpu" else self.autocast_dtype
 
     @property
@@ -104,14 +115,16 @@ def detect_runtime(device: str | None = None, precision: str | None = None,
         raise ValueError("CUDA was requested but no CUDA GPU is visible; use --device cpu")
     if local_rank is not None and dev.type == "cuda":
         dev = _gpu_of_local_rank(dev, local_rank)
+    elif dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(f"there is no {dev}: this machine has {count} CUDA GPU(s), numbered from cuda:0; "
+                         "give one of those or --device cuda")
 
     if precision not in (None, "auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"unknown precision {precision!r}; use auto, fp32, bf16 or fp16")
+    if dev.type == "cuda":
+        return _cuda_runtime(dev, precision)
     if precision in (None, "auto"):
-        if dev.type == "cuda":
-            if torch.cuda.is_bf16_supported():
-                return Runtime(dev, torch.bfloat16, False, "CUDA GPU with bf16 support: bf16 autocast")
-            return Runtime(dev, torch.float16, True, "CUDA GPU without bf16: fp16 autocast with loss scaling")
         if dev.type == "cpu":
             if cpu_has_native_bf16():
                 return _on_cpu(torch.bfloat16, "CPU with native bf16: bf16 autocast")
@@ -127,7 +140,53 @@ def detect_runtime(device: str | None = None, precision: str | None = None,
         return Runtime(dev, torch.bfloat16, False, "bf16 autocast as requested")
     if dev.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU; use fp32")
-    return Runtime(dev, torch.float16, dev.type == "cuda", "fp16 autocast as requested")
+    return Runtime(dev, torch.float16, False, "fp16 autocast as requested")
+
+
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device`` (``cuda:N``; plain ``cuda``: the current GPU)."""
+    return torch.cuda.get_device_capability(device)
+
+
+def _cuda_runtime(dev: torch.device, precision: str | None) -> Runtime:
+    """The precision rules on a CUDA GPU, from the compute capability of ``dev`` itself."""
+    major, minor = cuda_capability(dev)
+    ampere_or_newer = major >= 8  # bf16 and TF32 tensor cores arrived with sm80
+    tf32 = configure_cuda(dev)
+    where = f"CUDA GPU of compute capability {major}.{minor}"
+    if precision in (None, "auto"):
+        if ampere_or_newer:
+            runtime = Runtime(dev, torch.bfloat16, False, f"{where}, with bf16 tensor cores: bf16 autocast")
+        else:
+            runtime = Runtime(dev, torch.float16, True, f"{where}, without bf16 tensor cores: fp16 autocast "
+                                                        "with loss scaling")
+    elif precision == "fp32":
+        runtime = Runtime(dev, None, False, "fp32 as requested")
+    elif precision == "bf16":
+        note = "" if ampere_or_newer else (f" ({where} has no bf16 tensor cores, so bf16 is emulated and slow; "
+                                           "fp16 uses its tensor cores)")
+        runtime = Runtime(dev, torch.bfloat16, False, "bf16 autocast as requested" + note)
+    else:
+        runtime = Runtime(dev, torch.float16, True, "fp16 autocast as requested, with loss scaling")
+    if tf32:
+        return replace(runtime, reason=runtime.reason + "; fp32 matrix products in TF32")
+    return runtime
+
+
+def configure_cuda(device: torch.device) -> bool:
+    """Process-wide CUDA settings for ``device``; returns whether TF32 is on.
+
+    From compute capability 8.0 the tensor cores multiply fp32 matrices as TF32 (inputs
+    rounded to a 10-bit mantissa, fp32 range, fp32 sums): ``--precision fp32`` and
+    whatever autocast keeps in fp32 then run on them instead of the much slower fp32
+    units. ``set_float32_matmul_precision`` rather than the per-backend
+    ``fp32_precision`` switches of PyTorch 2.9+: after those, PyTorch refuses
+    ``get_float32_matmul_precision()``, which torch.compile's Inductor calls.
+    """
+    if cuda_capability(device)[0] < 8:
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def _gpu_of_local_rank(requested: torch.device, local_rank: int) -> torch.device:
@@ -176,9 +235,8 @@ def compile_model(model: torch.nn.Module):
 
 
 def accelerator_memory_gib(runtime: Runtime) -> float | None:
-    if runtime.device.type == "cuda":
-        index = runtime.device.index or 0
-        return torch.cuda.get_device_properties(index).total_memory / 2**30
+    if runtime.device.type == "cuda":  # plain "cuda": the current GPU, as everything placed on it
+        return torch.cuda.get_device_properties(runtime.device).total_memory / 2**30
     return None
 
 
@@ -200,18 +258,50 @@ def preset_by_name(name: str) -> tuple[str, int, int, int]:
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
 
 
-def default_batch_size(runtime: Runtime, d_model: int, context: int) -> int:
+# What a training step holds on a GPU, for the automatic batch size. Per token and
+# layer, the activations kept for the backward pass, in values of d_model: the block's
+# input and the stream after attention (2), the two layer-norm outputs as the products
+# read them (2), q|k|v (3), the attention output and its contiguous copy (2), the MLP's
+# hidden layer before and after GELU (4 + 4), the dropout masks and the attention's
+# log-sum-exp (about 1): 18, taken as 20. Each is 2 bytes under autocast, 4 in fp32.
+ACTIVATION_VALUES_PER_LAYER = 20
+# Per logit (token x vocabulary): the logits in the autocast dtype, their fp32 copy,
+# the fp32 log-probabilities cross-entropy keeps, and the gradients of the logits:
+# about 16 bytes (2 + 4 + 4 + 4 + 2 under bf16 autocast; 4 + 4 + 4 + 4 in fp32).
+LOGIT_BYTES = 16
+# Per parameter: fp32 weights and gradients, and AdamW's two fp32 moments.
+PARAMETER_BYTES = 16
+# The share of the card's memory a step may plan on; the rest is the CUDA context,
+# the allocator's fragmentation, evaluation batches and the cuBLAS/attention workspaces.
+GPU_MEMORY_SHARE = 0.7
+DEFAULT_VOCAB = 8000  # the tokenizer's default target size (TrainConfig.target_vocab_size)
+
+
+def default_batch_size(runtime: Runtime, d_model: int, context: int, *, n_layer: int | None = None,
+                       vocab_size: int | None = None) -> int:
     """A micro-batch that keeps the device busy without running out of memory.
 
-    On the CPU a small fixed batch is fastest per token seen. On a GPU the activation
-    memory grows roughly with batch * window * d_model * layers; this rule of thumb
-    leaves head-room for the optimizer and the allocator.
+    On the CPU (and MPS) a small fixed batch, 8, is fastest per token seen. On a GPU
+    the largest power of two (at most 256) whose step fits ``GPU_MEMORY_SHARE`` of the
+    card: per sequence, ``context`` tokens of activations (``n_layer`` layers of
+    ``ACTIVATION_VALUES_PER_LAYER * d_model`` values) and logits (``vocab_size *
+    LOGIT_BYTES``), after the weights and the optimizer's state.
+
+    Callers should pass the model's ``n_layer`` and ``vocab_size``. Left out, they
+    are guessed: the depth of the preset of this width (12, the deepest, for any
+    other width) and the default vocabulary of 8000.
     """
-    mem = accelerator_memory_gib(runtime)
-    if mem is None:
+    memory = accelerator_memory_gib(runtime)
+    if memory is None:
         return 8
-    budget_tokens = mem * 2**30 * 0.35 / (d_model * 4 * 40)  # ~40 activations of d_model per token per layer-ish
-    batch = max(1, int(budget_tokens // context))
+    if n_layer is None:
+        n_layer = next((p[3] for p in PRESETS if p[2] == d_model), PRESETS[0][3])
+    vocab = DEFAULT_VOCAB if vocab_size is None else vocab_size
+    element = 4 if runtime.autocast_dtype is None else 2
+    per_token = n_layer * ACTIVATION_VALUES_PER_LAYER * d_model * element + vocab * LOGIT_BYTES
+    parameters = 12 * n_layer * d_model**2 + (vocab + context) * d_model
+    free = memory * 2**30 * GPU_MEMORY_SHARE - parameters * PARAMETER_BYTES
+    batch = max(1, int(free // (per_token * context)))
     # round down to a power of two, a friendly size for the kernels
     return min(256, 1 << (batch.bit_length() - 1))
 
@@ -293,7 +383,7 @@ def system_summary(runtime: Runtime) -> list[tuple[str, str]]:
     """Rows for the System Information screen."""
     rows = [("Device", str(runtime.device)), ("Precision", f"{runtime.precision} ({runtime.reason})")]
     if runtime.device.type == "cuda":
-        props = torch.cuda.get_device_properties(runtime.device.index or 0)
+        props = torch.cuda.get_device_properties(runtime.device)
         rows.append(("GPU", props.name))
         rows.append(("GPU memory", f"{props.total_memory / 2**30:.1f} GiB"))
     rows.append(("CPU", platform.processor() or platform.machine()))
