@@ -63,8 +63,8 @@ class Menu:
         self.out = console.out
 
     def run(self) -> int:
-        runtime = self.session.runtime
         self.out("custom-llm: train your own language model, then talk to it.")
+        runtime = self.session.runtime  # ValueError for an impossible --device/--precision: main says so
         self.out(f"Device: {runtime.device} ({runtime.reason}). Model folder: {self.session.model_dir}")
         try:
             self.choose_tokenizer()
