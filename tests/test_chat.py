@@ -286,3 +286,50 @@ def test_replayed_text_carries_its_share_of_a_conversation_batch():
     balance_replayed_targets(y, 2, 0.2, (1, 0, 0))
     assert int((y[:6] >= 0).sum()) == 60  # the conversations are untouched
     assert int((y[6:] >= 0).sum()) == 15  # 20% of all learned targets: 15 / (60 + 15)
+
+
+def test_up_arrow_recalls_the_last_message_in_a_real_terminal(trained_once):
+    """``interface.py chat`` in a terminal (tmux): Up brings the last line back, not ``^[[A``."""
+    import os
+    import shutil
+    import time
+
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.skip("needs tmux for a real terminal (apt-get install tmux)")
+    server = ["-L", f"custom-llm-test-{os.getpid()}"]  # a private tmux server, never the user's sessions
+    command = (f"{sys.executable} {ROOT / 'interface.py'} chat --model-dir {trained_once('bpe', 2)} "
+               "--max-new-tokens 3 --seed 1; sleep 60")  # the sleep keeps the pane to read after /bye
+
+    def pane() -> str:
+        return subprocess.run([tmux, *server, "capture-pane", "-p", "-t", "chat"], capture_output=True,
+                              text=True, check=True).stdout
+
+    def wait_for(condition) -> str:
+        deadline = time.monotonic() + 90  # only a bound on a hang; the test never measures speed
+        while not condition(screen := pane()):
+            assert time.monotonic() < deadline, screen
+            time.sleep(0.1)
+        return screen
+
+    def keys(*names: str) -> None:
+        subprocess.run([tmux, *server, "send-keys", "-t", "chat", *names], check=True)
+
+    subprocess.run([tmux, *server, "new-session", "-d", "-s", "chat", "-x", "160", "-y", "40", command],
+                   check=True, cwd=ROOT)
+    try:
+        # capture-pane drops the space that ends a line, so an empty prompt reads "You:".
+        wait_for(lambda screen: "You:" in screen)
+        keys("-l", "Hello there")
+        keys("Enter")
+        wait_for(lambda screen: screen.count("You:") == 2)
+        keys("Up")
+        screen = wait_for(lambda screen: screen.count("You: Hello there") == 2 or "^[[A" in screen)
+        assert "^[[A" not in screen
+        keys("Enter")
+        wait_for(lambda screen: screen.count("AI:") == 2 and screen.count("You:") == 3)
+        keys("-l", "/bye")
+        keys("Enter")
+        wait_for(lambda screen: screen.count("You: /bye") == 1)
+    finally:
+        subprocess.run([tmux, *server, "kill-server"], capture_output=True)

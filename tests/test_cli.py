@@ -59,7 +59,7 @@ def test_train_ctrl_c_resume_status_generate_export(tmp_path, capsys):
     assert main(["continue", "--resume", "--model-dir", model_dir]) == 0
     assert "Resuming the interrupted run" in capsys.readouterr().out
 
-    assert main(["status", "--json", "--model-dir", model_dir]) == 0
+    assert main(["--model-dir", model_dir, "status", "--json"]) == 0  # the flag before the subcommand, as in git
     report = json.loads(capsys.readouterr().out)
     assert report["epochs"] == 2 and report["last_eval"]["bpb"] > 0 and report["loss_plot"] is None
 
@@ -86,7 +86,7 @@ def test_errors_are_one_line_with_the_exit_status(tmp_path, trained_once, capsys
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
     cases = [
-        (["train", "--epochs", "0"], 2, "expected a whole number from 1"),
+        (["train", "--epochs", "0"], 2, "the number of epochs must be a whole number from 1 to 10000 (got '0')"),
         (["continue", "new.txt", "--resume", "--model-dir", model], 2, "not both"),
         (["chat", "--precision", "fp16", "--model-dir", model], 2, "fp16"),
         (["ask", "--model-dir", model], 2, "QUESTION"),
@@ -102,9 +102,6 @@ def test_errors_are_one_line_with_the_exit_status(tmp_path, trained_once, capsys
     monkeypatch.setattr(sys, "stdin", type("Terminal", (io.StringIO,), {"isatty": lambda self: True})())
     assert main(["generate", "--model-dir", model]) == 2
     assert "give a PROMPT" in one_line(capsys.readouterr().err)
-    with pytest.raises(SystemExit) as stop:  # the menu's flags first, then a subcommand
-        main(["--model-dir", model, "status"])
-    assert stop.value.code == 2 and "put the subcommand first" in one_line(capsys.readouterr().err)
     assert main(["export", "--help"]) == 0 and "--dtype" in capsys.readouterr().out
 
 
@@ -202,3 +199,51 @@ def test_each_command_has_its_own_epochs_default():
     assert cli.parse(["finetune", "--epochs", "2"]).epochs == 2
     assert cli.parse(["finetune", "--chat-epochs", "4"]).epochs == 4
     assert cli.parse(["continue", "x.txt", "--epochs", "5"]).epochs == 5
+
+
+def test_the_menus_flags_may_stand_before_the_subcommand(trained_once, tmp_path, capsys, monkeypatch):
+    """``--model-dir X status`` as ``git -C X status``; a flag's value that names a subcommand stays a value."""
+    model = str(trained_once("bpe", 2))
+    assert main(["--model-dir", model, "status"]) == 0
+    assert f"Model folder          {model}" in capsys.readouterr().out
+    assert main(["-v", f"--model-dir={model}", "info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_dir"] == model
+    assert main(["--model-dir", str(tmp_path / "none"), "status", "--model-dir", model]) == 0  # the later one wins
+    assert f"Model folder          {model}" in capsys.readouterr().out
+
+    monkeypatch.chdir(tmp_path)  # a model folder named like a subcommand: the menu opens on it
+    out = []
+    assert main(["--model-dir", "train", "--tokenizer", "bpe"], lambda prompt: (_ for _ in ()).throw(EOFError),
+                out.append) == 0
+    assert "Model folder: train" in "\n".join(out) and out[-1] == "Goodbye."
+
+    usage_errors = [
+        (["--model-dir", model, "bogus"], "unknown subcommand 'bogus'; choose one of train, continue"),
+        (["--epochs", "0", "train"], "the number of epochs must be a whole number from 1 to 10000 (got '0')"),
+        (["--model-dir", model, "--json", "status"], "unrecognized arguments: --json"),
+    ]
+    for argv, words in usage_errors:
+        with pytest.raises(SystemExit) as stop:  # the menu's parser: its usage errors exit as before
+            main(argv)
+        assert stop.value.code == 2 and words in one_line(capsys.readouterr().err), argv
+    assert main(["--temperature", "0", "status", "--model-dir", model]) == 2  # a flag status does not take
+    assert "unrecognized arguments: --temperature 0" in one_line(capsys.readouterr().err)
+
+
+def test_line_editing_is_on_for_every_prompt_that_reads_a_terminal(trained_once, monkeypatch, capsys):
+    """The menu and the subcommands turn readline on in one place, for a terminal on standard input."""
+    import engine.app.console as console
+
+    model = str(trained_once("bpe", 2))
+    switched_on = []
+    monkeypatch.setattr(console, "enable_line_editing", lambda: switched_on.append(True))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/bye\n"))  # a pipe: left alone
+    assert main(["chat", "--model-dir", model]) == 0 and switched_on == []
+    monkeypatch.setattr(sys, "stdin", type("Terminal", (io.StringIO,), {"isatty": lambda self: True})("/bye\n"))
+    assert main(["chat", "--model-dir", model]) == 0 and switched_on == [True]
+    assert main(["--model-dir", model, "chat"]) == 0 and switched_on == [True, True]
+    capsys.readouterr()
+
+
+def test_the_default_model_folder_is_the_projects():
+    assert cli.parse(["status"]).model_dir == str(ROOT / "custom_llm")

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import interface
-from interface import main, parse_whole_number
+from engine.app.console import Console, parse_whole_number
+from engine.app.display import ConsoleOutput
+from engine.folder.model_folder import ModelFolder
+from interface import main
 
 from conftest import ROOT, SAMPLE_TEXT, TINY_CLI
 
@@ -150,16 +152,17 @@ def test_chat_commands(tmp_path, sample_file):
 
 def test_parse_whole_number_accepts_only_ascii_digits():
     assert parse_whole_number(" 7 ", 1, 9, "x") == 7
-    for bad in ("١", "7.0", "1e3", "", "seven", "10"):
-        with pytest.raises(ValueError):
+    for bad in ("١", "7.0", "1e3", "", "seven", "10", " 0 ", "-1"):
+        with pytest.raises(ValueError) as info:
             parse_whole_number(bad, 1, 9, "x")
+        assert str(info.value) == f"x must be a whole number from 1 to 9 (got {bad.strip()!r})"
 
 
 def test_existing_model_tokenizer_wins(tmp_path, sample_file):
     run_app(tmp_path, ["sentencepiece", "1", "1", str(sample_file), "1", "6", "5"])
     code, out = run_app(tmp_path, ["5"], "--tokenizer", "bpe")
     assert "already holds a sentencepiece model" in out
-    assert interface.ModelFolder(tmp_path / "model").has_model()
+    assert ModelFolder(tmp_path / "model").has_model()
 
 
 def test_help_runs():
@@ -171,7 +174,7 @@ def test_help_runs():
 def test_stdout_is_flushed_for_streaming(monkeypatch):
     buf = io.StringIO()
     monkeypatch.setattr(sys, "stdout", buf)
-    interface.ConsoleOutput.write_partial("abc")
+    ConsoleOutput.write_partial("abc")
     assert buf.getvalue() == "abc"
 
 
@@ -272,20 +275,17 @@ def test_continue_training_with_vocabulary_growth_through_stdin(tmp_path, sample
     assert status.count("bits/byte") >= 3  # last validation + one line per dataset
 
 
-def test_ctrl_c_during_an_answer_stops_only_that_answer(tmp_path):
+def test_ctrl_c_during_an_answer_stops_only_that_answer():
     out = []
-    app = interface.App(interface.build_parser().parse_args(["--model-dir", str(tmp_path)]), Script([]), out.append)
-
-    class Stub:
-        notices = ["a notice"]
+    console = Console(Script([]), out.append)
 
     def pieces():
         yield "Hello"
         yield " wor"
         raise KeyboardInterrupt
 
-    app.generator = Stub()
-    app.show_stream("AI: ", pieces())
+    console.show_stream("AI: ", pieces())
+    console.notes(["a notice"])
     assert out == ["AI: Hello wor [stopped]", "Note: a notice"]
 
 

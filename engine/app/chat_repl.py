@@ -2,14 +2,18 @@
 
 Lines starting with "/" are commands; a line of three double quotes starts
 multi-line input, which ends at the next line that ends with them. Line editing and
-history come from the terminal's readline (``interface.main`` turns it on when the
-input is a terminal). Input and output are injected, like the rest of the interface.
+history come from the terminal's readline (``console.edit_lines_on_a_terminal``, which
+``interface.main`` calls for the menu and every subcommand). Input and output come
+through a ``Console``, like the rest of the interface; ``run_chat`` is the Chat of
+the menu and of ``interface.py chat`` alike.
 """
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Callable
+from typing import Callable, Iterator
 
+from engine.app.console import Console
+from engine.app.session import Session
 from engine.data.conversations import append_conversation, last_conversation
 from engine.generation.generator import ChatSession
 from engine.generation.sampling import GenerationConfig
@@ -146,3 +150,25 @@ class ChatLoop:
         except (ValueError, FileNotFoundError, OSError) as exc:
             self.out(f"Error: {exc}")
         return True
+
+
+def run_chat(session: Session, console: Console) -> None:
+    """A chat with the session's model until /bye (or the end of input)."""
+    generator = session.load_generator()
+    chat = ChatSession(generator, session.gen_cfg)
+    learned = generator.chat_ids is not None
+    console.out("Chat: the model remembers the conversation. /help for commands, /bye to leave.")
+    if not learned:
+        console.out("Note: this model was not fine-tuned on conversations, so it tends to continue text rather "
+                    "than take turns; Training Menu 5 (Train on Conversations) makes it a chat model.")
+    model_line = (f"Model: {session.model_dir} ({generator.model.num_params():,} parameters, "
+                  + ("learned chat format)" if learned else "plain User:/AI: prompt, not chat-tuned)"))
+
+    def show(prefix: str, pieces: Iterator[str]) -> None:
+        console.show_stream(prefix, pieces)
+        console.notes(generator.notices)
+
+    try:
+        ChatLoop(chat, console.ask, console.out, show, model_line).run()
+    finally:
+        session.gen_cfg = chat.cfg  # settings changed in the chat stay for the next one

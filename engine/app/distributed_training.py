@@ -23,6 +23,7 @@ from typing import Callable
 
 from engine.app.console import USER_ERRORS
 from engine.app.display import ConsoleOutput, TrainingProgress
+from engine.app.screens import notes, training_outcome
 from engine.data.sources import open_source
 from engine.runtime import hardware
 from engine.runtime.distributed import (
@@ -123,15 +124,10 @@ def _lead(args: argparse.Namespace, distributed: Distributed | None) -> int:
             result = trainer.train(source, args.epochs, progress, StopFlag(), args.minutes)
     finally:
         progress.close()
-    for note in trainer.notes:
-        say(f"Note: {note}")
-    if result.stopped_early:
-        again = " (with as many processes, for an exact resume)" if distributed else ""
-        say(f"Training stopped ({result.stopped_early}) at step {result.global_step}; checkpoint saved. "
-              f"Run the same command to go on{again}.")
-    else:
-        say(f"Training complete: {result.steps} steps this run, {result.global_step} in total. "
-              f"Model saved in {args.model_dir}")
+    for line in notes(trainer.notes):
+        say(line)
+    again = " (with as many processes, for an exact resume)" if distributed else ""
+    say(training_outcome(result, args.model_dir, f"Run the same command to go on{again}."))
     return _exit_code(result)
 
 
