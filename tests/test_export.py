@@ -224,16 +224,35 @@ def round_like_the_file(model: torch.nn.Module, dtype: str) -> None:
 
 
 # Greedy tokens are compared up to the first step where our top two logits are closer than
-# this: a near tie, which a small difference in arithmetic may break either way. Their GELU
-# is the tanh approximation (logits ~3e-3 apart), and their CPU kernels round activations
-# to the weights' kind (f16, or 8-bit blocks for Q8_0) before each matrix product.
-NEAR_TIE = {"f32": 0.02, "f16": 0.02, "q8_0": 0.05}
+# this: a near tie, which a small difference in arithmetic may break either way. Their GELU is
+# the tanh approximation (logits ~3e-3 apart), and with Q8_0 their CPU kernels also round each
+# activation row to 8-bit blocks before the product (about 2e-3 more on the tiny test model).
+# Our side has the file's weights (``round_like_the_file``), so the bound holds for every type.
+NEAR_TIE = 0.02
+
+
+def without_amx_repacking(llama_cpp, monkeypatch) -> None:
+    """llama.cpp's AMX kernels (Intel Xeons since Sapphire Rapids) repack Q8_0 matrices into
+    their own buffer and crash the process on some of a small model's matmuls (the plain CPU
+    kernels read the same file fine; ggml-org/llama.cpp#11115, #20824). Load models without
+    those extra buffer types, where the library lets us."""
+    module = llama_cpp.llama_cpp
+    defaults = module.llama_model_default_params
+
+    def plain_cpu_params():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(module, "llama_model_default_params", plain_cpu_params)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
-def test_llama_cpp_continues_like_ours(trained_once, tmp_path, dtype):
+def test_llama_cpp_continues_like_ours(trained_once, tmp_path, monkeypatch, dtype):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra "
                                     "(requirements-llama.txt, scripts/install_llama_cpp.sh)")
+    without_amx_repacking(llama_cpp, monkeypatch)
     folder = trained_once("bpe", 2)
     export_model(folder, "gguf", tmp_path / "model.gguf", dtype)
     ours = ResponseGenerator(str(folder), hardware.detect_runtime("cpu", "fp32"))
@@ -261,7 +280,7 @@ def test_llama_cpp_continues_like_ours(trained_once, tmp_path, dtype):
             if len(theirs) == len(expected) or token == tok.eot_id:
                 break
             theirs.append(token)
-        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE[dtype]), len(margins))
+        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
         assert theirs[:sure] == expected[:sure], prompt
         compared += sure
     assert compared >= 10

@@ -21,6 +21,8 @@ file's type applies to the weight matrices; 1-D tensors (norms, biases) and the
 position embedding stay f32, since llama.cpp reads those as f32. ``q8_0`` stores
 each row in blocks of 32 values (one f16 scale and 32 int8), so a matrix whose rows
 are not a multiple of 32 long is written as f16 instead, and the export says so.
+llama.cpp builds with AMX kernels (recent Intel Xeons) crashed on small Q8_0 files
+of ours that its plain CPU kernels ran correctly; ``llama-cli --no-repack`` avoids them.
 """
 from __future__ import annotations
 
