@@ -323,7 +323,7 @@ def test_without_the_right_key_every_path_but_health_is_401(server, key):
     assert request(server, "GET", "/health", key=key)[0] == 200
     assert request(server, "GET", "/", key=key, root=True)[0] == 200  # the chat page: it holds no secret
     # ...and nothing else near it: other methods on /, other root paths
-    for method, path in (("POST", "/"), ("GET", "/index.html"), ("GET", "//"), ("GET", "/v1/")):
+    for method, path in (("POST", "/"), ("HEAD", "/"), ("GET", "/index.html"), ("GET", "//"), ("GET", "/v1/")):
         assert request(server, method, path, key=key, root=True)[0] == 401, (method, path)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url, api_key=key or "x", max_retries=0).models.list()

@@ -41,7 +41,7 @@ class ApiError(Exception):
 
 def needs_key(method: str, path: str) -> bool:
     """Whether a request must carry the API key (when the server has one): all but the two open ones."""
-    return not (path == "/health" or (path == PAGE_PATH and method in ("GET", "HEAD")))
+    return not (path == "/health" or (path == PAGE_PATH and method == "GET"))
 
 
 class Gate:
