@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from engine.data.chat_format import Message, render
-from engine.export.gguf_file import gguf_name
-from engine.export.model_export import DestinationInUse, check_destination, export_model
+from engine.export.gguf_file import fallback_note, gguf_name, gguf_tensors
+from engine.export.model_export import DestinationInUse, check_destination, dtype_in_force, export_model
 from engine.folder.model_folder import ModelFolder
 from engine.runtime import hardware, storage
+from model import GPT, ModelConfig
 from response_generator import GenerationConfig, ResponseGenerator
 
 # Scripts the tiny tokenizers never saw (byte fallback), emoji with a modifier, a combining
@@ -102,9 +103,29 @@ def test_a_model_without_chat_format_exports_no_template(trained_once, tmp_path)
     assert torch.equal(weights["transformer.wte.weight"], model.wte.weight)
 
 
-@pytest.mark.parametrize("kind,dtype", [("bpe", "f32"), ("sentencepiece", "f16")])
+def expected_gguf_type(name: str, array: np.ndarray, dtype: str):
+    """What each tensor must be in the file, as llama.cpp's converter chooses it."""
+    from gguf import GGMLQuantizationType as T
+
+    if array.ndim == 1 or name == "position_embd.weight":
+        return T.F32
+    if dtype == "q8_0" and array.shape[-1] % 32:
+        return T.F16
+    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}[dtype]
+
+
+def assert_within_q8_0_error(theirs: np.ndarray, ours: np.ndarray, name: str) -> None:
+    """Q8_0 keeps, per block of 32 values, an f16 scale d = max|x| / 127 and round(x / d):
+    each value is off by at most d / 2, plus 127 times the scale's own f16 rounding (2**-11 d)."""
+    blocks, got = ours.reshape(-1, 32), theirs.reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1, keepdims=True) / 127
+    assert (np.abs(got - blocks) <= d * (0.5 + 127 * 2.0 ** -11) + 1e-12).all(), name
+
+
+@pytest.mark.parametrize("kind,dtype", [("bpe", "f32"), ("sentencepiece", "f16"), ("bpe", "q8_0")])
 def test_gguf_reads_back_with_every_tensor_and_key(chat_model, tmp_path, kind, dtype):
-    from gguf import GGUFReader, TokenType
+    from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType, TokenType
+    from gguf.quants import dequantize
 
     folder = chat_model(kind)
     path = tmp_path / "model.gguf"
@@ -113,13 +134,22 @@ def test_gguf_reads_back_with_every_tensor_and_key(chat_model, tmp_path, kind, d
     model, tok, _ = ModelFolder(folder).load_model()
     reader = GGUFReader(str(path))
 
-    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     expected = {gguf_name(k): v.numpy() for k, v in model.state_dict().items() if gguf_name(k)}
     assert set(tensors) == set(expected) and "output.weight" not in tensors
     for name, ours in expected.items():
-        if dtype == "f16" and ours.ndim == 2:
+        written = tensors[name]
+        assert written.tensor_type == expected_gguf_type(name, ours, dtype), name
+        assert tuple(int(n) for n in reversed(written.shape)) == ours.shape, name  # ggml lists dims innermost first
+        if written.tensor_type == GGMLQuantizationType.Q8_0:
+            assert_within_q8_0_error(dequantize(written.data, written.tensor_type), ours, name)
+            continue
+        if written.tensor_type == GGMLQuantizationType.F16:
             ours = ours.astype(np.float16)  # the rounding f16 export does, and nothing more
-        assert tensors[name].dtype == ours.dtype and np.array_equal(tensors[name], ours), name
+        assert written.data.dtype == ours.dtype and np.array_equal(written.data, ours), name
+    if dtype == "q8_0":  # the tiny model's rows are 32 or 128 long: every matrix but one takes Q8_0
+        assert sum(t.tensor_type == GGMLQuantizationType.Q8_0 for t in tensors.values()) == len(
+            [a for a in expected.values() if a.ndim == 2]) - 1
 
     def value(key):
         field = reader.fields[key]
@@ -129,6 +159,8 @@ def test_gguf_reads_back_with_every_tensor_and_key(chat_model, tmp_path, kind, d
 
     c = model.config
     assert value("general.architecture") == "gpt2"
+    assert value("general.file_type") == {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+                                          "q8_0": LlamaFileType.MOSTLY_Q8_0}[dtype]
     assert (value("gpt2.context_length"), value("gpt2.embedding_length"), value("gpt2.block_count"),
             value("gpt2.feed_forward_length"), value("gpt2.attention.head_count")) == (
         c.context, c.d_model, c.n_layer, c.d_ff, c.n_head)
@@ -151,12 +183,80 @@ def test_gguf_reads_back_with_every_tensor_and_key(chat_model, tmp_path, kind, d
         assert types[byte_a] == TokenType.BYTE and len(value("tokenizer.ggml.scores")) == tok.vocab_size
 
 
-def test_llama_cpp_continues_like_ours(trained_once, tmp_path):
+def test_q8_0_writes_f16_where_rows_are_not_whole_blocks():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, context=24, d_model=48, n_layer=2, n_head=2, dropout=0.0))
+    tensors = gguf_tensors(model, "q8_0")
+    # Rows of 48 values cannot be Q8_0; ffn_down's rows are d_ff = 192 long and can.
+    assert {n: t.dtype for n, t in tensors.items() if t.data.ndim == 2} == {
+        "token_embd.weight": "f16", "position_embd.weight": "f32",
+        **{f"blk.{i}.{kind}.weight": "f16" for i in range(2) for kind in ("attn_qkv", "attn_output", "ffn_up")},
+        **{f"blk.{i}.ffn_down.weight": "q8_0" for i in range(2)}}
+    assert tensors["blk.0.ffn_down.weight"].data.dtype == np.uint8  # blocks: 32 int8 and an f16 scale each
+    assert tensors["blk.0.ffn_down.weight"].data.shape == (48, 192 // 32 * 34)
+    note = fallback_note(tensors, "q8_0")
+    assert "7 matrices" in note and "attn_qkv.weight" in note and "ffn_down" not in note
+    assert fallback_note(gguf_tensors(model, "f16"), "f16") is None
+
+
+def test_each_format_has_its_weight_types_and_default():
+    assert dtype_in_force("gguf", None) == "f16" and dtype_in_force("hf", None) == "f32"
+    assert dtype_in_force("gguf", "q8_0") == "q8_0"
+    with pytest.raises(ValueError, match="q8_0 is a GGUF type"):
+        dtype_in_force("hf", "q8_0")
+    with pytest.raises(ValueError, match="choose f32, f16 or q8_0"):
+        dtype_in_force("gguf", "q4_0")
+
+
+def round_like_the_file(model: torch.nn.Module, dtype: str) -> None:
+    """Give ``model`` the weights a GGUF file of ``dtype`` holds (f16- or Q8_0-rounded), read
+    back as llama.cpp reads them, so that only llama.cpp's arithmetic differs from ours."""
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize
+
+    written = gguf_tensors(model, dtype)
+    state = {}
+    for name, ours in model.state_dict().items():
+        tensor = written[gguf_name(name) or "token_embd.weight"]  # the head is tied to the embedding
+        values = dequantize(tensor.data, {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}[tensor.dtype])
+        state[name] = torch.from_numpy(np.asarray(values, dtype=np.float32)).reshape(ours.shape)
+    model.load_state_dict(state)
+
+
+# Greedy tokens are compared up to the first step where our top two logits are closer than
+# this: a near tie, which a small difference in arithmetic may break either way. Their GELU is
+# the tanh approximation (logits ~3e-3 apart), and with Q8_0 their CPU kernels also round each
+# activation row to 8-bit blocks before the product (about 2e-3 more on the tiny test model).
+# Our side has the file's weights (``round_like_the_file``), so the bound holds for every type.
+NEAR_TIE = 0.02
+
+
+def without_amx_repacking(llama_cpp, monkeypatch) -> None:
+    """llama.cpp's AMX kernels (Intel Xeons since Sapphire Rapids) repack Q8_0 matrices into
+    their own buffer and crash the process on some of a small model's matmuls (the plain CPU
+    kernels read the same file fine; ggml-org/llama.cpp#11115, #20824). Load models without
+    those extra buffer types, where the library lets us."""
+    module = llama_cpp.llama_cpp
+    defaults = module.llama_model_default_params
+
+    def plain_cpu_params():
+        params = defaults()
+        if hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = False
+        return params
+
+    monkeypatch.setattr(module, "llama_model_default_params", plain_cpu_params)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_continues_like_ours(trained_once, tmp_path, monkeypatch, dtype):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra "
                                     "(requirements-llama.txt, scripts/install_llama_cpp.sh)")
+    without_amx_repacking(llama_cpp, monkeypatch)
     folder = trained_once("bpe", 2)
-    export_model(folder, "gguf", tmp_path / "model.gguf")
+    export_model(folder, "gguf", tmp_path / "model.gguf", dtype)
     ours = ResponseGenerator(str(folder), hardware.detect_runtime("cpu", "fp32"))
+    round_like_the_file(ours.model, dtype)
     tok, context = ours.tokenizer, ours.context
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=context, n_threads=1, verbose=False)
     assert llm.n_ctx() >= context
@@ -180,8 +280,7 @@ def test_llama_cpp_continues_like_ours(trained_once, tmp_path):
             if len(theirs) == len(expected) or token == tok.eot_id:
                 break
             theirs.append(token)
-        # Their GELU is the tanh approximation (logits ~3e-3 apart): compare up to the first near tie.
-        sure = next((i for i, m in enumerate(margins) if m < 0.02), len(margins))
+        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
         assert theirs[:sure] == expected[:sure], prompt
         compared += sure
     assert compared >= 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import sys
 import threading
 import time
@@ -56,8 +57,8 @@ def running_server(model_dir: Path, *flags: str, log: Path) -> Iterator[RunningS
 
 
 def request(server: RunningServer, method: str, path: str, body: bytes | str | dict | None = None,
-            headers: dict | None = None, key: str | None = KEY) -> tuple[int, dict, bytes]:
-    """One raw HTTP request; ``path`` is below /v1 unless it starts with /health."""
+            headers: dict | None = None, key: str | None = KEY, root: bool = False) -> tuple[int, dict, bytes]:
+    """One raw HTTP request; ``path`` is below /v1 unless it starts with /health or ``root``."""
     conn = http.client.HTTPConnection(*server.address, timeout=30)
     headers = dict(headers or {})
     if key is not None:
@@ -66,7 +67,7 @@ def request(server: RunningServer, method: str, path: str, body: bytes | str | d
         body = json.dumps(body)
         headers.setdefault("Content-Type", "application/json")
     try:
-        conn.request(method, path if path.startswith("/health") else "/v1" + path, body=body, headers=headers)
+        conn.request(method, path if root or path.startswith("/health") else "/v1" + path, body=body, headers=headers)
         response = conn.getresponse()
         return response.status, dict(response.getheaders()), response.read()
     finally:
@@ -320,8 +321,26 @@ def test_without_the_right_key_every_path_but_health_is_401(server, key):
         assert status == 401 and headers["www-authenticate"] == "Bearer"
         assert json.loads(raw)["error"]["code"] in ("missing_api_key", "invalid_api_key")
     assert request(server, "GET", "/health", key=key)[0] == 200
+    assert request(server, "GET", "/", key=key, root=True)[0] == 200  # the chat page: it holds no secret
+    # ...and nothing else near it: other methods on /, other root paths
+    for method, path in (("POST", "/"), ("HEAD", "/"), ("GET", "/index.html"), ("GET", "//"), ("GET", "/v1/")):
+        assert request(server, method, path, key=key, root=True)[0] == 401, (method, path)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url, api_key=key or "x", max_retries=0).models.list()
+
+
+def test_the_chat_page_is_served_whole_and_may_load_nothing_from_elsewhere(server):
+    status, headers, body = request(server, "GET", "/", key=None, root=True)
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    page = body.decode("utf-8")
+    assert page.startswith("<!DOCTYPE html>") and "v1/chat/completions" in page
+    policy = dict(rule.strip().split(" ", 1) for rule in headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'"
+    assert policy["script-src"].startswith("'sha256-") and "unsafe" not in headers["content-security-policy"]
+    assert headers["x-content-type-options"] == "nosniff"
+    # No address of another server anywhere in the page: no CDN, no font, no analytics.
+    assert not re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}", page)
+    assert not re.search(r"<(?:script|link|img|iframe)[^>]+(?:src|href)=\"(?!data:)", page)
 
 
 # -- a chat-tuned model ---------------------------------------------------------------------------

@@ -15,10 +15,20 @@ biases, a fused q|k|v projection and a head tied to the token embedding (it reus
   tokenizer reproduces unigram with byte fallback.
 
 Tensors keep our (out, in) layout; ``gguf`` turns numpy shapes into ggml's order.
+
+Weight types (``DTYPES``), chosen per tensor as llama.cpp's own converter does: the
+file's type applies to the weight matrices; 1-D tensors (norms, biases) and the
+position embedding stay f32, since llama.cpp reads those as f32. ``q8_0`` stores
+each row in blocks of 32 values (one f16 scale and 32 int8), so a matrix whose rows
+are not a multiple of 32 long is written as f16 instead, and the export says so.
+llama.cpp builds with AMX kernels (recent Intel Xeons) crashed on small Q8_0 files
+of ours that its plain CPU kernels ran correctly; ``llama-cli --no-repack`` avoids them.
 """
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +38,9 @@ from engine.data.tokenizer import EOT_TOKEN, BaseTokenizer, BPETokenizer
 from engine.model.gpt import GPT
 
 ARCH = "gpt2"
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "q8_0")  # f16 first: llama.cpp's converter writes it by default
+Q8_0_BLOCK = 32  # values per Q8_0 block; a Q8_0 row is a whole number of blocks
+ALWAYS_F32 = ("position_embd.weight",)  # matrices llama.cpp keeps in f32 whatever the file's type
 EXPORT_MARK = "custom_llm.export_version"  # marks a file this program wrote (it may replace it)
 SENTENCEPIECE_NOTE = ("llama.cpp may split some text into different tokens than this SentencePiece model does "
                       "(it has no unigram tokenizer with byte fallback); answers can differ from ours")
@@ -60,19 +72,60 @@ def gguf_name(name: str) -> str | None:
     return _TOP_NAMES[name]
 
 
-def gguf_tensors(model: GPT, dtype: str = "f32") -> dict[str, np.ndarray]:
-    """Every tensor to write, by GGUF name. With f16, matrices are f16; norms and biases
-    stay f32, as llama.cpp expects of 1-D tensors."""
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor as written: ``data`` is float32, float16, or Q8_0 blocks as bytes (uint8)."""
+
+    data: np.ndarray
+    dtype: str  # "f32", "f16" or "q8_0"
+
+
+def tensor_dtype(gguf_tensor_name: str, shape: tuple[int, ...], dtype: str) -> str:
+    """The type one tensor is written in when the file's type is ``dtype``.
+
+    >>> tensor_dtype("blk.0.ffn_up.weight", (128, 32), "q8_0"), tensor_dtype("blk.0.ffn_up.weight", (96, 24), "q8_0")
+    ('q8_0', 'f16')
+    """
+    if len(shape) < 2 or gguf_tensor_name in ALWAYS_F32:
+        return "f32"
+    if dtype == "q8_0" and shape[-1] % Q8_0_BLOCK:
+        return "f16"  # llama.cpp's converter falls back the same way
+    return dtype
+
+
+def _encode(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "q8_0":
+        from gguf import GGMLQuantizationType, quants
+
+        return quants.quantize(array, GGMLQuantizationType.Q8_0)
+    return array.astype(np.float16 if dtype == "f16" else np.float32)
+
+
+def gguf_tensors(model: GPT, dtype: str = "f16") -> dict[str, GgufTensor]:
+    """Every tensor to write, by GGUF name, each in its type (``tensor_dtype``)."""
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use f32 or f16")
+        raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {', '.join(DTYPES)}")
     out = {}
     for name, tensor in model.state_dict().items():
         target = gguf_name(name)
         if target is None:
             continue
         array = tensor.detach().float().cpu().numpy()
-        out[target] = array.astype(np.float16) if dtype == "f16" and array.ndim == 2 else array
+        kind = tensor_dtype(target, array.shape, dtype)
+        out[target] = GgufTensor(_encode(array, kind), kind)
     return out
+
+
+def fallback_note(tensors: dict[str, GgufTensor], dtype: str) -> str | None:
+    """What to tell the user when some matrices could not take the file's type (None when all did)."""
+    if dtype != "q8_0":
+        return None
+    fallen = [n for n, t in tensors.items() if t.dtype == "f16"]
+    if not fallen:
+        return None
+    kinds = sorted({re.sub(r"^blk\.\d+\.", "", n) for n in fallen})
+    return (f"q8_0 needs rows that are a multiple of {Q8_0_BLOCK} values long; {len(fallen)} matrices "
+            f"({', '.join(kinds)}) are f16 instead")
 
 
 def _bpe_vocab(tok: BPETokenizer) -> tuple[list[str], list[int], list[str]]:
@@ -102,16 +155,21 @@ def _sentencepiece_vocab(tok: BaseTokenizer) -> tuple[list[str], list[float], li
 
 
 def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, name: str,
-               dtype: str = "f32") -> None:
-    """Write ``model`` and its tokenizer to ``path`` (the caller makes the write atomic)."""
-    from gguf import GGUFWriter, LlamaFileType
+               dtype: str = "f16") -> list[str]:
+    """Write ``model`` and its tokenizer to ``path`` (the caller makes the write atomic).
+
+    Returns notes for the user (matrices that could not take ``dtype``).
+    """
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
     tensors = gguf_tensors(model, dtype)  # checks dtype before anything is written
+    file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
+                 "q8_0": LlamaFileType.MOSTLY_Q8_0}[dtype]  # the type of most matrices, as llama.cpp names it
     c = model.config
     w = GGUFWriter(str(path), ARCH)
     w.add_name(name)
     w.add_uint32(EXPORT_MARK, 1)
-    w.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
+    w.add_file_type(file_type)
     w.add_context_length(c.context)
     w.add_embedding_length(c.d_model)
     w.add_block_count(c.n_layer)
@@ -143,11 +201,14 @@ def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, nam
     if chat is not None:
         w.add_eot_token_id(chat.end)  # a reply ends at <|end|>
         w.add_chat_template(jinja_chat_template(EOT_TOKEN))
-    for tensor_name, array in tensors.items():
-        w.add_tensor(tensor_name, array)
+    for tensor_name, tensor in tensors.items():
+        # Q8_0 blocks are bytes: the writer needs their type to work out the tensor's shape.
+        w.add_tensor(tensor_name, tensor.data, raw_dtype=GGMLQuantizationType.Q8_0 if tensor.dtype == "q8_0" else None)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
     finally:
         w.close()
+    note = fallback_note(tensors, dtype)
+    return [note] if note else []

@@ -17,13 +17,18 @@ from pathlib import Path
 
 from engine.data.chat_format import chat_ids_in_force
 from engine.data.tokenizer import BPETokenizer
+from engine.export import gguf_file, hf_folder
 from engine.export.gguf_file import EXPORT_MARK, SENTENCEPIECE_NOTE, write_gguf
 from engine.export.hf_folder import hf_files
 from engine.folder.model_folder import ModelFolder
 from engine.runtime import storage
 
 FORMATS = ("hf", "gguf")
-DTYPES = ("f32", "f16")
+# The weight types each format can hold, and what an export writes when none is asked for:
+# f32 for transformers (as before), f16 for GGUF (what llama.cpp's converter writes).
+FORMAT_DTYPES = {"hf": tuple(hf_folder.DTYPES), "gguf": gguf_file.DTYPES}
+DEFAULT_DTYPES = {"hf": "f32", "gguf": "f16"}
+DTYPES = ("f32", "f16", "q8_0")  # every type some format takes (a command line's choices)
 HF_MARK_FILE = "custom_llm_export.json"  # in an exported folder: this program wrote it
 
 
@@ -107,11 +112,26 @@ def _is_our_gguf(path: Path) -> bool:
         return False
 
 
-def export_model(model_dir: str | Path, fmt: str, destination: str | Path, dtype: str = "f32",
+def dtype_in_force(fmt: str, dtype: str | None) -> str:
+    """The weight type an export of ``fmt`` writes: ``dtype``, or the format's default when None."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose hf or gguf")
+    if dtype is None:
+        return DEFAULT_DTYPES[fmt]
+    allowed = FORMAT_DTYPES[fmt]
+    if dtype not in allowed:
+        extra = " (q8_0 is a GGUF type)" if dtype in DTYPES else ""
+        raise ValueError(f"unknown weight type {dtype!r} for {fmt}{extra}; choose {', '.join(allowed[:-1])} or {allowed[-1]}")
+    return dtype
+
+
+def export_model(model_dir: str | Path, fmt: str, destination: str | Path, dtype: str | None = None,
                  force: bool = False) -> ExportReport:
-    """Export the model in ``model_dir``; returns what was written."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose f32 or f16")
+    """Export the model in ``model_dir``; returns what was written.
+
+    ``dtype`` None: the format's default (``DEFAULT_DTYPES``).
+    """
+    dtype = dtype_in_force(fmt, dtype)
     folder = ModelFolder(model_dir)
     if not folder.has_model():
         raise FileNotFoundError(f"no trained model in {folder.path} to export; train one first")
@@ -128,7 +148,7 @@ def export_model(model_dir: str | Path, fmt: str, destination: str | Path, dtype
             storage.replace_folder(dest, files)
             return ExportReport("hf", str(dest), sorted(files), sum(len(b) for b in files.values()), chat)
         with storage.atomic_path(dest) as tmp:
-            write_gguf(model, tok, meta, tmp, name=folder.path.resolve().name, dtype=dtype)
+            notes += write_gguf(model, tok, meta, tmp, name=folder.path.resolve().name, dtype=dtype)
     except OSError as exc:  # the previous export, if any, is untouched
         raise ValueError(f"could not write {dest}: {exc.strerror or exc}") from exc
     if not isinstance(tok, BPETokenizer):

@@ -4,6 +4,7 @@ Owns ``server`` (the settings and flags, building the app, ``run_serve``), ``rou
 (the endpoints, request -> generation settings, a client that hangs up),
 ``openai_wire`` (the API's request and response shapes), ``job_queue`` (the thread
 that owns the model and runs requests), ``api_guard`` (API key, body size, the error
-shape) and ``listening`` (sockets, and a server as a child process). May import every
+shape), ``chat_page`` (the browser chat page at ``/``, ``chat_page.html``) and
+``listening`` (sockets, and a server as a child process). May import every
 package above it except ``training`` and ``export``.
 """

@@ -1,8 +1,11 @@
 """What every request passes before the server reads it, and how a refusal is sent.
 
 ``Gate`` is ASGI middleware in front of the app: it checks the API key, then reads
-the body up to the size limit. ``ApiError`` is any refusal, sent in the OpenAI error
-shape with its HTTP status; a 4xx is the client's mistake, a 5xx the server's.
+the body up to the size limit. Two requests pass without the key: ``/health`` (a
+load balancer's probe) and ``GET /``, the chat page, which holds no secret and asks
+for the key when its first API call is refused. ``ApiError`` is any refusal, sent in
+the OpenAI error shape with its HTTP status; a 4xx is the client's mistake, a 5xx
+the server's.
 ``install_error_handlers`` makes every other failure (a body that does not validate,
 an unknown path, a bug) leave in that same shape.
 """
@@ -17,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
+from engine.serving.chat_page import PAGE_PATH
 from engine.serving.openai_wire import describe_validation_errors, error_body
 
 log = logging.getLogger(__name__)
@@ -33,6 +37,11 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         type_ = "invalid_request_error" if self.status < 500 else "server_error"
         return JSONResponse(error_body(self.message, type_, self.param, self.code), self.status, headers=self.headers)
+
+
+def needs_key(method: str, path: str) -> bool:
+    """Whether a request must carry the API key (when the server has one): all but the two open ones."""
+    return not (path == "/health" or (path == PAGE_PATH and method == "GET"))
 
 
 class Gate:
@@ -53,7 +62,7 @@ class Gate:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
-            if self.api_key and scope["path"] != "/health":
+            if self.api_key and needs_key(scope["method"], scope["path"]):
                 self._check_key(headers.get("authorization", ""))
             body = await self._read_body(headers.get("content-length"), receive)
         except ApiError as exc:

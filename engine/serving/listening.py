@@ -45,7 +45,8 @@ def start_line(model_id: str, sock: socket.socket) -> str:
     """The line printed when the server starts; ``START_LINE`` finds the URL in it."""
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    return f"Serving {model_id} at http://{shown}:{port}/v1 (OpenAI API; GET /health; Ctrl+C stops)"
+    root = f"http://{shown}:{port}"
+    return f"Serving {model_id} at {root}/v1 (OpenAI API; GET /health; Ctrl+C stops). Chat in a browser: {root}/"
 
 
 def open_socket(host: str, port: int) -> socket.socket:

@@ -2,7 +2,7 @@
 
 ``Routes`` holds what every endpoint needs (the worker, the model's name, the
 generation defaults, the ``max_tokens`` cap) and adds its handlers to an app:
-``GET /health``, ``GET /v1/models[/{model}]``, ``POST /v1/completions`` and
+``GET /`` (the chat page, ``engine.serving.chat_page``), ``GET /health``, ``GET /v1/models[/{model}]``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions``. A generation request becomes a ``Job``; the answer is
 either one JSON body, built once the job finishes, or a stream of server-sent events
 sent as the pieces arrive (``JobStream``). Either way, a client that hangs up cancels
@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from engine.data.chat_format import Message
 from engine.generation.sampling import GenerationConfig
 from engine.serving.api_guard import ApiError
+from engine.serving.chat_page import PAGE_PATH, ChatPage
 from engine.serving.job_queue import (
     Event,
     Failed,
@@ -164,8 +165,10 @@ class Routes:
         self.gen_defaults = gen_defaults
         self.max_tokens_cap = max_tokens_cap
         self.created = created  # the weights' modification time, the model card's "created"
+        self.page = ChatPage.load()
 
     def add_to(self, app: FastAPI) -> None:
+        app.get(PAGE_PATH)(self.chat_page)
         app.get("/health")(self.health)
         app.get("/v1/models")(self.list_models)
         app.get("/v1/models/{model}")(self.get_model)
@@ -185,6 +188,9 @@ class Routes:
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "custom-llm"}
+
+    async def chat_page(self) -> Response:
+        return self.page.response()
 
     async def health(self) -> JSONResponse:
         worker, counts = self.worker, self.worker.counts

@@ -6,7 +6,8 @@ Like the menu, the server only parses its input, calls the same generator
 (``ResponseGenerator.complete`` and ``.chat``) and formats the result, here as the
 OpenAI API's JSON and server-sent events, so editors, chat front-ends and the
 official ``openai`` client work with it unchanged. Endpoints: ``GET /v1/models``,
-``POST /v1/completions``, ``POST /v1/chat/completions`` and ``GET /health``.
+``POST /v1/completions``, ``POST /v1/chat/completions`` and ``GET /health``, and a
+chat page for the browser at ``GET /`` that uses the chat endpoint like any client.
 
 One model is in memory. Its generator runs on one worker thread
 (``engine.serving.job_queue``), so requests are answered one at a time, in order, while the
