@@ -35,7 +35,7 @@ from engine.app.flags import add_all_flags
 from engine.app.session import Session
 from engine.data.conversations import open_conversations
 from engine.data.sources import Source, open_source, source_from_text
-from engine.export.model_export import DTYPES, DestinationInUse, default_destination
+from engine.export.model_export import DestinationInUse, default_destination
 from engine.generation.sampling import GenerationConfig
 from engine.runtime.distributed import launched_by_torchrun
 from engine.serving.server import ServeSettings
@@ -216,12 +216,10 @@ class Menu:
         default = default_destination(self.session.model_dir, fmt)
         what = "Folder" if fmt == "hf" else "File"
         dest = self.console.ask(f"{what} to write [default: {default}]: ").strip() or str(default)
-        dtype = "f32"
+        dtype = None  # the format's default: f32 for transformers
         if fmt == "gguf":
-            dtype = self.console.ask("Weights: f32 (exact) or f16 (half the size) [default: f32]: ").strip().lower()
-            dtype = dtype or "f32"
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown weight type {dtype!r}; choose f32 or f16")
+            dtype = self.console.ask_word("Weights: f16 (half the size), q8_0 (a quarter, nearly as good) or f32 "
+                                          "(exact) [default: f16]: ", ("f16", "q8_0", "f32"))
         try:
             report = self.session.export(fmt, dest, dtype)
         except DestinationInUse as exc:

@@ -4,7 +4,7 @@
     python interface.py continue (PATH | -) [--no-expand-vocab] [--new-tokens N] | continue --resume
     python interface.py chat | ask QUESTION | generate [PROMPT]
     python interface.py status [--json] [--plot [FILE.png]] | info [--json]
-    python interface.py export DEST [--format hf|gguf] [--dtype f32|f16] [--force]
+    python interface.py export DEST [--format hf|gguf] [--dtype f32|f16|q8_0] [--force]
 
 ``interface.main`` hands every argv that names a subcommand to ``main`` here. Each
 subcommand makes a ``session.Session`` and runs the same actions the menu runs (the
@@ -126,7 +126,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("destination", metavar="DEST", help="a folder for hf, a .gguf file for gguf")
     p.add_argument("--format", choices=FORMATS,
                    help="hf: a transformers folder; gguf: one file for llama.cpp/Ollama (default: from DEST)")
-    p.add_argument("--dtype", choices=DTYPES, default="f32", help="weight precision (default %(default)s)")
+    p.add_argument("--dtype", "--type", dest="dtype", choices=DTYPES, default=None,
+                   help="weight type: f32, f16 or q8_0 (q8_0: gguf only; default: f16 for gguf, f32 for hf)")
     p.add_argument("--force", action="store_true", help="replace DEST even if it is not an earlier export")
 
 

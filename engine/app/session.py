@@ -183,7 +183,7 @@ class Session:
                      for p in sorted(self.model_dir.rglob("*")) if p.is_file()]
         return SystemReport(hardware_rows, self.model_dir, summary, error, files)
 
-    def export(self, fmt: str, destination: str | Path, dtype: str = "f32", force: bool = False) -> ExportReport:
+    def export(self, fmt: str, destination: str | Path, dtype: str | None = None, force: bool = False) -> ExportReport:
         """The model for transformers (``hf``, a folder) or llama.cpp (``gguf``, a file)."""
         return export_model(self.model_dir, fmt, destination, dtype, force)
 
