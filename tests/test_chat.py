@@ -178,7 +178,7 @@ def test_an_older_model_gets_the_chat_tokens_with_every_old_id_and_row_kept(tmp_
     Trainer(str(folder)).train_conversations(convs, 1, events.append)
     assert any(isinstance(e, Notice) and "added the chat tokens" in e.text for e in events)
     model, tok, meta = ModelFolder(folder).load_model()
-    assert tok.vocab_size == old_tok.vocab_size + 4 and meta["chat_tuned"]
+    assert tok.vocab_size == old_tok.vocab_size + 4 and meta.chat_tuned
     chat = tok.chat_token_ids()
     assert min(vars(chat).values()) == old_tok.vocab_size  # appended at the end
     assert tok.encode(SAMPLE_TEXT) == old_tok.encode(SAMPLE_TEXT)

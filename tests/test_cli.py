@@ -11,7 +11,7 @@ import pytest
 from engine.app import cli
 from engine.app.display import TrainingProgress
 from engine.app.loss_plot import loss_curves
-from engine.folder.records import EvalResult
+from engine.folder.records import EvalResult, History
 from engine.training.events import EpochStarted, Evaluated, StepDone
 from interface import main
 from response_generator import GenerationConfig, ResponseGenerator
@@ -141,10 +141,13 @@ def test_status_plot_and_where_the_menu_says_it_is(trained_copy, tmp_path, capsy
 
 
 def test_loss_curves_follow_each_data_set():
-    history = {"steps": [[1, 5.0, 0.1], [2, 4.0, 0.1], [3, 6.0, 0.1], [4, 5.5, 0.1]],
-               "runs": [{"name": "novel", "start_step": 0}, {"name": "manual", "start_step": 2}],
-               "evals": [{"step": 2, "val_loss": 4.5, "dataset": "novel"}, {"step": 4, "val_loss": 5.9,
-                                                                            "dataset": "manual"}]}
+    history = History.from_dict({
+        "steps": [[1, 5.0, 0.1], [2, 4.0, 0.1], [3, 6.0, 0.1], [4, 5.5, 0.1]],
+        "runs": [{"name": "novel", "start_step": 0, "epochs": 1, "tokens": 100},
+                 {"name": "manual", "start_step": 2, "epochs": 1, "tokens": 100}],
+        "evals": [{"step": 2, "val_loss": 4.5, "perplexity": 90.0, "bpb": 2.0, "val_tokens": 10, "dataset": "novel"},
+                  {"step": 4, "val_loss": 5.9, "perplexity": 365.0, "bpb": 2.6, "val_tokens": 10,
+                   "dataset": "manual"}]})
     curves = {c.name: c for c in loss_curves(history)}
     assert curves["novel"].train_steps == [1, 2] and curves["manual"].train_losses == [6.0, 5.5]
     assert curves["novel"].val_losses == [4.5] and curves["manual"].val_steps == [4]

@@ -11,6 +11,7 @@ from engine.folder.model_folder import ModelFolder
 from engine.runtime import storage
 from engine.training import continual
 from engine.training.events import StepDone
+from engine.training.step import StepRunner
 from trainer import Trainer, lr_at
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
@@ -114,18 +115,18 @@ def test_train_on_new_data_continues_step_and_schedule(tmp_path):
     assert len(saved) == 2 and all(d["latest"]["bpb"] > 0 for d in saved)
 
 
-def test_rehearsal_replays_earlier_data(tmp_path):
+def test_rehearsal_replays_earlier_data(tmp_path, monkeypatch):
     folder = tmp_path / "m"
     make_trainer(folder).train(source_from_text(SAMPLE_TEXT), 1)
     trainer = make_trainer(folder, rehearsal=0.5)
     seen = []
-    original = trainer._step
+    original = StepRunner.step
 
-    def spy(x, y, *args):
+    def spy(self, x, y, *args):
         seen.append(x.clone())
-        return original(x, y, *args)
+        return original(self, x, y, *args)
 
-    trainer._step = spy
+    monkeypatch.setattr(StepRunner, "step", spy)
     continual.train_on_new_data(trainer, [NEW_DOMAIN], epochs=1, expand_vocab=False)
     old_text = trainer.tokenizer.decode(seen[0][-1].tolist())
     new_text = trainer.tokenizer.decode(seen[0][0].tolist())

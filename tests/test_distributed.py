@@ -210,7 +210,7 @@ def test_ctrl_c_saves_once_and_one_process_resumes_at_the_same_step(two_process_
     stopped = re.search(r"Training stopped \(interrupted\) at step (\d+); checkpoint saved", output)
     assert stopped, output[-3000:]
     step = int(stopped[1])
-    assert ModelFolder(folder).read_meta()["progress"]["step"] == step
+    assert ModelFolder(folder).read_meta().progress.step == step
     assert "lost contact" not in output and "trainer.py" not in output  # torchrun's own traceback only
 
     code = interface.main(["train", "--resume", "--model-dir", str(folder), *FLAGS])  # one process now
@@ -231,7 +231,7 @@ def test_a_rank_that_dies_stops_the_other_and_the_folder_keeps_its_last_save(dat
     rest, _ = job.communicate(timeout=120)  # a rank left waiting for the dead one would hang here
     assert job.returncode != 0
     assert "rank 0: lost contact with the other processes" in rest, (seen + rest)[-3000:]
-    step = ModelFolder(folder).read_meta()["progress"]["step"]
+    step = ModelFolder(folder).read_meta().progress.step
     assert step in (10, 15)
     model, _, _ = ModelFolder(folder).load_model()  # whole and verified against the manifest
     assert model.config.d_model == 32

@@ -284,3 +284,94 @@ def test_a_version_1_folder_is_read_and_upgraded_at_its_next_save(trained):
     saved = json.loads(path.read_text())
     assert saved["format_version"] == 2 and saved["model"]["context"] == TINY_MODEL["context"]
     assert "max_seq_len" not in saved["model"] and "vocab_size" not in saved["training"]
+
+
+# config.json and history.json as this program writes them today (a text run, a budget
+# run, a chat fine-tune after the chat tokens were added), and as folders from before the
+# typed records hold them: runs without "kind"/"minutes", evaluations without the newer
+# fields, no "created", format 1's key names.
+TODAY_META = {
+    "tokenizer": "bpe",
+    "model": {"vocab_size": 324, "context": 32, "d_model": 32, "n_layer": 1, "n_head": 2, "d_ff": 128,
+              "dropout": 0.1},
+    "training": {"learning_rate": 0.001, "min_lr_ratio": 0.1, "warmup_steps": 100, "weight_decay": 0.01,
+                 "grad_clip": 1.0, "batch_size": 4, "val_fraction": 0.05, "checkpoint_every": 10,
+                 "eval_batches": 4, "target_vocab_size": 320, "rehearsal": 0.2, "seed": 1337, "max_minutes": 0.0,
+                 "compile": False},
+    "created": "2024-05-01 10:00:00",
+    "progress": {"step": 42, "tokens_seen": 5376, "epochs_done": 3},
+    "chat_tuned": True,
+    "format_version": 2,
+}
+TODAY_HISTORY = {
+    "steps": [[1, 5.81234, 0.0005], [2, 5.7, 0.001], [41, 3.25, 0.0001], [42, 3.2, 0.0001]],
+    "evals": [{"val_loss": 4.1, "perplexity": 60.34, "bpb": 2.5, "val_tokens": 120, "step": 20, "epoch": 1,
+               "dataset": "sample.txt", "partial_epoch": False},
+              {"val_loss": 3.9, "perplexity": 49.4, "bpb": 2.4, "val_tokens": 40, "step": 42, "epoch": 2,
+               "dataset": "chats.jsonl", "partial_epoch": True}],
+    "runs": [{"name": "sample.txt", "start_step": 0, "epochs": 1, "tokens": 2000, "kind": "text", "minutes": 0.0},
+             {"name": "more.txt", "start_step": 20, "epochs": 12, "tokens": 900, "kind": "text", "minutes": 0.5},
+             {"name": "chats.jsonl", "start_step": 30, "epochs": 2, "tokens": 300, "kind": "chat", "minutes": 0.0}],
+    "expansions": [{"step": 30, "added": 4, "new_vocab": 324}],
+}
+
+
+def test_todays_json_is_read_into_records_and_written_back_unchanged():
+    from engine.folder.records import FolderMeta, History, RunKind
+
+    meta = FolderMeta.from_dict(json.loads(json.dumps(TODAY_META)))
+    assert meta.model.context == 32 and meta.progress.step == 42 and meta.chat_tuned
+    assert {**meta.to_dict(), "format_version": 2} == TODAY_META
+    history = History.from_dict(json.loads(json.dumps(TODAY_HISTORY)))
+    assert history.steps[0].loss == 5.81234 and history.steps[-1].lr == 0.0001
+    assert [r.kind for r in history.runs] == [RunKind.TEXT, RunKind.TEXT, RunKind.CHAT] and history.runs[1].minutes
+    assert history.evals[1].partial_epoch and history.expansions[0].new_vocab == 324
+    assert json.loads(json.dumps(history.to_dict())) == TODAY_HISTORY
+    bare = {**TODAY_HISTORY, "expansions": []}
+    assert "expansions" not in History.from_dict(bare).to_dict()  # the key comes with the first growth
+
+
+def test_older_json_shapes_still_load():
+    from engine.folder.records import FolderMeta, History, RunKind
+    from engine.training.runs import Progress
+
+    old_meta = {k: v for k, v in TODAY_META.items() if k not in ("created", "chat_tuned")}
+    old_meta["format_version"] = 1
+    old_meta["model"] = {("max_seq_len" if k == "context" else k): v for k, v in TODAY_META["model"].items()}
+    old_meta["training"] = {("vocab_size" if k == "target_vocab_size" else k): v
+                            for k, v in TODAY_META["training"].items()}
+    meta = FolderMeta.from_dict(old_meta)
+    assert meta.model.context == 32 and meta.training["target_vocab_size"] == 320 and not meta.chat_tuned
+    assert "max_seq_len" not in meta.to_dict()["model"] and "vocab_size" not in meta.to_dict()["training"]
+    old_history = {"steps": [[1, 5.8, 0.0005]], "runs": [{"name": "a.txt", "start_step": 0, "epochs": 2,
+                                                         "tokens": 100}],
+                   "evals": [{"val_loss": 4.1, "perplexity": 60.3, "bpb": 2.5, "val_tokens": 12, "step": 1}]}
+    history = History.from_dict(old_history)
+    assert history.runs[0].kind is RunKind.TEXT and history.runs[0].minutes == 0.0
+    assert history.evals[0].dataset == "" and not history.evals[0].partial_epoch
+    # A checkpoint's run from before format 2 named the window "seq_len".
+    saved = {"step": 7, "tokens_seen": 896, "epochs_done": 0,
+             "run": {"cache_file": "c.bin", "name": "a.txt", "epochs": 2, "total_steps": 20, "batch_size": 4,
+                     "seq_len": 32, "start_step": 0, "epoch": 0, "batch": 7, "run_step": 7}}
+    progress = Progress.from_dict(saved)
+    assert progress.run.window == 32 and progress.run.kind is RunKind.TEXT
+    again = progress.to_dict()
+    assert again["run"]["kind"] == "text" and type(again["run"]["kind"]) is str  # weights_only loads it back
+
+
+def test_a_folder_with_todays_and_older_json_loads_and_trains_on(trained):
+    """The JSON files of a real folder replaced by the shapes above: it loads, shows its status, trains on."""
+    meta = json.loads((trained / "config.json").read_text())
+    meta.pop("created")
+    (trained / "config.json").write_text(json.dumps(meta))
+    history = json.loads((trained / "history.json").read_text())
+    for run in history["runs"]:
+        del run["kind"], run["minutes"]
+    (trained / "history.json").write_text(json.dumps(history))
+    status = ModelFolder(trained).status()
+    assert status.runs[0].kind == "text" and status.steps == meta["progress"]["step"]
+    trainer = Trainer(str(trained))
+    result = trainer.train(source_from_text(SAMPLE_TEXT + " more"), 1)
+    saved = json.loads((trained / "history.json").read_text())
+    assert [r["kind"] for r in saved["runs"]] == ["text", "text"] and saved["steps"][-1][0] == result.global_step
+    assert json.loads((trained / "config.json").read_text())["progress"]["step"] == result.global_step

@@ -1,8 +1,8 @@
 """Loss curves as a PNG: training and validation loss of every data set, by step.
 
 matplotlib is an optional extra (requirements-plot.txt); everything else in the
-program runs without it. ``loss_curves`` is pure and reads ``history.json``'s shape;
-``draw_loss_plot`` draws what it returns and writes the PNG atomically.
+program runs without it. ``loss_curves`` is pure and reads the folder's ``History``
+(``history.json``); ``draw_loss_plot`` draws what it returns and writes the PNG atomically.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.folder.records import History
 from engine.runtime import storage
 
 
@@ -28,40 +29,40 @@ class LossCurve:
     val_losses: list[float] = field(default_factory=list)
 
 
-def loss_curves(history: dict) -> list[LossCurve]:
+def loss_curves(history: History) -> list[LossCurve]:
     """Split the history into one curve per data set, in the order they were first trained.
 
     A step belongs to the run that started last before it (``runs[i].start_step`` is the
     global step a run started from); validations name their data set.
 
-    >>> h = {"steps": [[1, 4.0, 0.1], [2, 3.0, 0.1], [3, 5.0, 0.1]],
-    ...      "runs": [{"name": "a", "start_step": 0}, {"name": "b", "start_step": 2}],
-    ...      "evals": [{"step": 2, "val_loss": 3.5, "dataset": "a"}]}
+    >>> from engine.folder.records import EvalResult, RunRecord, StepRecord
+    >>> h = History(steps=[StepRecord(1, 4.0, 0.1), StepRecord(2, 3.0, 0.1), StepRecord(3, 5.0, 0.1)],
+    ...             runs=[RunRecord("a", 0, 1, 100), RunRecord("b", 2, 1, 100)],
+    ...             evals=[EvalResult(3.5, 33.1, 1.2, 50, step=2, dataset="a")])
     >>> [(c.name, c.train_steps, c.val_losses) for c in loss_curves(h)]
     [('a', [1, 2], [3.5]), ('b', [3], [])]
     """
     curves: dict[str, LossCurve] = {}
-    runs = sorted(history.get("runs", []), key=lambda r: r["start_step"])
+    runs = sorted(history.runs, key=lambda r: r.start_step)
     for run in runs:
-        curves.setdefault(run["name"], LossCurve(run["name"]))
-    starts = [r["start_step"] for r in runs]
+        curves.setdefault(run.name, LossCurve(run.name))
     i = 0
-    for step, loss, *_ in history.get("steps", []):
-        while i + 1 < len(runs) and step > starts[i + 1]:
+    for record in history.steps:
+        while i + 1 < len(runs) and record.step > runs[i + 1].start_step:
             i += 1
-        name = runs[i]["name"] if runs else "training"
+        name = runs[i].name if runs else "training"
         curve = curves.setdefault(name, LossCurve(name))
-        curve.train_steps.append(step)
-        curve.train_losses.append(loss)
-    for e in history.get("evals", []):
-        name = e.get("dataset") or "training"
+        curve.train_steps.append(record.step)
+        curve.train_losses.append(record.loss)
+    for e in history.evals:
+        name = e.dataset or "training"
         curve = curves.setdefault(name, LossCurve(name))
-        curve.val_steps.append(e["step"])
-        curve.val_losses.append(e["val_loss"])
+        curve.val_steps.append(e.step)
+        curve.val_losses.append(e.val_loss)
     return list(curves.values())
 
 
-def draw_loss_plot(history: dict, png_path: str | Path, title: str = "Loss") -> Path:
+def draw_loss_plot(history: History, png_path: str | Path, title: str = "Loss") -> Path:
     """Draw the curves of ``history`` into ``png_path``; returns the path."""
     try:
         import matplotlib

@@ -137,7 +137,8 @@ def export_model(model_dir: str | Path, fmt: str, destination: str | Path, dtype
         raise FileNotFoundError(f"no trained model in {folder.path} to export; train one first")
     dest = check_destination(fmt, destination, force, model_dir)
     _require_extra("safetensors" if fmt == "hf" else "gguf")
-    model, tok, meta = folder.load_model("cpu")
+    model, tok, folder_meta = folder.load_model("cpu")
+    meta = folder_meta.to_dict()  # config.json's JSON, which the export writers read
     chat = chat_ids_in_force(meta, tok) is not None
     notes = []
     try:

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 
 from engine.data.tokenizer import BaseTokenizer, normalize_kind, tokenizer_class, tokenizer_from_bytes
-from engine.folder.records import DatasetRecord, EvalResult, FolderStatus, ModelSummary, RunRecord
-from engine.model.config import ModelConfig
+from engine.folder.records import DatasetRecord, FolderMeta, FolderStatus, History, ModelSummary
 from engine.model.gpt import GPT
 from engine.runtime import storage
 
 # 2: the context length is saved as "context" (was "max_seq_len") and the requested
 # vocabulary as "target_vocab_size" (was "vocab_size"); version 1 folders are read
-# and upgraded in memory, and written as version 2 at their next save.
+# and upgraded in memory (``FolderMeta.from_dict``), and written as version 2 at their
+# next save.
 FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pth"
@@ -68,17 +68,6 @@ class TokenizerChoice:
 def tokenizer_files(tok: BaseTokenizer) -> dict[str, bytes]:
     """The files that hold a tokenizer in a model folder (they join a save)."""
     return {tok.filename: tok.to_bytes(), TOKENIZER_TYPE_FILE: (tok.kind + "\n").encode()}
-
-
-def _upgrade_meta(meta: dict) -> dict:
-    """Rename the keys of older formats to today's (in memory)."""
-    model = meta.get("model")
-    if isinstance(model, dict) and "max_seq_len" in model:
-        model["context"] = model.pop("max_seq_len")
-    training = meta.get("training")
-    if isinstance(training, dict) and "vocab_size" in training:
-        training["target_vocab_size"] = training.pop("vocab_size")
-    return meta
 
 
 class ModelFolder:
@@ -154,20 +143,21 @@ class ModelFolder:
             storage.recover(self.path)
             storage.remove_stale_temp_files(self.path)
 
-    def commit_save(self, weights: dict[str, torch.Tensor], checkpoint: dict[str, Any], meta: dict,
-                    history: dict, datasets: list[DatasetRecord], extra_files: dict[str, bytes] | None = None) -> None:
+    def commit_save(self, weights: dict[str, torch.Tensor], checkpoint: dict[str, Any], meta: FolderMeta,
+                    history: History, datasets: list[DatasetRecord],
+                    extra_files: dict[str, bytes] | None = None) -> None:
         """Write one complete save: weights, checkpoint, history, data sets, config, manifest.
 
         ``extra_files`` (a new or grown tokenizer) join the same unit. The manifest holds
         the size and checksum of both weight files, so damage is found on load.
         """
         blobs = {WEIGHTS_FILE: storage.torch_bytes(weights), CHECKPOINT_FILE: storage.torch_bytes(checkpoint)}
-        manifest = {"step": meta.get("progress", {}).get("step", 0),
+        manifest = {"step": meta.progress.step,
                     "files": {name: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
                               for name, b in blobs.items()}}
-        files = {**blobs, HISTORY_FILE: json.dumps(history),
+        files = {**blobs, HISTORY_FILE: json.dumps(history.to_dict()),
                  DATASETS_FILE: json.dumps([d.to_dict() for d in datasets], indent=1), **(extra_files or {}),
-                 CONFIG_FILE: json.dumps(dict(meta, format_version=FORMAT_VERSION), indent=2),
+                 CONFIG_FILE: json.dumps({**meta.to_dict(), "format_version": FORMAT_VERSION}, indent=2),
                  MANIFEST_FILE: json.dumps(manifest, indent=1)}
         storage.commit_files(self.path, files)
 
@@ -221,8 +211,9 @@ class ModelFolder:
                                      f"{MANIFEST_FILE}); restore it from a backup")
         return storage.load_torch(path)
 
-    def read_meta(self) -> dict:
-        """``config.json``, validated (format version, tokenizer kind, model config)."""
+    def read_meta(self) -> FolderMeta:
+        """``config.json``, validated (format version, tokenizer kind, model config) and
+        upgraded in memory from older formats (written as today's at the next save)."""
         meta = storage.read_json(self.config_path)
         if not isinstance(meta, dict):
             raise ValueError(f"{self.config_path} must hold a JSON object")
@@ -232,19 +223,12 @@ class ModelFolder:
         if version > FORMAT_VERSION:
             raise ValueError(f"{self.path} was written by a newer version (format {version}, "
                              f"this program reads up to {FORMAT_VERSION}); upgrade custom-llm")
-        meta = _upgrade_meta(meta)
         normalize_kind(str(meta.get("tokenizer", "")))
-        ModelConfig.from_dict(meta.get("model"))  # validates before anything is allocated
-        return meta
+        return FolderMeta.from_dict(meta)  # validates the model config before anything is allocated
 
-    def read_history(self) -> dict:
+    def read_history(self) -> History:
         path = self.file(HISTORY_FILE)
-        if not path.exists():
-            return {"steps": [], "evals": [], "runs": []}
-        history = storage.read_json(path)
-        for key in ("steps", "evals", "runs"):
-            history.setdefault(key, [])
-        return history
+        return History.from_dict(storage.read_json(path)) if path.exists() else History()
 
     def read_datasets(self) -> list[DatasetRecord]:
         path = self.file(DATASETS_FILE)
@@ -263,40 +247,37 @@ class ModelFolder:
             return None
         meta = self.read_meta()
         history = self.read_history()
-        evals = [EvalResult.from_dict(e) for e in history["evals"]]
-        progress = meta.get("progress", {})
+        evals = history.evals
         return FolderStatus(
-            tokenizer=meta["tokenizer"], model=meta["model"], steps=progress.get("step", 0),
-            tokens_seen=progress.get("tokens_seen", 0), epochs=progress.get("epochs_done", 0),
+            tokenizer=meta.tokenizer, model=meta.model.to_dict(), steps=meta.progress.step,
+            tokens_seen=meta.progress.tokens_seen, epochs=meta.progress.epochs_done,
             last_eval=evals[-1] if evals else None,
             best_val_loss=min((e.val_loss for e in evals), default=None),
-            losses=[row[1] for row in history["steps"]],
-            runs=[RunRecord(**r) for r in history["runs"]], datasets=self.read_datasets(),
-            chat_tuned=bool(meta.get("chat_tuned")))
+            losses=[s.loss for s in history.steps], runs=history.runs, datasets=self.read_datasets(),
+            chat_tuned=meta.chat_tuned)
 
     def summary(self) -> ModelSummary | None:
         """Size and progress from config.json, without loading weights; None without a model."""
         if not self.has_model():
             return None
         meta = self.read_meta()
-        config = ModelConfig.from_dict(meta["model"])
+        config = meta.model
         with torch.device("meta"):  # exact parameter count, nothing allocated
             parameters = GPT(config).num_params()
-        return ModelSummary(parameters=parameters, tokenizer=meta["tokenizer"], vocab_size=config.vocab_size,
+        return ModelSummary(parameters=parameters, tokenizer=meta.tokenizer, vocab_size=config.vocab_size,
                             n_layer=config.n_layer, n_head=config.n_head, d_model=config.d_model,
-                            context=config.context, training_steps=meta.get("progress", {}).get("step", 0),
-                            chat_tuned=bool(meta.get("chat_tuned")))
+                            context=config.context, training_steps=meta.progress.step, chat_tuned=meta.chat_tuned)
 
-    def load_model(self, device: torch.device | str = "cpu") -> tuple[GPT, BaseTokenizer, dict]:
+    def load_model(self, device: torch.device | str = "cpu") -> tuple[GPT, BaseTokenizer, FolderMeta]:
         """The trained model in eval mode, its tokenizer and metadata, all cross-checked."""
         self.recover()
         if not self.has_model():
             raise FileNotFoundError(f"no trained model in {self.path}; train one first (Training menu)")
         meta = self.read_meta()
-        config = ModelConfig.from_dict(meta["model"])
+        config = meta.model
         tok = self.load_tokenizer()
-        if tok.kind != meta["tokenizer"]:
-            raise ValueError(f"config.json says {meta['tokenizer']} but the folder holds a {tok.kind} tokenizer")
+        if tok.kind != meta.tokenizer:
+            raise ValueError(f"config.json says {meta.tokenizer} but the folder holds a {tok.kind} tokenizer")
         if tok.vocab_size != config.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model expects "
                              f"{config.vocab_size}; the folder is inconsistent (restore it or retrain)")

@@ -2,12 +2,35 @@
 
 Each is a small dataclass: fields have names both sides spell the same way because they
 are attributes, not dict keys, so a renamed field fails loudly at its first use. What is
-saved converts with ``to_dict``/``from_dict``; ``from_dict`` ignores nothing silently
-except keys an older save is known to carry.
+saved converts with ``to_dict``/``from_dict``, and ``to_dict`` writes the JSON the
+folder has always held (``history.json``'s step rows stay ``[step, loss, lr]`` lists);
+``from_dict`` ignores nothing silently except keys an older save is known to carry.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from engine.model.config import ModelConfig
+
+
+class TextEnum(str, Enum):
+    """An enum whose members are their text: equal to it, hashed, printed and saved as it
+    (``enum.StrEnum`` does this from Python 3.11; this program supports 3.10)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+class RunKind(TextEnum):
+    """What a run trains on; saved as its text."""
+
+    TEXT = "text"
+    CHAT = "chat"  # conversations: only the assistant's replies are learned
 
 
 def _known(cls, d: dict) -> dict:
@@ -49,10 +72,13 @@ class DatasetRecord:
     file: str  # held-out text and rehearsal sample, relative to the model folder
     added: str
     latest: EvalResult | None = None
-    kind: str = "text"  # "chat": conversations, judged on the assistant's replies
+    kind: RunKind = RunKind.TEXT  # chat: conversations, judged on the assistant's replies
+
+    def __post_init__(self) -> None:
+        self.kind = RunKind(self.kind)  # "text"/"chat" from a caller become the enum
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "name": self.name, "file": self.file, "added": self.added, "kind": self.kind,
+        return {"id": self.id, "name": self.name, "file": self.file, "added": self.added, "kind": self.kind.value,
                 "latest": self.latest.to_dict() if self.latest else None}
 
     @classmethod
@@ -70,8 +96,159 @@ class RunRecord:
     start_step: int
     epochs: int
     tokens: int
-    kind: str = "text"  # "chat": fine-tuning on conversations
+    kind: RunKind = RunKind.TEXT
     minutes: float = 0.0  # a time-budget run's budget (its epochs are then only an upper bound)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", RunKind(self.kind))  # "text"/"chat" from a caller become the enum
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "kind": self.kind.value}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunRecord:
+        return cls(**_known(cls, d))
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step as ``history.json`` keeps it: a ``[step, loss, lr]`` row."""
+
+    step: int  # the model's global step after it
+    loss: float  # the batch's mean loss, rounded to 5 decimals
+    lr: float
+
+    def to_row(self) -> list:
+        return [self.step, self.loss, self.lr]
+
+    @classmethod
+    def from_row(cls, row: list) -> StepRecord:
+        step, loss, lr = row
+        return cls(step, loss, lr)
+
+
+@dataclass(frozen=True)
+class VocabExpansion:
+    """A growth of the vocabulary, as ``history.json`` lists it."""
+
+    step: int
+    added: int
+    new_vocab: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VocabExpansion:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class History:
+    """``history.json``: every step's loss and learning rate, every validation, every run
+    and every growth of the vocabulary, in the order they happened."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    evals: list[EvalResult] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
+    expansions: list[VocabExpansion] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        saved: dict[str, Any] = {"steps": [s.to_row() for s in self.steps],
+                                 "evals": [e.to_dict() for e in self.evals],
+                                 "runs": [r.to_dict() for r in self.runs]}
+        if self.expansions:  # the key appears with the first growth, as it always has
+            saved["expansions"] = [e.to_dict() for e in self.expansions]
+        return saved
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls(steps=[StepRecord.from_row(row) for row in d.get("steps", [])],
+                   evals=[EvalResult.from_dict(e) for e in d.get("evals", [])],
+                   runs=[RunRecord.from_dict(r) for r in d.get("runs", [])],
+                   expansions=[VocabExpansion.from_dict(e) for e in d.get("expansions", [])])
+
+    def drop_after(self, step: int) -> None:
+        """Forget the steps and evaluations logged after ``step`` (lost with a crashed process)."""
+        self.steps = [s for s in self.steps if s.step <= step]
+        self.evals = [e for e in self.evals if e.step <= step]
+
+
+@dataclass(frozen=True)
+class SavedProgress:
+    """The model's counters as ``config.json`` shows them (the checkpoint holds the full state)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    epochs_done: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SavedProgress:
+        return cls(**_known(cls, d))
+
+
+def _upgrade_meta(meta: dict) -> dict:
+    """Rename the keys of format 1 to today's: the context was ``max_seq_len``, the
+    requested vocabulary ``vocab_size``."""
+    meta = dict(meta)
+    model = meta.get("model")
+    if isinstance(model, dict) and "max_seq_len" in model:
+        model = dict(model)
+        model["context"] = model.pop("max_seq_len")
+        meta["model"] = model
+    training = meta.get("training")
+    if isinstance(training, dict) and "vocab_size" in training:
+        training = dict(training)
+        training["target_vocab_size"] = training.pop("vocab_size")
+        meta["training"] = training
+    return meta
+
+
+@dataclass
+class FolderMeta:
+    """``config.json``: the tokenizer kind, the model's shape, the training settings and progress.
+
+    ``training`` stays the dict of ``TrainConfig.to_dict()``: the training settings are
+    the training package's to read, and this package sits below it. Keys this version
+    does not know (a folder touched by another version) are kept in ``extra`` and
+    written back unchanged. ``format_version`` is added by ``ModelFolder.commit_save``.
+    """
+
+    tokenizer: str
+    model: ModelConfig
+    training: dict = field(default_factory=dict)
+    created: str = ""
+    progress: SavedProgress = field(default_factory=SavedProgress)
+    chat_tuned: bool = False  # fine-tuned on conversations: Chat uses the learned format
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        saved: dict[str, Any] = {"tokenizer": self.tokenizer, "model": self.model.to_dict(),
+                                 "training": dict(self.training)}
+        if self.created:
+            saved["created"] = self.created
+        saved["progress"] = self.progress.to_dict()
+        if self.chat_tuned:  # absent until a chat fine-tune, as before
+            saved["chat_tuned"] = True
+        return {**saved, **self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FolderMeta:
+        """Read a ``config.json`` object of any format, upgraded in memory; the model config
+        is validated here, before any tensor is allocated."""
+        d = _upgrade_meta(d)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: v for k, v in d.items() if k not in known and k != "format_version"}
+        training = d.get("training") or {}
+        if not isinstance(training, dict):
+            raise ValueError("the training settings in config.json must be a JSON object")
+        return cls(tokenizer=str(d.get("tokenizer", "")), model=ModelConfig.from_dict(d.get("model")),
+                   training=training, created=str(d.get("created", "")),
+                   progress=SavedProgress.from_dict(d.get("progress") or {}),
+                   chat_tuned=bool(d.get("chat_tuned")), extra=extra)
 
 
 @dataclass

@@ -86,7 +86,8 @@ class ResponseGenerator:
     def __init__(self, model_dir: str, runtime: hardware.Runtime | None = None) -> None:
         self.runtime = runtime or hardware.detect_runtime()
         self.folder = ModelFolder(model_dir)
-        self.model, self.tokenizer, self.meta = self.folder.load_model(self.runtime.device)
+        self.model, self.tokenizer, meta = self.folder.load_model(self.runtime.device)
+        self.meta = meta.to_dict()  # config.json's JSON
         self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
         self.finish_reason = "length"  # why the last generation ended
         self.last_stats: GenerationStats | None = None

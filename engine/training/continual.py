@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from engine.data.sources import Source, source_from_texts
 from engine.training.events import ContinualReport, DatasetComparison, OnEvent, ignore_events
+from engine.training.planning import GROWTH_SAMPLE_BYTES
 from engine.training.runs import StopFlag
-from engine.training.trainer import GROWTH_SAMPLE_BYTES, Trainer
+from engine.training.trainer import Trainer
 
 
 def train_on_new_data(trainer: Trainer, new_data: list[str] | Source, epochs: int = 5, expand_vocab: bool = True,

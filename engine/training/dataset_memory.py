@@ -19,7 +19,7 @@ from engine.data.chat_format import Message
 from engine.data.tokenizer import BaseTokenizer
 from engine.data.windows import TokenDataset, encode_documents, split_documents
 from engine.folder.model_folder import ModelFolder
-from engine.folder.records import DatasetRecord, EvalResult
+from engine.folder.records import DatasetRecord, EvalResult, RunKind
 
 VAL_TOKENS_KEPT = 200_000
 REHEARSAL_CHUNKS, REHEARSAL_CHUNK_TOKENS = 400, 512
@@ -62,18 +62,18 @@ class DatasetMemory:
                  "conversations": [[m.to_dict() for m in conv] for conv in held_out]}
         relative = self.folder.write_dataset_texts(dataset_id, texts)
         self.records.append(DatasetRecord(dataset_id, name, relative, time.strftime("%Y-%m-%d %H:%M:%S"),
-                                          kind="chat"))
+                                          kind=RunKind.CHAT))
 
     def held_out_texts(self) -> list[tuple[DatasetRecord, list[str]]]:
         """Every text data set's held-out documents (those that have any)."""
-        texts = [(r, self.folder.read_dataset_texts(r)["val"]) for r in self.records if r.kind == "text"]
+        texts = [(r, self.folder.read_dataset_texts(r)["val"]) for r in self.records if r.kind is RunKind.TEXT]
         return [(record, docs) for record, docs in texts if docs]
 
     def held_out_conversations(self) -> list[tuple[DatasetRecord, list[list[Message]]]]:
         """Every conversation set's held-out conversations."""
         found = []
         for record in self.records:
-            if record.kind == "chat":
+            if record.kind is RunKind.CHAT:
                 saved = self.folder.read_dataset_texts(record).get("conversations", [])
                 convs = [[Message(m["role"], m["content"]) for m in conv] for conv in saved]
                 if convs:

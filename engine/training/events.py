@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engine.folder.records import EvalResult
+from engine.training.runs import StopReason
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class EpochEnded:
 
 @dataclass(frozen=True)
 class RunEnded:
-    stopped: str  # "" when the run finished
+    stopped: StopReason
     step: int
 
 
@@ -149,7 +150,7 @@ class TrainResult:
 
     steps: int  # optimizer steps taken in this call
     global_step: int
-    stopped_early: str  # "" when the run finished; else why it stopped
+    stopped_early: StopReason  # FINISHED ("", false) when the run finished; else why it stopped
     final_eval: EvalResult | None
     resumed: bool
 

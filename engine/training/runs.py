@@ -5,7 +5,11 @@ exact. ``StopFlag``/``graceful_interrupts`` turn Ctrl+C and SIGTERM into a clean
 after the current step, ``StopCheck`` adds the clock and, in a distributed run, the
 agreement of every rank. ``Budget`` and ``BudgetClock`` are the wall clock of a
 time-budget run, ``BestWeights`` its memory of the best held-out result. The
-Trainer's loop asks these; it owns none of their rules.
+training loop asks these; it owns none of their rules.
+
+Time is a parameter: everything here that reads a clock takes one (``Clock``, by
+default ``time.monotonic``), so a test can run a time budget on a clock that moves
+a fixed amount per step, whatever the machine's speed.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from engine.folder.records import RunKind, TextEnum
 
 if TYPE_CHECKING:
     import torch
@@ -24,17 +30,32 @@ if TYPE_CHECKING:
 
 REPLAN_EVERY = 10  # steps between re-plans of a time-budget run's schedule
 
+Clock = Callable[[], float]  # seconds, only ever compared with the same clock (time.monotonic)
+
+
+class StopReason(TextEnum):
+    """Why a run ended. It equals its text (``== "terminated"``), is logged as it, and
+    ``FINISHED`` is the empty, false one."""
+
+    FINISHED = ""  # the run trained to its end (or its time budget's)
+    INTERRUPTED = "interrupted"  # Ctrl+C
+    TERMINATED = "terminated"  # SIGTERM
+    TIME_LIMIT = "time limit reached"  # TrainConfig.max_minutes ran out before the epochs
+
+
+TIME_LIMIT = StopReason.TIME_LIMIT
+
 
 class StopFlag:
     """Set by Ctrl+C or SIGTERM; the loop finishes its step, saves, and returns."""
 
     def __init__(self) -> None:
         self.requested = False
-        self.reason = ""
+        self.reason = StopReason.FINISHED
 
-    def set(self, reason: str) -> None:
+    def set(self, reason: StopReason | str) -> None:
         self.requested = True
-        self.reason = reason
+        self.reason = StopReason(reason)
 
 
 @contextlib.contextmanager
@@ -48,7 +69,7 @@ def graceful_interrupts(flag: StopFlag):
     def on_signal(signum, frame):
         if flag.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag.set("interrupted" if signum == signal.SIGINT else "terminated")
+        flag.set(StopReason.INTERRUPTED if signum == signal.SIGINT else StopReason.TERMINATED)
 
     old_int = signal.signal(signal.SIGINT, on_signal)
     old_term = signal.signal(signal.SIGTERM, on_signal)
@@ -59,11 +80,8 @@ def graceful_interrupts(flag: StopFlag):
         signal.signal(signal.SIGTERM, old_term)
 
 
-TIME_LIMIT = "time limit reached"
-
-
 class StopCheck:
-    """Why a run stops before its next step ("" while it goes on).
+    """Why a run stops before its next step (``FINISHED`` while it goes on).
 
     Alone, a process looks at its own flag and clock. The ranks of a distributed run
     must all stop after the same step, so each puts its flag and clock into that step's
@@ -71,33 +89,34 @@ class StopCheck:
     Ctrl+C or SIGTERM on any rank, or its time limit, stops every rank after that step.
     """
 
-    REASONS = ("terminated", "interrupted", TIME_LIMIT)  # the first that any rank gave wins
+    # The first that any rank gave wins.
+    REASONS = (StopReason.TERMINATED, StopReason.INTERRUPTED, StopReason.TIME_LIMIT)
 
-    def __init__(self, flag: StopFlag, deadline: float | None, agreed_by_ranks: bool = False) -> None:
+    def __init__(self, flag: StopFlag, deadline: float | None, agreed_by_ranks: bool = False,
+                 clock: Clock = time.monotonic) -> None:
         self.flag = flag
-        self.deadline = deadline
+        self.deadline = deadline  # on ``clock``
         self.agreed_by_ranks = agreed_by_ranks
-        self.agreed = ""
+        self.clock = clock
+        self.agreed = StopReason.FINISHED
 
-    def local(self) -> str:
+    def local(self) -> StopReason:
         if self.flag.requested:
             return self.flag.reason
-        if self.deadline is not None and time.monotonic() > self.deadline:
-            return TIME_LIMIT
-        return ""
+        if self.deadline is not None and self.clock() > self.deadline:
+            return StopReason.TIME_LIMIT
+        return StopReason.FINISHED
 
-    def reason(self) -> str:
+    def reason(self) -> StopReason:
         return self.agreed if self.agreed_by_ranks else self.local()
 
     def votes(self) -> list[float]:
         local = self.local()
-        if local and local not in self.REASONS:
-            local = "interrupted"
         return [float(local == reason) for reason in self.REASONS]
 
     def agree(self, votes: list[float]) -> None:
         """``votes`` summed over the ranks."""
-        self.agreed = next((reason for reason, n in zip(self.REASONS, votes) if n > 0), "")
+        self.agreed = next((reason for reason, n in zip(self.REASONS, votes) if n > 0), StopReason.FINISHED)
 
 
 @dataclass
@@ -116,10 +135,17 @@ class RunState:
     run_step: int = 0
     micro_batches: int = 1  # > 1 after an out-of-memory back-off (per process in a distributed run)
     finished: bool = False
-    kind: str = "text"  # "text", or "chat" for fine-tuning on conversations
+    kind: RunKind = RunKind.TEXT
     world_size: int = 1  # processes that share each batch (torchrun); batch_size is their total
     budget_s: float = 0.0  # a time-budget run: its wall-clock seconds (0: the epochs decide)
     spent_s: float = 0.0  # of them, spent so far (tokenizing included), kept across a resume
+
+    def __post_init__(self) -> None:
+        self.kind = RunKind(self.kind)  # "text"/"chat" from a caller become the enum
+
+    def to_dict(self) -> dict:
+        """Plain values only: the checkpoint is read back with ``weights_only=True``."""
+        return {**asdict(self), "kind": self.kind.value}
 
     @classmethod
     def from_dict(cls, d: dict) -> RunState:
@@ -131,13 +157,14 @@ class RunState:
 
 @dataclass(frozen=True)
 class Budget:
-    """A time budget counted from ``started`` (``time.monotonic()``), for one session."""
+    """A time budget counted from ``started`` (read on ``clock``), for one session."""
 
     seconds: float
     started: float
+    clock: Clock = field(default=time.monotonic, compare=False)
 
     def spent(self) -> float:
-        return time.monotonic() - self.started
+        return self.clock() - self.started
 
     def seconds_left(self) -> float:
         return max(0.0, self.seconds - self.spent())
@@ -156,9 +183,10 @@ class BudgetClock:
     keeps rank 0's first estimate (``replan=False``) and only the deadline ends the run.
     """
 
-    def __init__(self, run: RunState, replan: bool = True) -> None:
+    def __init__(self, run: RunState, replan: bool = True, clock: Clock = time.monotonic) -> None:
         self.replan = replan
-        self.session_start = time.monotonic()
+        self.clock = clock
+        self.session_start = clock()
         self.spent_before = run.spent_s
         self.deadline = self.session_start + max(0.0, run.budget_s - run.spent_s)
         self.end = self.deadline  # the budget's end; ``deadline`` leaves room for the final evaluation
@@ -166,13 +194,13 @@ class BudgetClock:
         self.timed_from: float | None = None  # after the first step (allocations, kernel choices)
 
     def spent(self) -> float:
-        return self.spent_before + time.monotonic() - self.session_start
+        return self.spent_before + self.clock() - self.session_start
 
     def after_step(self, run: RunState, eval_batches: int, other_deadline: float | None,
                    steps_per_epoch: int) -> float:
         """Count a step (``run.batch`` and ``run.run_step`` not yet advanced past it);
         returns the deadline in force from now on."""
-        now = time.monotonic()
+        now = self.clock()
         run.spent_s = self.spent()
         self.steps += 1
         if self.timed_from is None:
@@ -230,7 +258,8 @@ class Progress:
     run: RunState | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "epochs_done": self.epochs_done,
+                "run": self.run.to_dict() if self.run else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> Progress:

@@ -1,0 +1,297 @@
+"""What a training state is, and where it goes: the model folder, or the other ranks.
+
+``TrainingState`` is everything a resume needs besides the data: the model, the
+optimizer and its gradient scaler, where the run stands (``Progress``) and the
+history. ``Checkpointer`` saves it to the model folder as one journaled unit (with
+every process's random state) and loads it back; ``RunPackage`` carries the same state
+from rank 0 to the other ranks of a distributed run, which never open the folder.
+Growing the vocabulary grows the state too: embedding rows and optimizer moments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.data.tokenizer import BaseTokenizer, tokenizer_from_bytes
+from engine.folder.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state
+from engine.folder.records import DatasetRecord, FolderMeta, History, SavedProgress, VocabExpansion
+from engine.model.config import ModelConfig
+from engine.model.gpt import GPT
+from engine.runtime import hardware
+from engine.runtime.distributed import Distributed, SharedFile, rank_seed, state_on_cpu
+from engine.training.config import TrainConfig
+from engine.training.runs import Progress
+from engine.training.step import make_optimizer
+
+
+@dataclass
+class TrainingState:
+    """The model and everything that trains it, as one checkpoint holds them."""
+
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    progress: Progress = field(default_factory=Progress)
+    history: History = field(default_factory=History)
+
+    @classmethod
+    def fresh(cls, model: GPT, config: TrainConfig, runtime: hardware.Runtime, progress: Progress | None = None,
+              history: History | None = None) -> TrainingState:
+        """``model`` with a new optimizer (and, for fp16, a gradient scaler)."""
+        scaler = torch.amp.GradScaler("cuda") if runtime.use_grad_scaler else None
+        return cls(model, make_optimizer(model, config, runtime), scaler, progress or Progress(), history or History())
+
+    @classmethod
+    def new(cls, model_config: ModelConfig, config: TrainConfig, runtime: hardware.Runtime) -> TrainingState:
+        """A new model, its weights drawn from ``config.seed``, and a new optimizer."""
+        torch.manual_seed(config.seed)
+        return cls.fresh(GPT(model_config).to(runtime.device), config, runtime)
+
+    @torch.no_grad()
+    def rows_of_parts(self, parts: list[list[int]]) -> torch.Tensor:
+        """Embedding rows for new tokens made of old ones: each the mean of its parts' rows
+        (of every row, for a token with no parts)."""
+        emb = self.model.wte.weight
+        return torch.stack([emb[ids].mean(dim=0) if ids else emb.mean(dim=0) for ids in parts])
+
+    @torch.no_grad()
+    def rows_for_chat_tokens(self, vocab_size: int, eot_id: int, end_id: int) -> torch.Tensor:
+        """Rows for the chat tokens appended up to ``vocab_size``: <|end|> (``end_id``) as a copy
+        of end-of-text, the end the model already knows; the role tokens as the mean
+        embedding (no word in particular)."""
+        emb = self.model.wte.weight
+        mean, eot = emb.mean(dim=0), emb[eot_id]
+        return torch.stack([eot.clone() if i == end_id else mean.clone() for i in range(emb.shape[0], vocab_size)])
+
+    def grow_vocabulary(self, vocab_size: int, new_rows: torch.Tensor, config: TrainConfig,
+                        runtime: hardware.Runtime) -> None:
+        """Grow the embedding to ``vocab_size`` rows (``new_rows`` appended), with zero
+        optimizer moments for them, and note the growth in the history.
+
+        Every old row and every old moment stays exactly as it was; the optimizer is made
+        anew around the grown parameter, with the old state loaded into it. An unfinished
+        run ends here: its token cache holds ids of the old vocabulary.
+        """
+        old_param, old_rows = self.model.wte.weight, self.model.wte.weight.shape[0]
+        self.model.resize_vocab(vocab_size, new_rows)
+        added = vocab_size - old_rows
+        state = self.optimizer.state_dict()
+        flat = [p for g in self.optimizer.param_groups for p in g["params"]]
+        slot = state["state"].get(next(i for i, p in enumerate(flat) if p is old_param))
+        if slot:
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = slot[key]
+                slot[key] = torch.cat([t, t.new_zeros(added, *t.shape[1:])])
+        scaler_state = self.scaler.state_dict() if self.scaler is not None else None
+        self.optimizer = make_optimizer(self.model, config, runtime)
+        self.optimizer.load_state_dict(state)
+        if scaler_state:
+            self.scaler.load_state_dict(scaler_state)
+        if self.progress.run and not self.progress.run.finished:
+            self.progress.run.finished = True
+        self.history.expansions.append(VocabExpansion(self.progress.step, added, vocab_size))
+
+
+def rng_state(runtime: hardware.Runtime, dist: Distributed | None = None) -> dict:
+    """This process's random state: the CPU generator's, and the GPU's it draws on."""
+    state = {"torch": torch.get_rng_state()}
+    if dist is not None:  # a rank touches its own GPU only (every GPU, from every rank, costs memory)
+        if runtime.device.type == "cuda":
+            state["cuda_device"] = torch.cuda.get_rng_state(runtime.device)
+    elif torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict, runtime: hardware.Runtime, dist: Distributed | None = None) -> None:
+    """Put back a state ``rng_state`` returned, from one process or from a rank of a distributed run."""
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if not torch.cuda.is_available():
+        return
+    if dist is None:
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        elif "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda_device"])
+    elif runtime.device.type == "cuda":
+        own = state.get("cuda_device")
+        if own is None and runtime.device.index < len(state.get("cuda", [])):
+            own = state["cuda"][runtime.device.index]
+        if own is not None:
+            torch.cuda.set_rng_state(own, runtime.device)
+
+
+@dataclass
+class Loaded:
+    """What ``Checkpointer.load`` read: the state, the folder's record and tokenizer, and notes."""
+
+    state: TrainingState
+    meta: FolderMeta
+    tokenizer: BaseTokenizer
+    notes: list[str]  # what the user should know (a damaged or missing checkpoint)
+
+
+class Checkpointer:
+    """Saves a ``TrainingState`` to the model folder and loads it back; sends it to the other ranks.
+
+    Without a folder (a rank > 0 of a distributed run) a save only hands this process's
+    random state to rank 0, which writes it with its own. Files that must join the next
+    save (a new model's tokenizer) wait in ``pending_files``.
+    """
+
+    def __init__(self, folder: ModelFolder | None, runtime: hardware.Runtime, dist: Distributed | None = None):
+        self.folder, self.runtime, self.dist = folder, runtime, dist
+        self.pending_files: dict[str, bytes] = {}
+        self.rng_ranks: list[dict] | None = None  # every rank's RNG state, from a distributed checkpoint
+
+    @property
+    def writes_folder(self) -> bool:
+        """Whether this process writes the model folder (rank 0 of a distributed run, or alone)."""
+        return self.dist is None or self.dist.is_main
+
+    def save(self, state: TrainingState, config: TrainConfig, meta: FolderMeta | None,
+             datasets: list[DatasetRecord], extra_files: dict[str, bytes] | None = None) -> None:
+        """Save weights, full training state, history, data sets and config as one unit.
+
+        After a crash the folder holds either this save or the previous one, never a
+        mix (``extra_files`` join the same unit, e.g. a grown tokenizer).
+
+        In a distributed run every rank calls it at the same step: rank 0 gathers each
+        rank's RNG state (its dropout draws), so that a resume on as many ranks is exact,
+        and writes; the others only hand over their state.
+        """
+        rng = rng_state(self.runtime, self.dist)
+        rng_ranks = self.dist.gather_to_main(rng) if self.dist is not None else None
+        if not self.writes_folder:
+            return
+        # The plain model's state dict, never DDP's: its keys have no "module." prefix.
+        weights = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
+        ckpt = {
+            "model": weights,
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+            "state": state.progress.to_dict(),
+            "rng": rng,
+        }
+        if rng_ranks is not None:
+            ckpt["rng_ranks"] = rng_ranks
+        progress = state.progress
+        meta.model = state.model.config
+        meta.training = config.to_dict()
+        meta.progress = SavedProgress(progress.step, progress.tokens_seen, progress.epochs_done)
+        self.folder.commit_save(weights, ckpt, meta, state.history, datasets,
+                                {**self.pending_files, **(extra_files or {})})
+        self.pending_files = {}
+
+    def load(self, config: TrainConfig, dropout: float | None = None) -> Loaded:
+        """The folder's model, optimizer and progress; ``dropout`` overrides the saved one.
+
+        A damaged or missing checkpoint is not fatal: training goes on from the weights
+        in model.pth with a fresh optimizer, and a note says so.
+        """
+        meta = self.folder.read_meta()
+        tokenizer = self.folder.load_tokenizer()
+        model_config = replace(meta.model) if dropout is None else replace(meta.model, dropout=dropout)
+        if tokenizer.vocab_size != model_config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model "
+                             f"expects {model_config.vocab_size}; the folder is inconsistent")
+        model = GPT(model_config)
+        ckpt, notes = self._read_checkpoint()
+        ckpt_path = self.folder.file(CHECKPOINT_FILE)
+        if ckpt is not None:
+            load_state(model, ckpt["model"], ckpt_path)
+        else:  # weights without training state: continue with a fresh optimizer
+            load_state(model, self.folder.load_verified(WEIGHTS_FILE), self.folder.file(WEIGHTS_FILE))
+        state = TrainingState.fresh(model.to(self.runtime.device), config, self.runtime,
+                                    history=self.folder.read_history())
+        if ckpt is None:
+            return Loaded(state, meta, tokenizer, notes)
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if state.scaler is not None and ckpt.get("scaler"):
+            state.scaler.load_state_dict(ckpt["scaler"])
+        state.progress = Progress.from_dict(ckpt["state"])
+        restore_rng(ckpt.get("rng", {}), self.runtime, self.dist)
+        self.rng_ranks = ckpt.get("rng_ranks")
+        state.history.drop_after(state.progress.step)  # logged after this checkpoint, lost with the process
+        return Loaded(state, meta, tokenizer, notes)
+
+    def send(self, state: TrainingState, config: TrainConfig, tokenizer: BaseTokenizer, resumed: bool, data: Path,
+             rehearsal_pool: np.ndarray | None) -> None:
+        """Rank 0: send the other ranks everything the run needs (``RunPackage``), then share the data file.
+
+        A resumed run gives each rank its own saved random state when as many ranks saved it.
+        """
+        world_size = self.dist.world_size
+        rng_ranks = self.rng_ranks if resumed and len(self.rng_ranks or []) == world_size else None
+        package = RunPackage.of(state, config, tokenizer, resumed, rng_ranks, SharedFile.of(data), rehearsal_pool)
+        self.dist.announce(package)
+        self.dist.fetch_file(package.data)
+
+    def _read_checkpoint(self) -> tuple[dict | None, list[str]]:
+        """checkpoint.pth, verified; None (and why) when it is missing or damaged."""
+        path = self.folder.file(CHECKPOINT_FILE)
+        if not path.exists():
+            return None, ["no checkpoint.pth found: training continues from model.pth with a fresh optimizer"]
+        try:
+            ckpt = self.folder.load_verified(CHECKPOINT_FILE)
+            if not isinstance(ckpt, dict) or not {"model", "optimizer", "state"} <= set(ckpt):
+                raise ValueError(f"{path} is not a training checkpoint")
+        except ValueError as exc:
+            return None, [f"{exc}; continuing from model.pth with a fresh optimizer"]
+        return ckpt, []
+
+
+@dataclass
+class RunPackage:
+    """What rank 0 sends the other ranks of a distributed run before it starts.
+
+    All they need, so that they never open the model folder: the settings, the
+    tokenizer, where the run stands, the optimizer's state, the data and the rehearsal
+    sample. The weights travel separately: DistributedDataParallel copies rank 0's to
+    every rank when it wraps the model.
+    """
+
+    model_config: dict
+    train_config: dict
+    tokenizer_kind: str
+    tokenizer: bytes
+    progress: dict  # Progress.to_dict(), the run included
+    resumed: bool
+    optimizer: dict  # its state_dict, on the CPU
+    scaler: dict | None
+    rng_ranks: list[dict] | None  # each rank's RNG state at the checkpoint (same world size only)
+    data: SharedFile  # the token cache of the run
+    rehearsal_pool: np.ndarray | None
+
+    @classmethod
+    def of(cls, state: TrainingState, config: TrainConfig, tokenizer: BaseTokenizer, resumed: bool,
+           rng_ranks: list[dict] | None, data: SharedFile, rehearsal_pool: np.ndarray | None) -> RunPackage:
+        return cls(model_config=state.model.config.to_dict(), train_config=config.to_dict(),
+                   tokenizer_kind=tokenizer.kind, tokenizer=tokenizer.to_bytes(), progress=state.progress.to_dict(),
+                   resumed=resumed, optimizer=state_on_cpu(state.optimizer.state_dict()),
+                   scaler=state.scaler.state_dict() if state.scaler is not None else None, rng_ranks=rng_ranks,
+                   data=data, rehearsal_pool=rehearsal_pool)
+
+    def unpack(self, dist: Distributed) -> tuple[TrainingState, TrainConfig, BaseTokenizer]:
+        """A rank > 0's state from the package: the same model, optimizer and run, no folder.
+
+        Sets this rank's random state: the one saved for it, or one seeded from the step.
+        """
+        runtime = dist.runtime
+        tokenizer = tokenizer_from_bytes(self.tokenizer_kind, self.tokenizer, "rank 0's tokenizer")
+        config = TrainConfig.from_dict(self.train_config)
+        # Any weights do: DistributedDataParallel copies rank 0's into this model when it wraps it.
+        model = GPT(ModelConfig.from_dict(self.model_config)).to(runtime.device)
+        state = TrainingState.fresh(model, config, runtime, Progress.from_dict(self.progress))
+        state.optimizer.load_state_dict(self.optimizer)
+        if state.scaler is not None and self.scaler:
+            state.scaler.load_state_dict(self.scaler)
+        if self.rng_ranks is not None:
+            restore_rng(self.rng_ranks[dist.rank], runtime, dist)
+        else:
+            torch.manual_seed(rank_seed(config.seed, dist.rank, state.progress.step))
+        return state, config, tokenizer
