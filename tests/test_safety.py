@@ -293,7 +293,7 @@ def test_a_version_1_folder_is_read_and_upgraded_at_its_next_save(trained):
 TODAY_META = {
     "tokenizer": "bpe",
     "model": {"vocab_size": 324, "context": 32, "d_model": 32, "n_layer": 1, "n_head": 2, "d_ff": 128,
-              "dropout": 0.1},
+              "dropout": 0.1, "arch": "gpt2", "qk_norm": False, "rope_theta": 10000.0},
     "training": {"learning_rate": 0.001, "min_lr_ratio": 0.1, "warmup_steps": 100, "weight_decay": 0.01,
                  "grad_clip": 1.0, "batch_size": 4, "val_fraction": 0.05, "checkpoint_every": 10,
                  "eval_batches": 4, "target_vocab_size": 320, "rehearsal": 0.2, "seed": 1337, "max_minutes": 0.0,
