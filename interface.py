@@ -19,9 +19,8 @@ from typing import Callable, Iterator
 from engine.app import cli, screens
 from engine.app.chat_repl import run_chat
 from engine.app.console import (
-    DEFAULT_CHAT_EPOCHS,
+    DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
-    MAX_EPOCHS,
     USER_ERRORS,
     Cancelled,
     Console,
@@ -149,9 +148,7 @@ class Menu:
         spec = self.console.ask("Conversation file or folder, JSONL (press Enter for the built-in conversations): ")
         source = open_conversations(spec)
         self.out(screens.conversations_summary(source))
-        epochs = self.console.ask_number("Number of epochs", DEFAULT_CHAT_EPOCHS, 1, MAX_EPOCHS,
-                                         "the number of epochs")
-        self.session.finetune_on(source, epochs)
+        self.session.finetune_on(source, self.console.ask_length(DEFAULT_CHAT_LENGTH))
 
     def training_status(self) -> None:
         report = self.session.status_report()

@@ -1,11 +1,13 @@
 """Time-budget mode: the plan's rules, a run that ends with its minutes, resume and Continue."""
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from engine.app import cli
 from engine.data.sources import open_source
 from engine.folder.model_folder import ModelFolder
 from engine.training import budget
-from engine.training.events import Notice, RunEnded, StepDone, Tokenizing
+from engine.training.events import Notice, RunEnded, RunStarted, StepDone, Tokenizing
 from engine.training.loop import TrainingLoop
 from engine.training.runs import StopFlag, StopReason
 from trainer import Trainer
@@ -297,11 +299,9 @@ def test_settings_the_user_gave_win_over_the_plan_and_the_plan_says_so(tmp_path,
     assert trainer.model.config.dropout == 0.05 and trainer.config.learning_rate == 3e-3
 
 
-def test_a_budget_run_that_gets_worse_ends_with_its_best_pass(tmp_path, sample_file, fixed_rate, monkeypatch):
-    """The wiring of the best-pass rule: the held-out losses are made to rise after pass 1
-    (a real tiny run does not overfit on cue); the weights saved are those of pass 1."""
-    clock = StepClock()
-    trainer = budget_trainer(tmp_path / "m", clock)
+def rising_evaluations(monkeypatch) -> dict:
+    """Held-out losses that rise with every evaluation (1.0, 2.0, ...), each evaluation's weights
+    recorded by its number: a real tiny run does not overfit on cue."""
     real_evaluate = TrainingLoop.evaluate
     seen = {}
 
@@ -312,6 +312,15 @@ def test_a_budget_run_that_gets_worse_ends_with_its_best_pass(tmp_path, sample_f
         return replace(result, val_loss=1.0 + n, bpb=1.0 + n)
 
     monkeypatch.setattr(TrainingLoop, "evaluate", rising)
+    return seen
+
+
+def test_a_budget_run_that_gets_worse_ends_with_its_best_pass(tmp_path, sample_file, fixed_rate, monkeypatch):
+    """The wiring of the best-pass rule: the held-out losses are made to rise after pass 1
+    (a real tiny run does not overfit on cue); the weights saved are those of pass 1."""
+    clock = StepClock()
+    trainer = budget_trainer(tmp_path / "m", clock)
+    seen = rising_evaluations(monkeypatch)
     events = []
     result = trainer.train(open_source(str(sample_file)), 1, clock.listening(events.append), minutes=0.12)
     assert len(seen) == trainer.progress.epochs_done + 1 >= 3  # every pass, and the end of the budget
@@ -321,3 +330,185 @@ def test_a_budget_run_that_gets_worse_ends_with_its_best_pass(tmp_path, sample_f
     model, _, _ = ModelFolder(str(tmp_path / "m")).load_model()
     assert all(torch.equal(v, seen[0][k]) for k, v in model.state_dict().items())
     assert ModelFolder(str(tmp_path / "m")).status().last_eval.bpb == 1.0
+
+
+# -- conversations on a time budget ----------------------------------------------------------
+
+def numbered_conversations(n: int):
+    """``n`` short conversations, each naming its place in the set (one packed row each at context 32)."""
+    from engine.data.chat_format import Message
+    from engine.data.conversations import ConversationSource
+
+    return ConversationSource("numbered", [[Message("user", f"Question {i}?"), Message("assistant", f"Answer {i}.")]
+                                           for i in range(n)])
+
+
+def recording_rows(monkeypatch):
+    """The training rows of each batch a conversation run takes, in order (indices into ``train_ids``)."""
+    from engine.data.chat_windows import ChatDataset
+
+    rows = []
+    real_train_batch = ChatDataset.train_batch
+
+    def train_batch(self, plan, i):
+        rows.extend(int(r) for r in plan.batch_windows(i))
+        return real_train_batch(self, plan, i)
+
+    monkeypatch.setattr(ChatDataset, "train_batch", train_batch)
+    return rows
+
+
+def test_a_conversation_budget_run_ends_with_its_minutes_and_is_saved(trained_copy, fixed_rate):
+    """``finetune --minutes`` as the Trainer runs it: a budget, not 30 passes (it once started 30 x 1,958 steps)."""
+    folder = trained_copy("bpe", 1)
+    clock = StepClock()
+    trainer = Trainer(str(folder), clock=clock)
+    steps_before = ModelFolder(str(folder)).read_meta().progress.step
+    events = []
+    result = trainer.train_conversations(numbered_conversations(200), 30, clock.listening(events.append),
+                                         minutes=0.05)
+    run = trainer.progress.run
+    assert result.stopped_early is StopReason.FINISHED and run.finished and run.kind == "chat"
+    assert run.budget_s == pytest.approx(3.0) and run.spent_s == pytest.approx(result.steps * STEP_S)
+    assert 3.0 - 1.5 < run.spent_s <= 3.0  # the time, less the final evaluation's reserve
+    assert result.final_eval is not None and result.final_eval.step == trainer.progress.step
+    lrs = [s.lr for s in trainer.history.steps[-result.steps:]]
+    assert lrs[-1] < 0.5 * max(lrs)  # the schedule was fitted to the clock, not to 30 passes
+    started = next(e for e in events if isinstance(e, RunStarted))
+    assert 0 < started.minutes_left <= 0.05
+    saved = ModelFolder(str(folder))
+    assert saved.read_meta().progress.step == steps_before + result.steps and saved.read_meta().chat_tuned
+    assert saved.read_meta().model == trainer.model.config  # the model keeps its size
+    assert saved.status().runs[-1].minutes == 0.05
+
+
+def test_a_conversation_budget_run_that_gets_worse_ends_with_its_best_pass(trained_copy, fixed_rate, monkeypatch):
+    """The text test's wiring, on conversations: held-out losses made to rise after pass 1 leave pass 1's weights."""
+    folder = trained_copy("bpe", 1)
+    clock = StepClock()
+    trainer = Trainer(str(folder), clock=clock)
+    seen = rising_evaluations(monkeypatch)
+    events = []
+    result = trainer.train_conversations(numbered_conversations(20), 30, clock.listening(events.append),
+                                         minutes=0.05)
+    assert len(seen) == trainer.progress.run.epoch + 1 >= 3  # every pass, and the end of the budget
+    notices = [e.text for e in events if isinstance(e, Notice)]
+    assert any(n.startswith("kept the weights of pass 1 (held-out 1.0000 bits/byte") and
+               n.endswith("later passes over these conversations overfit it") for n in notices)
+    assert result.final_eval.bpb == 1.0
+    model, _, _ = ModelFolder(str(folder)).load_model()
+    assert all(torch.equal(v, seen[0][k]) for k, v in model.state_dict().items())
+
+
+def test_less_than_a_pass_trains_on_a_random_sample_and_the_held_out_split_stays(trained_once, tmp_path, fixed_rate,
+                                                                                 monkeypatch):
+    """Two budgets shorter than a pass over 200 conversations: each trains on rows drawn in one
+    seeded shuffled order (the longer run sees more of the same order), never on the first rows
+    in the data's order, and both hold out the same conversations."""
+    from engine.data.chat_windows import ChatDataset, split_conversations
+    from engine.training.dataset_memory import dataset_id_of
+
+    source = numbered_conversations(200)
+    recorded = recording_rows(monkeypatch)
+    rows, held_out, trained = [], [], []
+    for minutes in (0.02, 0.04):
+        folder = tmp_path / f"model-{minutes}"
+        shutil.copytree(trained_once("bpe", 1), folder)
+        clock = StepClock()
+        trainer = Trainer(str(folder), clock=clock)
+        trainer.train_conversations(source, 30, clock.listening(), minutes=minutes)
+        rows.append(list(recorded))
+        recorded.clear()
+        run = trainer.progress.run
+        data = ChatDataset.load(folder / "cache" / run.cache_file)
+        assert run.epoch == 0 and len(rows[-1]) < len(data.train_ids)  # less than one pass
+        record = next(r for r in ModelFolder(str(folder)).read_datasets() if r.id == dataset_id_of(run.cache_file))
+        held_out.append((ModelFolder(str(folder)).read_dataset_texts(record)["conversations"], data.val_ids))
+        texts = [trainer.tokenizer.decode(data.train_ids[r].tolist()) for r in rows[-1]]
+        trained.append(sorted(int(n) for text in texts for n in re.findall(r"Question (\d+)", text)))
+    first, second = rows
+    assert len(set(first)) == len(first) and len(second) > len(first)
+    assert second[:len(first)] == first  # one seeded order: a longer budget (or a resume) goes on with it
+    assert sorted(first) != list(range(len(first)))  # not the first rows in the data's order ...
+    assert min(trained[0]) < 50 and max(trained[0]) > 150  # ... but conversations from all over the set
+    assert held_out[0][0] == held_out[1][0] and np.array_equal(held_out[0][1], held_out[1][1])
+    _, expected = split_conversations(source.conversations, trainer.config.seed)
+    assert held_out[0][0] == [[m.to_dict() for m in conv] for conv in expected]
+    held_out_numbers = {int(re.search(r"\d+", conv[0].content)[0]) for conv in expected}
+    assert len(held_out_numbers) == 20 and not held_out_numbers & set(trained[1])  # never trained on
+
+
+def test_finetune_by_minutes_on_the_command_line(trained_copy, tmp_path):
+    """The real program, on the real clock: it ends finished and saved (how many steps fit depends on the machine)."""
+    from engine.data.conversations import append_conversation
+
+    folder = trained_copy("bpe", 1)
+    chats = tmp_path / "chats.jsonl"
+    for conv in numbered_conversations(40).conversations:
+        append_conversation(chats, conv)
+    proc = subprocess.run([sys.executable, str(ROOT / "interface.py"), "finetune", str(chats), "--minutes", "0.05",
+                           "--model-dir", str(folder)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "Training complete" in out and "Traceback" not in out
+    folder_now = ModelFolder(str(folder))
+    assert folder_now.read_meta().chat_tuned
+    assert folder_now.status().runs[-1].minutes == 0.05 and folder_now.status().runs[-1].kind == "chat"
+    checkpoint = torch.load(folder / "checkpoint.pth", weights_only=True)
+    run = checkpoint["state"]["run"]
+    assert run["finished"] and run["budget_s"] == pytest.approx(3.0) and run["epochs"] < 100_000
+
+
+def test_the_menu_takes_minutes_for_conversations(trained_copy, monkeypatch):
+    """Train on Conversations asks the length question text training asks, so '2m' is a 2-minute budget."""
+    import interface
+    from engine.app.session import Session
+    from engine.data.conversations import append_conversation
+
+    folder = trained_copy("bpe", 1)
+    asked = []
+    monkeypatch.setattr(Session, "finetune_on", lambda self, source, length: asked.append(length))
+    chats = folder.parent / "chats.jsonl"
+    for conv in numbered_conversations(12).conversations:
+        append_conversation(chats, conv)
+    prompts = []
+    answers = iter(["1", "5", str(chats), "two minutes", "2m", "6", "5"])
+
+    def input_fn(prompt):
+        prompts.append(prompt)
+        return next(answers)
+
+    out = []
+    assert interface.main(["--model-dir", str(folder)], input_fn, out.append) == 0
+    assert [(length.epochs, length.minutes) for length in asked] == [(30, 2.0)]
+    assert "Training length: epochs, or minutes such as 10m for a time budget [default: 30 epochs]: " in prompts
+    assert any("Invalid length: a time budget is a number of minutes" in line for line in out)
+
+
+def test_a_default_length_in_minutes_works_in_the_menu_and_in_finetune(trained_once, tmp_path, monkeypatch, capsys):
+    """DEFAULT_CHAT_LENGTH may become minutes: the menu's empty answer and ``finetune`` without flags take them."""
+    import interface
+    from engine.app import cli
+    from engine.app.console import TrainingLength
+    from engine.data.conversations import append_conversation
+
+    default = TrainingLength(30, 0.02)
+    monkeypatch.setattr(interface, "DEFAULT_CHAT_LENGTH", default)
+    monkeypatch.setattr(cli, "DEFAULT_CHAT_LENGTH", default)
+    chats = tmp_path / "chats.jsonl"
+    for conv in numbered_conversations(12).conversations:
+        append_conversation(chats, conv)
+    for door in ("menu", "finetune"):
+        folder = tmp_path / door
+        shutil.copytree(trained_once("bpe", 1), folder)
+        if door == "menu":
+            answers, prompts = iter(["1", "5", str(chats), "", "6", "5"]), []
+            assert interface.main(["--model-dir", str(folder)], lambda p: prompts.append(p) or next(answers),
+                                  lambda line="": None) == 0
+            assert any(p.endswith("[default: 0.02 minutes]: ") for p in prompts)
+        else:
+            assert cli.main(["finetune", str(chats), "--model-dir", str(folder)]) == 0
+            assert "Training complete" in capsys.readouterr().out
+        last = ModelFolder(str(folder)).status().runs[-1]
+        assert (last.kind, last.minutes) == ("chat", 0.02), door
+

@@ -29,7 +29,8 @@ from typing import Callable
 from engine.app import screens
 from engine.app.chat_repl import run_chat
 from engine.app.console import (
-    DEFAULT_CHAT_EPOCHS,
+    DEFAULT_CHAT_EPOCHS,  # noqa: F401 -- cli.DEFAULT_CHAT_EPOCHS, as before
+    DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
     MAX_EPOCHS,
     USER_ERRORS,
@@ -100,7 +101,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="a JSONL file or a folder of them; nothing: the built-in conversations")
     p.add_argument("--chat-epochs", dest="epochs", type=whole_number(1, MAX_EPOCHS, "the number of epochs"),
                    metavar="N", help=f"the same as --epochs: passes over the conversations "
-                                     f"(default {DEFAULT_CHAT_EPOCHS})")
+                                     f"(default {DEFAULT_CHAT_LENGTH.describe()})")
 
 
 def _ask_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +174,7 @@ def run_finetune(args: argparse.Namespace, session: Session, console: Console) -
     _require_model(session)
     source = open_conversations(args.path)
     console.out(screens.conversations_summary(source))
-    return _training_status(session.finetune_on(source, args.epochs))
+    return _training_status(session.finetune_on(source, TrainingLength(args.epochs, args.minutes)))
 
 
 def run_continue(args: argparse.Namespace, session: Session, console: Console) -> int:
@@ -357,8 +358,10 @@ def build_parser() -> Parser:
 def parse(argv: list[str]) -> argparse.Namespace:
     """The subcommand's arguments on top of every flag's default (``Session`` reads them all)."""
     args = build_parser().parse_args(argv, namespace=all_defaults())
+    if args.command == "finetune" and args.epochs is None and not args.minutes:  # its default may be minutes
+        args.epochs, args.minutes = DEFAULT_CHAT_LENGTH.epochs, DEFAULT_CHAT_LENGTH.minutes
     if args.epochs is None:  # each command has its own default
-        args.epochs = DEFAULT_CHAT_EPOCHS if args.command == "finetune" else DEFAULT_EPOCHS
+        args.epochs = DEFAULT_CHAT_LENGTH.epochs if args.command == "finetune" else DEFAULT_EPOCHS
     return args
 
 

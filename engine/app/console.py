@@ -23,9 +23,6 @@ from engine.training.trainer import MAX_BUDGET_MINUTES
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 DEFAULT_EPOCHS = 3
 MAX_EPOCHS = 10_000
-# Conversation sets are small: 30 passes ended 95% of held-out replies with <|end|>, 12 only
-# 84% (scripts/chat_experiment.py, README "Chat models").
-DEFAULT_CHAT_EPOCHS = 30
 END_OF_TEXT_INPUT = "END"
 
 
@@ -59,12 +56,30 @@ class TrainingLength:
     epochs: int
     minutes: float = 0.0
 
+    def describe(self) -> str:
+        """'3 epochs' or '10 minutes', as a prompt shows its default."""
+        return f"{self.minutes:g} minutes" if self.minutes else f"{self.epochs} epochs"
 
-def parse_training_length(text: str, default_epochs: int) -> TrainingLength:
-    """'3' -> 3 epochs; '10m', '10 min', '2.5 minutes' -> a 10 (2.5) minute budget; '' -> the default."""
+
+# Conversation sets are small: 30 passes ended 95% of held-out replies with <|end|>, 12 only
+# 84% (scripts/chat_experiment.py, README "Chat models").
+DEFAULT_CHAT_EPOCHS = 30
+# Fine-tuning's length when the user gives none (the menu's default answer, ``finetune``
+# without --epochs or --minutes); a time budget such as TrainingLength(DEFAULT_CHAT_EPOCHS, 10.0) works too.
+DEFAULT_CHAT_LENGTH = TrainingLength(DEFAULT_CHAT_EPOCHS)
+
+
+def parse_training_length(text: str, default: int | TrainingLength) -> TrainingLength:
+    """'3' -> 3 epochs; '10m', '10 min', '2.5 minutes' -> a 10 (2.5) minute budget; '' -> the default.
+
+    ``default`` is a number of epochs or a whole ``TrainingLength`` (which may be minutes).
+    """
+    if not isinstance(default, TrainingLength):
+        default = TrainingLength(default)
+    default_epochs = default.epochs
     text = text.strip().lower()
     if not text:
-        return TrainingLength(default_epochs)
+        return default
     number = text.removesuffix("minutes").removesuffix("min").removesuffix("m").strip()
     if number != text:
         try:
@@ -142,13 +157,18 @@ class Console:
             except ValueError as exc:
                 self.out(f"Invalid number: {exc}.")
 
-    def ask_length(self, default_epochs: int) -> TrainingLength:
-        """Epochs, or minutes for a time budget (the model size is then chosen for that time)."""
+    def ask_length(self, default: int | TrainingLength) -> TrainingLength:
+        """Epochs, or minutes for a time budget (a new model's size is then chosen for that time).
+
+        ``default`` is a number of epochs or a ``TrainingLength`` (which may be minutes).
+        """
+        if not isinstance(default, TrainingLength):
+            default = TrainingLength(default)
         while True:
             answer = self.ask(f"Training length: epochs, or minutes such as 10m for a time budget "
-                              f"[default: {default_epochs} epochs]: ")
+                              f"[default: {default.describe()}]: ")
             try:
-                return parse_training_length(answer, default_epochs)
+                return parse_training_length(answer, default)
             except ValueError as exc:
                 self.out(f"Invalid length: {exc}.")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.app.console import (
-    DEFAULT_CHAT_EPOCHS,
+    DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
     MAX_EPOCHS,
     parse_training_length,
@@ -64,7 +64,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=whole_number(1, MAX_EPOCHS, "the number of epochs"),
                    help=f"passes over the data (the menu's default answer; default {DEFAULT_EPOCHS}, "
-                        f"{DEFAULT_CHAT_EPOCHS} for finetune)")
+                        f"{DEFAULT_CHAT_LENGTH.describe()} for finetune)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")

@@ -141,10 +141,11 @@ class Session:
         """Finish the run an interruption left (``trainer.interrupted_run()`` is not None)."""
         return self.drive(trainer, lambda on_event, stop: trainer.resume(on_event, stop))
 
-    def finetune_on(self, source: ConversationSource, epochs: int) -> TrainResult | None:
-        """Fine-tune the model on conversations: it learns the chat format."""
+    def finetune_on(self, source: ConversationSource, length: TrainingLength) -> TrainResult | None:
+        """Fine-tune the model on conversations for ``length`` (passes or minutes): it learns the chat format."""
         trainer = self.make_trainer()
-        return self.drive(trainer, lambda on_event, stop: trainer.train_conversations(source, epochs, on_event, stop))
+        return self.drive(trainer, lambda on_event, stop: trainer.train_conversations(source, length.epochs, on_event,
+                                                                                      stop, length.minutes))
 
     # -- the trained model ------------------------------------------------------------------
     def load_generator(self) -> ResponseGenerator:

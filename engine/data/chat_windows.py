@@ -177,6 +177,10 @@ class ChatDataset:
                 return
             yield inputs_and_targets(self.val_ids[start:start + batch_size], self.val_targets[start:start + batch_size])
 
+    def val_batch_count(self, batch_size: int, max_batches: int) -> int:
+        """How many batches ``val_batches(batch_size, max_batches)`` yields (a time budget keeps time for them)."""
+        return min(max_batches, -(-len(self.val_ids) // batch_size))
+
     # -- the cache that makes a resume exact ---------------------------------------------------
     def save(self, path: Path) -> None:
         def write(f) -> None:

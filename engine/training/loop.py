@@ -20,7 +20,7 @@ import torch
 
 from engine.data.chat_windows import ChatDataset
 from engine.data.windows import EpochPlan, TokenDataset
-from engine.folder.records import EvalResult, StepRecord
+from engine.folder.records import EvalResult, RunKind, StepRecord
 from engine.runtime import hardware
 from engine.runtime.distributed import Distributed
 from engine.training.checkpoint import Checkpointer, RunPackage, TrainingState, restore_rng, rng_state
@@ -209,8 +209,8 @@ class TrainingLoop:
         if best.beats(self.final_eval):
             best.restore(self.state.model)
             on_event(Notice(f"kept the weights of pass {best.result.epoch} (held-out {best.result.bpb:.4f} "
-                            f"bits/byte, against {self.final_eval.bpb:.4f} at the end): later passes over this "
-                            "text overfit it"))
+                            f"bits/byte, against {self.final_eval.bpb:.4f} at the end): later passes over "
+                            f"{'these conversations' if run.kind is RunKind.CHAT else 'this text'} overfit it"))
             self.final_eval = self.record(replace(best.result, step=progress.step, epoch=run.epoch,
                                                   partial_epoch=run.batch > 0), run)
         run.spent_s = self.budget.spent()

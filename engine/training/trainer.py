@@ -274,13 +274,22 @@ class Trainer:
 
     @_exclusive
     def train_conversations(self, source: ConversationSource, epochs: int, on_event: OnEvent = ignore_events,
-                            stop: StopFlag | None = None) -> TrainResult:
+                            stop: StopFlag | None = None, minutes: float = 0.0) -> TrainResult:
         """Fine-tune on conversations: the loss is on the assistant's replies only.
 
         A model made before the chat tokens existed gets them first (one journaled save).
         Rehearsal of earlier text stays on, so the model keeps what it knew.
+
+        ``minutes`` > 0 is a time budget instead of ``epochs``, as for text: the model keeps
+        its size, and the run ends when the time is up, everything from tokenizing to the
+        last evaluation included, with the weights of its best pass. A budget shorter than
+        a pass trains on a random sample of the conversations: each pass visits the packed
+        rows in a shuffled order of its own (``ChatDataset.epoch_plan``); the held-out
+        conversations are set aside before that (``split_conversations``), whatever the time.
         """
+        started = self.clock()
         check_epochs(epochs)
+        check_minutes(minutes)
         if not self.has_model:
             raise ValueError("there is no model to fine-tune yet: train it on text first (Training Menu 1), "
                              "then on conversations")
@@ -294,7 +303,9 @@ class Trainer:
         dataset, cache_file, held_out = conversation_data(source, self.tokenizer, chat_ids, self.model.config.context,
                                                           self.config.seed, self.folder.cache_dir, on_event)
         self.meta.chat_tuned = True  # saved with the run's first checkpoint
-        return self._run_on(dataset, source.name, cache_file, epochs, RunKind.CHAT, on_event, stop, held_out)
+        time_budget = Budget(minutes * 60, started, self.clock) if minutes else None
+        return self._run_on(dataset, source.name, cache_file, epochs, RunKind.CHAT, on_event, stop, held_out,
+                            time_budget)
 
     # -- what continual learning builds on ------------------------------------------------
     def evaluate_datasets(self) -> dict[str, EvalResult]:
