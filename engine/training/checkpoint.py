@@ -95,34 +95,68 @@ class TrainingState:
         self.history.expansions.append(VocabExpansion(self.progress.step, added, vocab_size))
 
 
-def rng_state(runtime: hardware.Runtime, dist: Distributed | None = None) -> dict:
-    """This process's random state: the CPU generator's, and the GPU's it draws on."""
+def rng_state(runtime: hardware.Runtime) -> dict:
+    """This process's random state: the CPU generator's, and that of the one GPU it trains on.
+
+    Only the device the run uses, alone or as a rank of a distributed run:
+    ``get_rng_state_all`` would record every GPU visible (and initialise CUDA in a run
+    on the CPU), which a machine with fewer GPUs could not take back.
+    """
     state = {"torch": torch.get_rng_state()}
-    if dist is not None:  # a rank touches its own GPU only (every GPU, from every rank, costs memory)
-        if runtime.device.type == "cuda":
-            state["cuda_device"] = torch.cuda.get_rng_state(runtime.device)
-    elif torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if runtime.device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(runtime.device)
     return state
 
 
-def restore_rng(state: dict, runtime: hardware.Runtime, dist: Distributed | None = None) -> None:
-    """Put back a state ``rng_state`` returned, from one process or from a rank of a distributed run."""
+def restore_rng(state: dict, runtime: hardware.Runtime) -> str:
+    """Put back a state ``rng_state`` returned; what of it did not fit this run, in one line ('' if all did).
+
+    Checkpoints saved before by one process hold every visible GPU's state (``"cuda"``,
+    a list); the run's own GPU takes the one of its index. A GPU state on a run on the
+    CPU, or no state for this run's GPU, is left aside: only dropout draws differ from
+    those of an uninterrupted run. CUDA is never touched in a run on the CPU.
+    """
     if "torch" in state:
         torch.set_rng_state(state["torch"])
-    if not torch.cuda.is_available():
-        return
-    if dist is None:
-        if "cuda" in state:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        elif "cuda_device" in state:
-            torch.cuda.set_rng_state(state["cuda_device"])
-    elif runtime.device.type == "cuda":
-        own = state.get("cuda_device")
-        if own is None and runtime.device.index < len(state.get("cuda", [])):
-            own = state["cuda"][runtime.device.index]
-        if own is not None:
-            torch.cuda.set_rng_state(own, runtime.device)
+    own, every_gpu = state.get("cuda_device"), state.get("cuda") or []
+    if runtime.device.type != "cuda":
+        if own is None and not every_gpu:
+            return ""
+        return ("this checkpoint holds GPU random state and training goes on on the CPU: it is left aside, so "
+                "dropout draws differ from those of an uninterrupted run")
+    index = runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()
+    note = ""
+    if own is None and index < len(every_gpu):
+        own = every_gpu[index]
+        if len(every_gpu) > 1:
+            note = (f"this checkpoint holds the random state of {len(every_gpu)} GPUs and this run trains on one: "
+                    f"that of GPU {index} is restored")
+    if own is None:
+        saved = f"{len(every_gpu)} GPU(s)" if every_gpu else "the CPU"
+        return (f"this checkpoint holds no random state for {runtime.device} (it was saved on {saved}): dropout "
+                "draws differ from those of an uninterrupted run")
+    torch.cuda.set_rng_state(own, runtime.device)
+    return note
+
+
+def weights_on_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model's state dict on the CPU, with tied tensors still one tensor.
+
+    ``wte.weight`` and ``lm_head.weight`` are the same memory. ``.cpu()`` per key keeps
+    that on the CPU (it returns the tensor itself) but copies a GPU tensor once per key,
+    which would store the embedding twice. So each tensor moves once, and a key that
+    names one already moved gets the same copy: the file is the one a CPU run writes.
+    """
+    moved: dict[tuple, torch.Tensor] = {}
+    weights = {}
+    for key, tensor in state_dict.items():
+        tensor = tensor.detach()
+        same = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype)
+        if same not in moved:
+            moved[same] = tensor.cpu()
+        weights[key] = moved[same]
+    return weights
 
 
 @dataclass
@@ -132,7 +166,7 @@ class Loaded:
     state: TrainingState
     meta: FolderMeta
     tokenizer: BaseTokenizer
-    notes: list[str]  # what the user should know (a damaged or missing checkpoint)
+    notes: list[str]  # what the user should know (a damaged or missing checkpoint, random state left aside)
 
 
 class Checkpointer:
@@ -164,12 +198,12 @@ class Checkpointer:
         rank's RNG state (its dropout draws), so that a resume on as many ranks is exact,
         and writes; the others only hand over their state.
         """
-        rng = rng_state(self.runtime, self.dist)
+        rng = rng_state(self.runtime)
         rng_ranks = self.dist.gather_to_main(rng) if self.dist is not None else None
         if not self.writes_folder:
             return
         # The plain model's state dict, never DDP's: its keys have no "module." prefix.
-        weights = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
+        weights = weights_on_cpu(state.model.state_dict())
         ckpt = {
             "model": weights,
             "optimizer": state.optimizer.state_dict(),
@@ -214,7 +248,9 @@ class Checkpointer:
         if state.scaler is not None and ckpt.get("scaler"):
             state.scaler.load_state_dict(ckpt["scaler"])
         state.progress = Progress.from_dict(ckpt["state"])
-        restore_rng(ckpt.get("rng", {}), self.runtime, self.dist)
+        note = restore_rng(ckpt.get("rng", {}), self.runtime)
+        if note:
+            notes.append(note)
         self.rng_ranks = ckpt.get("rng_ranks")
         state.history.drop_after(state.progress.step)  # logged after this checkpoint, lost with the process
         return Loaded(state, meta, tokenizer, notes)
@@ -291,7 +327,7 @@ class RunPackage:
         if state.scaler is not None and self.scaler:
             state.scaler.load_state_dict(self.scaler)
         if self.rng_ranks is not None:
-            restore_rng(self.rng_ranks[dist.rank], runtime, dist)
+            restore_rng(self.rng_ranks[dist.rank], runtime)
         else:
             torch.manual_seed(rank_seed(config.seed, dist.rank, state.progress.step))
         return state, config, tokenizer

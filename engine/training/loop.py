@@ -151,9 +151,9 @@ class TrainingLoop:
         t0 = time.perf_counter()  # tokens/s as measured, whatever clock decides when to stop
         x, y, segments = next_batch(dataset, plan, run, self.rehearsal_pool, cfg)
         if not self.memory_checked:
-            rng = rng_state(self.runtime, self.dist)  # the trial must not move the random state
+            rng = rng_state(self.runtime)  # the trial must not move the random state
             self.stepper.agree_on_micro_batches(x, y, segments, run, on_event, progress.step)
-            restore_rng(rng, self.runtime, self.dist)
+            restore_rng(rng, self.runtime)
             self.memory_checked = True
         lr = lr_at(run.run_step, run.total_steps, cfg)
         loss = self.stepper.step(x, y, lr, run, on_event, segments, progress.step)

@@ -1,0 +1,147 @@
+"""Training's GPU paths on a machine without a GPU: random state and saves.
+
+``torch.cuda``'s queries are faked (``FakeCuda`` from test_gpu_paths), and so are the
+CUDA random-state calls, which record what they were asked; a call a path must not
+make raises. A move to the GPU and back is faked as a copy (``Tensor.cpu``).
+"""
+import io
+import zipfile
+
+import torch
+from test_gpu_paths import FakeCuda
+
+from engine.data.sources import source_from_text
+from engine.folder.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder
+from engine.runtime import hardware
+from engine.training.checkpoint import restore_rng, rng_state
+from engine.training.events import StepDone
+from engine.training.runs import StopFlag
+from trainer import Trainer
+
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
+
+
+def gpu_runtime(index: int | None = None) -> hardware.Runtime:
+    return hardware.Runtime(torch.device("cuda", index) if index is not None else torch.device("cuda"),
+                            torch.bfloat16, False, "faked")
+
+
+def cpu_runtime() -> hardware.Runtime:
+    return hardware.detect_runtime("cpu", "fp32")
+
+
+class CudaRandomState:
+    """The CUDA random-state calls, faked: ``set_rng_state`` records its state and device;
+    ``get_rng_state_all``/``set_rng_state_all`` (every visible GPU) must never be called."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.restored: list[tuple[torch.Tensor, object]] = []
+        cuda = torch.cuda
+        monkeypatch.setattr(cuda, "set_rng_state", lambda state, device="cuda": self.restored.append((state, device)))
+        monkeypatch.setattr(cuda, "get_rng_state", lambda device="cuda": torch.full((16,), 7, dtype=torch.uint8))
+        monkeypatch.setattr(cuda, "get_rng_state_all", self.refuse)
+        monkeypatch.setattr(cuda, "set_rng_state_all", self.refuse)
+
+    @staticmethod
+    def refuse(*args, **kwargs):
+        raise AssertionError("every visible GPU's random state was asked for")
+
+
+def gpu_states(n: int) -> list[torch.Tensor]:
+    return [torch.full((16,), i, dtype=torch.uint8) for i in range(n)]
+
+
+# -- random state ------------------------------------------------------------------------------
+
+def test_a_checkpoint_with_four_gpu_states_goes_on_on_one_gpu(monkeypatch):
+    """What a single-process run saved on a 4-GPU host (every GPU's state) resumes on one GPU:
+    the state of its own index is restored, and one line says the others are left."""
+    FakeCuda(monkeypatch, [(9, 0)])  # one GPU visible (or CUDA_VISIBLE_DEVICES narrowed to one)
+    cuda = CudaRandomState(monkeypatch)
+    saved = {"torch": torch.get_rng_state(), "cuda": gpu_states(4)}
+    note = restore_rng(saved, gpu_runtime())
+    assert [(int(state[0]), device) for state, device in cuda.restored] == [(0, torch.device("cuda"))]
+    assert note == "this checkpoint holds the random state of 4 GPUs and this run trains on one: that of GPU 0 is restored"
+    assert "\n" not in note
+
+
+def test_a_gpu_run_saves_its_own_gpu_state_only_and_takes_it_back_on_any_gpu(monkeypatch):
+    FakeCuda(monkeypatch, [(9, 0), (9, 0)])
+    cuda = CudaRandomState(monkeypatch)
+    state = rng_state(gpu_runtime(1))
+    assert set(state) == {"torch", "cuda_device"}
+    assert restore_rng(state, gpu_runtime(0)) == ""  # exact: one state, one device
+    assert cuda.restored[-1][1] == torch.device("cuda", 0)
+    assert restore_rng({"torch": torch.get_rng_state(), "cuda": gpu_states(1)}, gpu_runtime(0)) == ""
+    note = restore_rng({"torch": torch.get_rng_state(), "cuda": gpu_states(1)}, gpu_runtime(1))
+    assert note.startswith("this checkpoint holds no random state for cuda:1 (it was saved on 1 GPU(s))")
+    assert restore_rng({"torch": torch.get_rng_state()}, gpu_runtime(0)).startswith(
+        "this checkpoint holds no random state for cuda:0 (it was saved on the CPU)")
+
+
+def test_a_cpu_run_on_a_gpu_host_resumes_a_four_gpu_checkpoint_without_touching_cuda(tmp_path, monkeypatch):
+    """--device cpu on a host with 4 GPUs: the old checkpoint's GPU states are left aside (one
+    line says so), the run finishes, and CUDA is never initialised nor asked for its state."""
+    folder = tmp_path / "model"
+    stop = StopFlag()
+
+    def stop_at_step_3(event):
+        if isinstance(event, StepDone) and event.step == 3:
+            stop.set("interrupted")
+
+    runtime = cpu_runtime()
+    Trainer(str(folder), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN, runtime=runtime).train(
+        source_from_text(SAMPLE_TEXT), 1, stop_at_step_3, stop)
+    as_saved_before(folder, gpu_states(4))  # what a single process saved on that host before
+
+    FakeCuda(monkeypatch, [(9, 0)] * 4)
+    CudaRandomState(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", CudaRandomState.refuse)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", CudaRandomState.refuse)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", CudaRandomState.refuse)
+    trainer = Trainer(str(folder), runtime=runtime)
+    assert trainer.interrupted_run() is not None
+    assert trainer.notes == ["this checkpoint holds GPU random state and training goes on on the CPU: it is left "
+                             "aside, so dropout draws differ from those of an uninterrupted run"]
+    result = trainer.resume()
+    assert result.resumed and result.stopped_early == "" and trainer.progress.run.finished
+    assert not torch.cuda.is_initialized()
+    saved = torch.load(folder / CHECKPOINT_FILE, weights_only=True)
+    assert set(saved["rng"]) == {"torch"}  # the CPU run's own state only
+
+
+def as_saved_before(folder, states: list[torch.Tensor]) -> None:
+    """Rewrite the folder's last save with ``states`` as every visible GPU's random state (one journaled save)."""
+    model_folder = ModelFolder(folder)
+    checkpoint = torch.load(folder / CHECKPOINT_FILE, weights_only=True)
+    checkpoint["rng"]["cuda"] = states
+    model_folder.commit_save(torch.load(folder / WEIGHTS_FILE, weights_only=True), checkpoint,
+                             model_folder.read_meta(), model_folder.read_history(), model_folder.read_datasets())
+
+
+# -- saving from a GPU -------------------------------------------------------------------------
+
+def storages(blob: bytes) -> dict[str, int]:
+    """The tensor storages a torch.save file holds: their entries' names and sizes."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        return {i.filename: i.file_size for i in archive.infolist() if "/data/" in i.filename}
+
+
+def test_saving_from_a_gpu_keeps_the_tied_embedding_one_tensor(trained_copy, monkeypatch):
+    """``.cpu()`` copies a GPU tensor: per key, it stored wte and lm_head as two embeddings.
+    Faked here as a copy; the files must be those a CPU run writes, one storage for both."""
+    folder = trained_copy("bpe", 1)
+    trainer = Trainer(str(folder))
+    trainer.load()
+    trainer.save_checkpoint()
+    on_cpu = {name: storages((folder / name).read_bytes()) for name in (WEIGHTS_FILE, CHECKPOINT_FILE)}
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: real_cpu(self, *a, **k).clone())
+    trainer.save_checkpoint()
+    monkeypatch.undo()
+    for name in (WEIGHTS_FILE, CHECKPOINT_FILE):
+        assert storages((folder / name).read_bytes()) == on_cpu[name], name
+    weights = torch.load(folder / WEIGHTS_FILE, weights_only=True)
+    assert weights["lm_head.weight"].untyped_storage().data_ptr() == weights["wte.weight"].untyped_storage().data_ptr()
+    model, _, _ = ModelFolder(folder).load_model()
+    assert model.lm_head.weight is model.wte.weight
