@@ -512,3 +512,27 @@ def test_a_default_length_in_minutes_works_in_the_menu_and_in_finetune(trained_o
         last = ModelFolder(str(folder)).status().runs[-1]
         assert (last.kind, last.minutes) == ("chat", 0.02), door
 
+
+def test_the_probe_backs_off_like_training_when_a_batch_does_not_fit(monkeypatch):
+    """Out of memory in the probe halves the micro-batch, as a training step does; the rate is then
+    that of the step training will run. When one sequence does not fit, one line says what to do."""
+    from engine.model.gpt import GPT
+    from engine.runtime import hardware
+
+    real_forward = GPT.forward
+    rows_seen, fits = [], [2]
+
+    def forward(self, idx, *args, **kwargs):
+        rows_seen.append(idx.shape[0])
+        if idx.shape[0] > fits[0]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, idx, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    runtime = hardware.detect_runtime("cpu", "fp32")
+    rate = budget.probe_flop_rate(runtime, 320, 8, budget.Shape(32, 1, 2, 32), 0.05)
+    assert 0 < rate < math.inf
+    assert rows_seen[:3] == [8, 4, 2] and set(rows_seen[3:]) == {2}  # 4 micro-batches of 2 from then on
+    fits[0] = 0
+    with pytest.raises(MemoryError, match="even with one sequence per micro-batch while measuring"):
+        budget.probe_flop_rate(runtime, 320, 8, budget.Shape(32, 1, 2, 32), 0.05)

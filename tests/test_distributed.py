@@ -6,6 +6,7 @@ test instead of the suite. Losses are compared in fp32 with dropout 0.
 """
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
@@ -312,3 +313,35 @@ def test_a_rank_that_cannot_see_the_data_file_gets_it_from_rank_0(tmp_path):
     copy, copy_digest, left = seen["1"].split()
     assert copy != str(data) and copy.endswith(data.name)  # rank 1 a private copy, outside the folder
     assert copy_digest == digest and left == "False"  # the same bytes, removed when the job ended
+
+
+def test_a_time_budget_plans_with_the_rate_of_the_whole_job_and_every_rank_keeps_rank_0s_schedule(data_file,
+                                                                                                  tmp_path):
+    """Two processes: the first guess counts both (the probe times one process's share of the
+    batch), the schedule is re-planned from the real steps, and both ranks learn with rank 0's
+    plan although rank 1's clock runs at half the speed."""
+    from engine.folder.records import RunKind
+    from engine.training import budget
+    from engine.training.runs import REPLAN_EVERY
+
+    folder = tmp_path / "model"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                           str(ROOT / "tests" / "ddp_budget_worker.py"), str(folder), str(data_file), "0.1"],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    reports = {int(line.split(" ", 2)[1]): json.loads(line.split(" ", 2)[2])
+               for line in proc.stdout.splitlines() if line.startswith("rank ")}
+    zero, one = reports[0], reports[1]
+    assert zero["stopped"] == one["stopped"] == "" and zero["steps"] == one["steps"] > REPLAN_EVERY
+    assert zero["probed"] == [2] and one["probed"] == []  # rank 0's share of the batch of 4, once
+    meta = ModelFolder(folder).read_meta()
+    run = torch.load(folder / "checkpoint.pth", weights_only=True)["state"]["run"]
+    assert run["world_size"] == 2 and run["batch_size"] == 4 and RunKind(run["kind"]) is RunKind.TEXT
+    shape = budget.Shape(meta.model.d_model, meta.model.n_layer, meta.model.n_head, run["window"])
+    job_tokens_per_s = 2 * 1e8 / shape.flops_per_token(meta.model.vocab_size)
+    first_total = zero["schedule"][0][1]
+    assert first_total == int(6.0 * job_tokens_per_s / (4 * run["window"]))  # the whole job's rate, not one GPU's
+    totals = [total for _, total in zero["schedule"]]
+    assert totals[REPLAN_EVERY] != first_total  # re-planned from the timed steps ...
+    assert one["schedule"] == zero["schedule"]  # ... and every rank follows rank 0's plan

@@ -1,4 +1,4 @@
-"""Training's GPU paths on a machine without a GPU: random state and saves.
+"""Training's GPU paths on a machine without a GPU: random state, saves, budget probes, batch sizes.
 
 ``torch.cuda``'s queries are faked (``FakeCuda`` from test_gpu_paths), and so are the
 CUDA random-state calls, which record what they were asked; a call a path must not
@@ -7,14 +7,18 @@ make raises. A move to the GPU and back is faked as a copy (``Tensor.cpu``).
 import io
 import zipfile
 
+import pytest
 import torch
 from test_gpu_paths import FakeCuda
 
 from engine.data.sources import source_from_text
 from engine.folder.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder
 from engine.runtime import hardware
+from engine.training import budget
 from engine.training.checkpoint import restore_rng, rng_state
+from engine.training.config import TrainConfig
 from engine.training.events import StepDone
+from engine.training.planning import Planner
 from engine.training.runs import StopFlag
 from trainer import Trainer
 
@@ -145,3 +149,70 @@ def test_saving_from_a_gpu_keeps_the_tied_embedding_one_tensor(trained_copy, mon
     assert weights["lm_head.weight"].untyped_storage().data_ptr() == weights["wte.weight"].untyped_storage().data_ptr()
     model, _, _ = ModelFolder(folder).load_model()
     assert model.lm_head.weight is model.wte.weight
+
+
+# -- time-budget probes and batch sizes --------------------------------------------------------
+
+@pytest.fixture
+def probes(monkeypatch):
+    """The probe's calls, (batch, shape), answered with a fixed rate."""
+    calls = []
+
+    def probe(runtime, vocab_size, batch_size, shape=None, seconds=None):
+        calls.append((batch_size, shape))
+        return 1e12
+    monkeypatch.setattr(budget, "probe_flop_rate", probe)
+    return calls
+
+
+def test_a_budget_on_a_24gb_card_probes_the_large_preset_with_the_batch_it_will_train(monkeypatch, probes):
+    """--preset large --minutes N once probed 256 x 256 tokens at d1024 x 12 on a 24 GB card
+    (the batch of a d256 model) and ran out of memory."""
+    FakeCuda(monkeypatch, [(8, 6)], [23.6])
+    runtime = gpu_runtime()
+    Planner(runtime, "large").budget_plan(10, 1_000_000, 8000, TrainConfig())
+    (batch, shape), = probes
+    assert (shape.d_model, shape.n_layer) == (1024, 12)
+    assert batch == hardware.default_batch_size(runtime, 1024, 256, n_layer=12, vocab_size=8000) < 256
+    assert batch < hardware.default_batch_size(runtime, 256, 256)  # the batch it used to probe with
+
+
+def test_a_new_run_sizes_its_batch_for_the_model_it_trains(monkeypatch):
+    from engine.folder.records import RunKind
+    from engine.model.config import ModelConfig
+
+    asked = []
+    monkeypatch.setattr(hardware, "default_batch_size", lambda *args, **kwargs: asked.append((args[1:], kwargs)) or 8)
+    dataset = FakeData()
+    model = ModelConfig(vocab_size=5000, context=64, d_model=128, n_layer=3, n_head=4)
+    Planner(cpu_runtime()).new_run(dataset, "d", "c.bin", 1, RunKind.TEXT, TrainConfig(), model, 0)
+    assert asked == [((128, 48), {"n_layer": 3, "vocab_size": 5000})]  # the window in force: 48
+
+
+class FakeData:
+    """A data set of 100 windows of 48 tokens, as a run's plan reads it."""
+
+    window, n_train_tokens = 48, 4800
+
+    def epoch_plan(self, seed, epoch, batch_size):
+        from engine.data.windows import EpochPlan
+
+        return EpochPlan(0, torch.arange(100).numpy(), min(batch_size, 100))
+
+
+def test_a_budget_for_several_processes_counts_them_all(probes):
+    """A torchrun job of 4: each probes its share of the global batch, and the plan is sized for all four."""
+    from engine.folder.records import RunKind
+    from engine.model.config import ModelConfig
+    from engine.training.runs import Budget
+
+    model = ModelConfig(vocab_size=5000, context=48, d_model=128, n_layer=3, n_head=4)
+    config = TrainConfig(batch_size=16)
+    totals = {}
+    for world_size in (1, 4):
+        planner = Planner(cpu_runtime(), world_size=world_size)
+        run = planner.new_run(FakeData(), "d", "c.bin", 1, RunKind.TEXT, config, model, 0,
+                              Budget(60.0, 0.0, clock=lambda: 0.0))
+        totals[world_size] = run.total_steps
+        assert probes[-1][0] == 16 // world_size and planner.flop_rate == world_size * 1e12
+    assert totals[4] == pytest.approx(4 * totals[1], abs=4)

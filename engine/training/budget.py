@@ -20,6 +20,7 @@ first step.
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -30,6 +31,9 @@ import torch
 from engine.model.config import ModelConfig
 from engine.model.gpt import GPT
 from engine.runtime import hardware
+from engine.training.step import is_out_of_memory, release_memory, train_step
+
+logger = logging.getLogger(__name__)
 
 # (d_model, n_layer, n_head), smallest first; heads of 64 dimensions (32 for the two smallest).
 LADDER = [
@@ -122,42 +126,76 @@ def probe_seconds(minutes: float) -> float:
 
 def probe_flop_rate(runtime: hardware.Runtime, vocab_size: int, batch_size: int, shape: Shape | None = None,
                     seconds: float | None = None) -> float:
-    """Training FLOP/s of this machine: timed steps of ``shape`` on random tokens.
+    """Training FLOP/s of this machine: timed steps of ``shape`` on ``batch_size`` random sequences.
 
-    A forward, backward and fused AdamW step, in the precision training will use. By
-    default the reference shape: its rate carries over to the ladder's other shapes
-    well enough on a CPU (their matrix products run at a similar share of peak from
-    width 128 up), and the trainer re-plans from the real steps anyway.
+    The training step itself (``step.train_step``: forward, backward, clipping and the
+    fused AdamW update), in the precision training will use. By default the reference
+    shape: its rate carries over to the ladder's other shapes well enough on a CPU
+    (their matrix products run at a similar share of peak from width 128 up), and the
+    trainer re-plans from the real steps anyway.
+
+    A batch that does not fit backs off as training does: the micro-batch is halved
+    until a step fits (``MemoryError`` when one sequence does not), and the rate is that
+    of the step training will then run.
     """
     shape = shape or Shape(*PROBE_SHAPE)
-    d, n_layer, n_head = shape.d_model, shape.n_layer, shape.n_head
     seconds = PROBE_SECONDS if seconds is None else seconds
     generator = torch.Generator().manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=vocab_size, context=shape.context, d_model=d, n_layer=n_layer,
-                            n_head=n_head)).to(runtime.device)
+    config = ModelConfig(vocab_size=vocab_size, context=shape.context, d_model=shape.d_model, n_layer=shape.n_layer,
+                         n_head=shape.n_head)
+    try:
+        model = GPT(config).to(runtime.device)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise MemoryError(f"a model of d_model {shape.d_model} x {shape.n_layer} layers does not fit in the memory "
+                          f"of {runtime.device}; choose a smaller --preset or sizes") from None
     fused = {"fused": True} if runtime.device.type in ("cpu", "cuda") else {}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **fused)
     x = torch.randint(0, vocab_size, (batch_size, shape.context), generator=generator).to(runtime.device)
-
-    def step() -> None:
-        with runtime.autocast():
-            _, loss = model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-
-    step()  # warm-up: first-call allocations and kernel choices
+    steps = ProbeSteps(model, optimizer, x, runtime)
+    steps.run()  # warm-up: first-call allocations and kernel choices (and the back-off, if any)
     durations: list[float] = []
     start = time.perf_counter()
     while len(durations) < 3 or time.perf_counter() - start < seconds:
         began = time.perf_counter()
-        step()
+        steps.run()
         durations.append(time.perf_counter() - began)
+    del model, optimizer, steps
+    release_memory(runtime)  # the probe's model is not the one that trains
     # The median step, not the mean: the second step is often still slow (the allocator
     # grows to its peak), and one step that another program delayed should not size the model.
     return batch_size * shape.context * shape.flops_per_token(vocab_size) / statistics.median(durations)
+
+
+class ProbeSteps:
+    """The probe's training step on one batch, in as many micro-batches as fit in memory."""
+
+    def __init__(self, model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 runtime: hardware.Runtime) -> None:
+        self.model, self.optimizer, self.x, self.runtime = model, optimizer, x, runtime
+        self.micro_batches = 1
+
+    def run(self) -> None:
+        """One step, retried with twice the micro-batches after running out of memory."""
+        rows = self.x.shape[0]
+        while True:
+            try:
+                train_step(self.model, self.optimizer, self.x, self.x, 1e-4, self.runtime, grad_clip=1.0,
+                           micro_batches=self.micro_batches)  # the loss is read: the step has finished
+                return
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+            # Out of the except block: its traceback holds the failed pass's activations.
+            self.optimizer.zero_grad(set_to_none=True)
+            release_memory(self.runtime)
+            if self.micro_batches >= rows:
+                raise MemoryError(f"out of memory on {self.runtime.device} even with one sequence per micro-batch "
+                                  "while measuring this machine's speed; choose a smaller model or context")
+            self.micro_batches = min(2 * self.micro_batches, rows)
+            logger.info("the probe ran out of memory: %d micro-batches of %d sequences", self.micro_batches,
+                        -(-rows // self.micro_batches))
 
 
 def plan_budget(minutes: float, flop_rate: float, data_tokens: int, vocab_size: int, batch_size: int,

@@ -124,7 +124,7 @@ class TrainingLoop:
             self.stepper.compile(on_event)
         deadline = self.clock() + cfg.max_minutes * 60 if cfg.max_minutes else None
         if run.budget_s:
-            self.budget = BudgetClock(run, replan=self.dist is None, clock=self.clock)
+            self.budget = BudgetClock(run, clock=self.clock)
             self.best = BestWeights()
             self.eval_batches = dataset.val_batch_count(run.batch_size, cfg.eval_batches)
             deadline = min(deadline or math.inf, self.budget.deadline)
@@ -160,6 +160,8 @@ class TrainingLoop:
         dt = time.perf_counter() - t0
         if self.budget is not None:
             self.stopping.deadline = self.budget.after_step(run, self.eval_batches, self.deadline, plan.n_batches)
+            if self.dist is not None and self.budget.replanned:
+                self._take_rank0_schedule(run)
         run.batch += 1
         run.run_step += 1
         progress.step += 1
@@ -171,6 +173,16 @@ class TrainingLoop:
         if progress.step % cfg.checkpoint_every == 0:
             self.save()
             on_event(Checkpointed(progress.step))
+
+    def _take_rank0_schedule(self, run: RunState) -> None:
+        """Every rank of a distributed budget run goes on with rank 0's re-planned schedule.
+
+        One all-reduce of the steps and passes in which only rank 0's count: its broadcast.
+        Every rank re-plans at the same step (``BudgetClock.replanned``), so all take part.
+        """
+        mine = [run.total_steps, run.epochs] if self.dist.is_main else [0, 0]
+        agreed = self.dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64, device=self.runtime.device))
+        run.total_steps, run.epochs = (int(v) for v in agreed.tolist())
 
     def _end_epoch(self, dataset: Data, run: RunState, on_event: OnEvent) -> None:
         """A pass is done: count it, evaluate, remember the best weights of a budget, save."""

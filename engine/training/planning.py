@@ -37,15 +37,19 @@ GROWTH_SAMPLE_BYTES = 5_000_000  # text that vocabulary growth learns its merges
 class Planner:
     """What to build and for how long, from the user's choices and this machine.
 
-    ``flop_rate`` is the training FLOP/s a time budget's probe measured here: measured
-    once per Trainer, then reused for the run's first estimate of its steps.
+    ``flop_rate`` is the training FLOP/s of the whole job that a time budget's probe
+    measured: measured once per Trainer, then reused for the run's first estimate of its
+    steps. In a torchrun job of ``world_size`` processes each trains its share of every
+    batch on a device like this one, so the job's rate is this process's, probed at its
+    share of the batch, times the processes; the loop re-plans from the real steps.
     """
 
     def __init__(self, runtime: hardware.Runtime, preset: str | None = None, model_overrides: dict | None = None,
-                 train_overrides: dict | None = None) -> None:
+                 train_overrides: dict | None = None, world_size: int = 1) -> None:
         self.runtime, self.preset = runtime, preset
         self.model_overrides = model_overrides or {}
         self.train_overrides = train_overrides or {}
+        self.world_size = world_size
         self.flop_rate: float | None = None
 
     def model_config(self, vocab_size: int, plan: budget.BudgetPlan | None = None) -> ModelConfig:
@@ -87,32 +91,45 @@ class Planner:
         description says so, since it shows the values in force.
         """
         context = self.model_overrides.get("context", ModelConfig(vocab_size=1).context)
-        batch = config.batch_size or hardware.default_batch_size(self.runtime, 256, context)
         pinned = self.pinned_shape()  # probed itself: then the rate is that of the model that trains
-        self.flop_rate = budget.probe_flop_rate(self.runtime, vocab_size, batch, pinned, budget.probe_seconds(minutes))
+        probed = pinned or budget.Shape(*budget.PROBE_SHAPE)
+        batch = self.batch_per_process(config, probed.d_model, probed.context, probed.n_layer, vocab_size)
+        self.probe(vocab_size, batch, probed, minutes)
         plan = budget.plan_budget(minutes, self.flop_rate, int(data_tokens * (1 - config.val_fraction)),
-                                  vocab_size, batch, context, pinned)
+                                  vocab_size, batch * self.world_size, context, pinned)
         return replace(plan, learning_rate=self.train_overrides.get("learning_rate", plan.learning_rate),
                        dropout=self.model_overrides.get("dropout", plan.dropout))
 
+    def batch_per_process(self, config: TrainConfig, d_model: int, window: int, n_layer: int, vocab_size: int) -> int:
+        """The sequences one process trains per step: its share of the batch the user set, else the device's."""
+        if config.batch_size:
+            return max(1, config.batch_size // self.world_size)
+        return hardware.default_batch_size(self.runtime, d_model, window, n_layer=n_layer, vocab_size=vocab_size)
+
+    def probe(self, vocab_size: int, batch_per_process: int, shape: budget.Shape, minutes: float) -> float:
+        """The job's training FLOP/s (``flop_rate``): this process's probe of ``shape`` at its share of the batch."""
+        rate = budget.probe_flop_rate(self.runtime, vocab_size, batch_per_process, shape, budget.probe_seconds(minutes))
+        self.flop_rate = rate * self.world_size
+        return self.flop_rate
+
     def tokens_per_s(self, model: ModelConfig, batch_size: int, window: int, minutes: float) -> float:
-        """What ``model`` is expected to train per second here (the probe's rate, measured once)."""
+        """What the job is expected to train of ``model`` per second (the probe's rate, measured once)."""
         shape = budget.Shape(model.d_model, model.n_layer, model.n_head, window)
-        if self.flop_rate is None:
-            self.flop_rate = budget.probe_flop_rate(self.runtime, model.vocab_size, batch_size, shape,
-                                                    budget.probe_seconds(minutes))
+        if self.flop_rate is None:  # an existing model: probed as it will train, at this process's share
+            self.probe(model.vocab_size, max(1, batch_size // self.world_size), shape, minutes)
         return self.flop_rate / shape.flops_per_token(model.vocab_size)
 
     def new_run(self, dataset: TokenDataset | ChatDataset, name: str, cache_file: str, epochs: int, kind: RunKind,
-                config: TrainConfig, model: ModelConfig, start_step: int, world_size: int = 1,
+                config: TrainConfig, model: ModelConfig, start_step: int,
                 time_budget: Budget | None = None) -> RunState:
         """A new run on ``dataset``: its global batch, its steps and, for a time budget, a first guess of them.
 
         In a distributed run the batch is the global one (by default each process's usual
         batch, times the processes), and the schedule follows it as for one process.
         """
-        batch_size = config.batch_size or world_size * hardware.default_batch_size(self.runtime, model.d_model,
-                                                                                   dataset.window)
+        world_size = self.world_size
+        batch_size = config.batch_size or world_size * hardware.default_batch_size(
+            self.runtime, model.d_model, dataset.window, n_layer=model.n_layer, vocab_size=model.vocab_size)
         check_batch_splits(dataset, batch_size, config.seed, world_size, resumed=False)
         steps_per_epoch = dataset.epoch_plan(config.seed, 0, batch_size).n_batches
         total_steps = epochs * steps_per_epoch

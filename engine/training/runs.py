@@ -178,13 +178,12 @@ class BudgetClock:
     set from the steps timed so far, so the cosine reaches its floor as time runs out.
     The re-planned length is part of ``RunState``: a resume goes on from it.
 
-    In a distributed run the ranks would time their steps differently, and a learning
-    rate that differs between ranks would pull their weights apart; there the schedule
-    keeps rank 0's first estimate (``replan=False``) and only the deadline ends the run.
+    In a distributed run every rank re-plans at the same steps from its own clock, and
+    the loop then makes every rank take rank 0's plan (``replanned`` says when): a
+    learning rate that differed between ranks would pull their weights apart.
     """
 
-    def __init__(self, run: RunState, replan: bool = True, clock: Clock = time.monotonic) -> None:
-        self.replan = replan
+    def __init__(self, run: RunState, clock: Clock = time.monotonic) -> None:
         self.clock = clock
         self.session_start = clock()
         self.spent_before = run.spent_s
@@ -192,6 +191,7 @@ class BudgetClock:
         self.end = self.deadline  # the budget's end; ``deadline`` leaves room for the final evaluation
         self.steps = 0
         self.timed_from: float | None = None  # after the first step (allocations, kernel choices)
+        self.replanned = False  # whether the last ``after_step`` re-planned the schedule
 
     def spent(self) -> float:
         return self.spent_before + self.clock() - self.session_start
@@ -203,6 +203,7 @@ class BudgetClock:
         now = self.clock()
         run.spent_s = self.spent()
         self.steps += 1
+        self.replanned = False
         if self.timed_from is None:
             self.timed_from = now
         elif self.steps % REPLAN_EVERY == 0:
@@ -210,12 +211,12 @@ class BudgetClock:
             # An evaluation batch is a forward pass: about a third of a training step.
             reserve = min(eval_batches * step_s / 3 + 1.0, 0.2 * run.budget_s)
             self.deadline = self.end - reserve
-            if self.replan:
-                run.total_steps = run.run_step + 1 + max(0, int((self.deadline - now) / step_s))
-                # Enough epochs for those steps, and one to spare should the steps get faster:
-                # the clock ends the run, never the epoch count.
-                left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
-                run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
+            run.total_steps = run.run_step + 1 + max(0, int((self.deadline - now) / step_s))
+            # Enough epochs for those steps, and one to spare should the steps get faster:
+            # the clock ends the run, never the epoch count.
+            left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
+            run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
+            self.replanned = True
         return min(self.deadline, other_deadline if other_deadline is not None else math.inf)
 
 

@@ -112,7 +112,8 @@ class Trainer:
         self.tokenizer: BaseTokenizer | None = None
         self.memory = DatasetMemory(self.folder)
         self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
-        self.planner = Planner(self.runtime, preset, self.model_overrides, self.train_overrides)
+        self.planner = Planner(self.runtime, preset, self.model_overrides, self.train_overrides,
+                               world_size=distributed.world_size if distributed else 1)
         self.checkpointer = Checkpointer(self.folder, self.runtime, distributed)
 
     @classmethod
@@ -247,7 +248,7 @@ class Trainer:
             check_batch_splits(dataset, run.batch_size, self.config.seed, world_size, resumed=True)
             rejoin(run, world_size, on_event)
         else:
-            run = self._start_run(dataset, name, cache_file, epochs, kind, world_size, held_out, time_budget)
+            run = self._start_run(dataset, name, cache_file, epochs, kind, held_out, time_budget)
         self.rehearsal_pool = (self.memory.rehearsal_pool(self.tokenizer, cache_file, self.model.config.context + 1)
                                if self.config.rehearsal > 0 else None)
         if self.dist is not None:
@@ -258,12 +259,11 @@ class Trainer:
         return loop.run(dataset, run, on_event, stop or StopFlag(), resumed)
 
     def _start_run(self, dataset: TokenDataset | ChatDataset, name: str, cache_file: str, epochs: int,
-                   kind: RunKind, world_size: int, held_out: list[list[Message]] | None,
-                   time_budget: Budget | None) -> RunState:
+                   kind: RunKind, held_out: list[list[Message]] | None, time_budget: Budget | None) -> RunState:
         """A new run: planned, listed in the history, and its data set remembered."""
         step = self.progress.step
         run = self.planner.new_run(dataset, name, cache_file, epochs, kind, self.config, self.model.config, step,
-                                   world_size, time_budget)
+                                   time_budget)
         self.progress.run = run
         self.history.runs.append(RunRecord(name, step, run.epochs, dataset.n_train_tokens, kind, run.budget_s / 60))
         if kind is RunKind.CHAT:
