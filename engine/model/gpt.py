@@ -234,6 +234,17 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def block_matrices(self) -> list[tuple[nn.Parameter, int]]:
+        """The 2-D weights inside the blocks, each with the number of matrices it stacks
+        along its rows: 3 for the fused q|k|v product, 2 for SwiGLU's gate|up, else 1."""
+        found = []
+        for block in self.h:
+            found.append((block.attn.c_attn.weight, 3))
+            found.append((block.attn.c_proj.weight, 1))
+            found.append((block.mlp.c_fc.weight, 2 if isinstance(block.mlp, GatedMLP) else 1))
+            found.append((block.mlp.c_proj.weight, 1))
+        return found
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices and embeddings only; never on biases or norms."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
