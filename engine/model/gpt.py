@@ -36,7 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # The weight in x's dtype: under autocast x can be bf16 (QK-norm's queries), and a
+        # dtype mismatch sends rms_norm to its slow unfused path.
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
