@@ -122,6 +122,16 @@ def test_chat_ask_and_info(trained_once, capsys, monkeypatch):
     assert main(["info", "--model-dir", model]) == 0 and "=== System Information ===" in capsys.readouterr().out
 
 
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    """``interface.py info | head -1``: once the reader is gone, no "Broken pipe" error, and the
+    exit status a process that SIGPIPE ended would have."""
+    proc = subprocess.Popen(program("info", "--model-dir", str(tmp_path / "none")), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    proc.stdout.close()  # nothing reads stdout from now on: the program's first write fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == cli.EXIT_BROKEN_PIPE and err == ""
+
+
 def test_status_plot_and_where_the_menu_says_it_is(trained_copy, tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     model = trained_copy("bpe", 2)  # the folder the other tests here share

@@ -13,13 +13,15 @@ nothing is written twice.
 
 Results go to stdout, everything else (errors, notes, progress) to stderr.
 Exit status: 0 done, 1 an error (one line on stderr, no traceback), 2 a usage error,
-130 stopped by Ctrl+C, 143 by SIGTERM (training saves a checkpoint either way).
+130 stopped by Ctrl+C, 143 by SIGTERM (training saves a checkpoint either way), 141
+when whatever read stdout closed it early (``interface.py status | head``), quietly.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from dataclasses import asdict, dataclass
@@ -62,8 +64,9 @@ from engine.runtime.distributed import launched_by_torchrun
 from engine.serving.server import add_serve_arguments
 from engine.training.events import TrainResult
 
-# 130 and 143 are 128 + SIGINT and 128 + SIGTERM, as a shell reports a process those signals ended.
+# 130, 141 and 143 are 128 + SIGINT, SIGPIPE and SIGTERM, as a shell reports a process those signals ended.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_BROKEN_PIPE = 141
 RESUME_HINT = "Resume with: python interface.py continue --resume"
 
 
@@ -290,6 +293,18 @@ def run_export(args: argparse.Namespace, session: Session, console: Console) -> 
     return EXIT_OK
 
 
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as a program that SIGPIPE ends does.
+
+    What is still buffered for stdout can never be written; stdout now points at the null
+    device, so the interpreter's flush at exit does not fail a second time.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def _print_json(obj: dict) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
@@ -385,7 +400,11 @@ def main(argv: list[str], input_fn: Callable[[str], str] = input) -> int:
 def _run(args: argparse.Namespace, session: Session, console: Console) -> int:
     """The subcommand's runner; how it ended, as an exit status."""
     try:
-        return args.run(args, session, console)
+        status = args.run(args, session, console)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except EndOfInput:
         return EXIT_OK
     except Cancelled:  # Ctrl+C at a prompt (the console has ended its line)

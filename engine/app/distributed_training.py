@@ -61,8 +61,9 @@ def make_trainer(args: argparse.Namespace, runtime: hardware.Runtime, distribute
     return Trainer(
         str(args.model_dir), tokenizer_kind or args.tokenizer or "bpe",
         model_overrides={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head,
-                         "context": args.context, "dropout": args.dropout},
-        train_overrides={"learning_rate": args.lr, "batch_size": args.batch_size,
+                         "context": args.context, "dropout": args.dropout, "arch": args.arch,
+                         "qk_norm": args.qk_norm},
+        train_overrides={"learning_rate": args.lr, "batch_size": args.batch_size, "optimizer": args.optimizer,
                          "target_vocab_size": args.target_vocab_size, "checkpoint_every": args.checkpoint_every,
                          "max_minutes": args.max_minutes, "seed": args.train_seed, "compile": args.compile},
         runtime=runtime, preset=args.preset, distributed=distributed)

@@ -1,11 +1,17 @@
-"""A trained model as one GGUF file, for llama.cpp and Ollama (the ``gpt2`` architecture).
+"""A trained model as one GGUF file, for llama.cpp and Ollama (the ``gpt2`` or ``llama`` architecture).
 
-llama.cpp's GPT-2 graph is our network: learned positions, pre-norm blocks with
+A ``gpt2`` block is llama.cpp's GPT-2 graph: learned positions, pre-norm blocks with
 biases, a fused q|k|v projection and a head tied to the token embedding (it reuses
-``token_embd.weight`` when there is no ``output.weight``). Two things differ:
+``token_embd.weight`` when there is no ``output.weight``). A ``llama`` block is its
+Llama graph, with q, k and v, and the SwiGLU gate and up, as separate matrices. What
+differs from our computation:
 
-* Its GELU is the tanh approximation; ours is exact. Logits move by about 3e-3 and
-  greedy decoding agreed token for token where we measured it.
+* llama.cpp's GPT-2 GELU is the tanh approximation; ours is exact. Logits move by
+  about 3e-3 and greedy decoding agreed token for token where we measured it.
+* llama.cpp rotates adjacent channel pairs (2i, 2i + 1) where we rotate i with
+  i + D/2 (as Hugging Face's Llama does), so the rows of each head's q and k
+  projections are reordered to match (``_interleave_heads``): the same numbers, laid out
+  for its pairing.
 * Tokenizers. A BPE model exports exactly: our byte-level tokens, merges and GPT-2
   pre-tokenizer are what llama.cpp's "gpt2" tokenizer implements. A SentencePiece
   model exports as llama.cpp's "llama" tokenizer with our pieces, scores and byte
@@ -35,9 +41,9 @@ import numpy as np
 
 from engine.data.chat_format import chat_ids_in_force, jinja_chat_template
 from engine.data.tokenizer import EOT_TOKEN, BaseTokenizer, BPETokenizer
+from engine.model.config import NORM_EPS
 from engine.model.gpt import GPT
 
-ARCH = "gpt2"
 DTYPES = ("f32", "f16", "q8_0")  # f16 first: llama.cpp's converter writes it by default
 Q8_0_BLOCK = 32  # values per Q8_0 block; a Q8_0 row is a whole number of blocks
 ALWAYS_F32 = ("position_embd.weight",)  # matrices llama.cpp keeps in f32 whatever the file's type
@@ -59,7 +65,7 @@ _TOP_NAMES = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.we
 
 
 def gguf_name(name: str) -> str | None:
-    """Our parameter name -> its GGUF name; None for the tied head (not written).
+    """Our parameter name -> its GGUF name in the gpt2 architecture; None for the tied head.
 
     >>> gguf_name("h.3.attn.c_attn.weight")
     'blk.3.attn_qkv.weight'
@@ -70,6 +76,40 @@ def gguf_name(name: str) -> str | None:
         _, layer, rest = name.split(".", 2)
         return f"blk.{layer}.{_BLOCK_NAMES[rest]}"
     return _TOP_NAMES[name]
+
+
+def _interleave_heads(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder each head's rows of a q or k projection from pairs (i, i + D/2) to (2i, 2i + 1).
+
+    >>> _interleave_heads(np.arange(4).reshape(4, 1), 1).ravel().tolist()
+    [0, 2, 1, 3]
+    """
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def named_arrays(model: GPT) -> dict[str, np.ndarray]:
+    """Every tensor to write as float32, by GGUF name, in the model's architecture's layout."""
+    state = {name: t.detach().float().cpu().numpy() for name, t in model.state_dict().items()}
+    c = model.config
+    if c.arch == "gpt2":
+        return {gguf_name(n): a for n, a in state.items() if gguf_name(n) is not None}
+    out = {"token_embd.weight": state["wte.weight"], "output_norm.weight": state["ln_f.weight"]}
+    for i in range(c.n_layer):
+        at = lambda name: state[f"h.{i}.{name}"]  # noqa: E731
+        q, k, v = np.split(at("attn.c_attn.weight"), 3)
+        gate, up = np.split(at("mlp.c_fc.weight"), 2)
+        out.update({
+            f"blk.{i}.attn_norm.weight": at("ln_1.weight"),
+            f"blk.{i}.attn_q.weight": _interleave_heads(q, c.n_head),
+            f"blk.{i}.attn_k.weight": _interleave_heads(k, c.n_head),
+            f"blk.{i}.attn_v.weight": v,
+            f"blk.{i}.attn_output.weight": at("attn.c_proj.weight"),
+            f"blk.{i}.ffn_norm.weight": at("ln_2.weight"),
+            f"blk.{i}.ffn_gate.weight": gate,
+            f"blk.{i}.ffn_up.weight": up,
+            f"blk.{i}.ffn_down.weight": at("mlp.c_proj.weight"),
+        })
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,12 +145,10 @@ def gguf_tensors(model: GPT, dtype: str = "f16") -> dict[str, GgufTensor]:
     """Every tensor to write, by GGUF name, each in its type (``tensor_dtype``)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown GGUF type {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if model.config.qk_norm:
+        raise ValueError("a model with QK-norm has no llama.cpp architecture to export to")
     out = {}
-    for name, tensor in model.state_dict().items():
-        target = gguf_name(name)
-        if target is None:
-            continue
-        array = tensor.detach().float().cpu().numpy()
+    for target, array in named_arrays(model).items():
         kind = tensor_dtype(target, array.shape, dtype)
         out[target] = GgufTensor(_encode(array, kind), kind)
     return out
@@ -166,7 +204,7 @@ def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, nam
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
                  "q8_0": LlamaFileType.MOSTLY_Q8_0}[dtype]  # the type of most matrices, as llama.cpp names it
     c = model.config
-    w = GGUFWriter(str(path), ARCH)
+    w = GGUFWriter(str(path), c.arch)  # "gpt2" or "llama": llama.cpp's names for these graphs
     w.add_name(name)
     w.add_uint32(EXPORT_MARK, 1)
     w.add_file_type(file_type)
@@ -175,7 +213,14 @@ def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, nam
     w.add_block_count(c.n_layer)
     w.add_feed_forward_length(c.d_ff)
     w.add_head_count(c.n_head)
-    w.add_layer_norm_eps(1e-5)
+    if c.arch == "llama":
+        w.add_head_count_kv(c.n_head)
+        w.add_layer_norm_rms_eps(NORM_EPS)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_vocab_size(c.vocab_size)
+    else:
+        w.add_layer_norm_eps(NORM_EPS)
     if isinstance(tok, BPETokenizer):
         tokens, types, merges = _bpe_vocab(tok)
         w.add_tokenizer_model("gpt2")

@@ -1,17 +1,24 @@
-"""A trained model as a Hugging Face GPT-2 folder that ``transformers`` loads alone.
+"""A trained model as a Hugging Face folder that ``transformers`` loads alone.
 
-    config.json              GPT2Config: our sizes, exact GELU, LayerNorm eps 1e-5, tied head
-    model.safetensors        the weights under GPT-2's names (the tied head saved once)
+A ``gpt2`` block becomes ``GPT2LMHeadModel``, a ``llama`` block ``LlamaForCausalLM``:
+
+    config.json              GPT2Config (exact GELU, LayerNorm eps 1e-5) or LlamaConfig
+                             (SiLU gate, RMSNorm eps 1e-5, rotary base, no biases); tied head
+    model.safetensors        the weights under that model's names (the tied head saved once)
     generation_config.json   end-of-text (and end-of-turn for a chat model) stop generation
     tokenizer.json           the tokenizer for the ``tokenizers`` library
     tokenizer_config.json    its special tokens and, for a chat model, the chat template
     special_tokens_map.json  the special tokens again, for older transformers versions
     README.md                a short model card
 
-Two differences from our own layout. GPT-2's ``Conv1D`` stores a projection as
-(in, out) where our ``nn.Linear`` stores (out, in), so every projection matrix is
-transposed. And ``safetensors`` refuses two names for one tensor, so only
-``transformer.wte.weight`` is written; ``tie_word_embeddings`` makes ``lm_head`` use it.
+Differences from our own layout. GPT-2's ``Conv1D`` stores a projection as (in, out)
+where our ``nn.Linear`` stores (out, in), so every GPT-2 projection matrix is
+transposed. Llama keeps q, k and v, and the gate and up projections, as separate
+matrices: ours are split along their rows. Our rotary pairing (channel i with i + D/2)
+is the one ``LlamaForCausalLM`` applies, so q and k need no reordering. And
+``safetensors`` refuses two names for one tensor, so only the embedding is written;
+``tie_word_embeddings`` makes ``lm_head`` use it. QK-norm has no place in Llama's
+layout: such a model is refused with a message.
 
 A SentencePiece model is converted to a ``tokenizers`` Unigram model with the same
 pieces and scores, byte fallback, no normalizer and no dummy prefix, so it splits
@@ -28,6 +35,7 @@ import torch
 
 from engine.data.chat_format import CHAT_TOKENS, chat_ids_in_force, jinja_chat_template
 from engine.data.tokenizer import EOT_TOKEN, PAD_TOKEN, BaseTokenizer, BPETokenizer
+from engine.model.config import NORM_EPS
 from engine.model.gpt import GPT
 from engine.runtime import storage
 
@@ -54,6 +62,41 @@ def gpt2_config(model: GPT, tok: BaseTokenizer, dtype: str = "f32") -> dict:
         "bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
         "torch_dtype": "float32" if dtype == "f32" else "float16",
     }
+
+
+def llama_config(model: GPT, tok: BaseTokenizer, dtype: str = "f32") -> dict:
+    """The ``LlamaConfig`` of a ``llama``-block model (one key/value head per query head)."""
+    c = model.config
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "max_position_embeddings": c.context,
+        "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head, "head_dim": c.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": NORM_EPS, "rope_theta": c.rope_theta,
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": c.dropout,
+        "initializer_range": 0.02, "tie_word_embeddings": True, "use_cache": True,
+        "bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.pad_id,
+        "torch_dtype": "float32" if dtype == "f32" else "float16",
+    }
+
+
+def llama_state_dict(model: GPT, dtype: str = "f32") -> dict[str, torch.Tensor]:
+    """Our weights under Llama's names: q|k|v and gate|up split, the tied head left out."""
+    c = model.config
+    out = {"model.embed_tokens.weight": model.wte.weight, "model.norm.weight": model.ln_f.weight}
+    for i, block in enumerate(model.h):
+        prefix = f"model.layers.{i}."
+        q, k, v = block.attn.c_attn.weight.split(c.d_model)
+        gate, up = block.mlp.c_fc.weight.split(c.d_ff)
+        out.update({
+            prefix + "input_layernorm.weight": block.ln_1.weight,
+            prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k,
+            prefix + "self_attn.v_proj.weight": v, prefix + "self_attn.o_proj.weight": block.attn.c_proj.weight,
+            prefix + "post_attention_layernorm.weight": block.ln_2.weight,
+            prefix + "mlp.gate_proj.weight": gate, prefix + "mlp.up_proj.weight": up,
+            prefix + "mlp.down_proj.weight": block.mlp.c_proj.weight,
+        })
+    return {name: t.detach().to("cpu", DTYPES[dtype]).contiguous() for name, t in out.items()}
 
 
 def gpt2_state_dict(model: GPT, dtype: str = "f32") -> dict[str, torch.Tensor]:
@@ -146,8 +189,8 @@ def model_card(model: GPT, tok: BaseTokenizer, meta: dict) -> str:
     steps = meta.get("progress", {}).get("step", 0)
     chat = chat_ids_in_force(meta, tok) is not None
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, custom-llm]", "---",
-        "", "# A small GPT-2 style model trained with custom-llm", "",
+        "---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [{c.arch}, custom-llm]", "---",
+        "", f"# A small {'Llama' if c.arch == 'llama' else 'GPT-2'} style model trained with custom-llm", "",
         f"{model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, width {c.d_model}, "
         f"context {c.context} tokens, a {tok.kind} tokenizer of {c.vocab_size:,} tokens, "
         f"{steps:,} training steps.", "",
@@ -156,7 +199,7 @@ def model_card(model: GPT, tok: BaseTokenizer, meta: dict) -> str:
         'tok = AutoTokenizer.from_pretrained("PATH")',
         'model = AutoModelForCausalLM.from_pretrained("PATH")',
         "```", "",
-        f"Prompt plus answer must fit in {c.context} tokens (learned positions cannot go further).",
+        f"Prompt plus answer must fit in {c.context} tokens, the context it was trained on.",
     ]
     if chat:
         lines += ["", "The chat template is the one the model was fine-tuned with: "
@@ -168,12 +211,18 @@ def hf_files(model: GPT, tok: BaseTokenizer, meta: dict, dtype: str = "f32") -> 
     """Every file of the export folder, by name."""
     from safetensors.torch import save
 
-    context = model.config.context
+    c = model.config
+    if c.qk_norm:
+        raise ValueError("a model with QK-norm has no Hugging Face Llama layout to export to")
+    llama = c.arch == "llama"
+    config = llama_config(model, tok, dtype) if llama else gpt2_config(model, tok, dtype)
+    weights = llama_state_dict(model, dtype) if llama else gpt2_state_dict(model, dtype)
+    context = c.context
     as_json = storage.json_bytes
     return {
-        "config.json": as_json(gpt2_config(model, tok, dtype)),
+        "config.json": as_json(config),
         # transformers refuses safetensors files without this metadata
-        "model.safetensors": save(gpt2_state_dict(model, dtype), metadata={"format": "pt"}),
+        "model.safetensors": save(weights, metadata={"format": "pt"}),
         "generation_config.json": as_json(generation_config(tok, meta)),
         "tokenizer.json": tokenizer_json(tok).encode("utf-8"),
         "tokenizer_config.json": as_json(tokenizer_config(tok, meta, context)),

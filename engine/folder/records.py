@@ -191,18 +191,27 @@ class SavedProgress:
 
 
 def _upgrade_meta(meta: dict) -> dict:
-    """Rename the keys of format 1 to today's: the context was ``max_seq_len``, the
-    requested vocabulary ``vocab_size``."""
+    """Read older formats as today's.
+
+    Format 1 called the context ``max_seq_len`` and the requested vocabulary
+    ``vocab_size``. A folder saved before the block design and the optimizer were
+    settings holds a GPT-2 block trained with AdamW: it says so explicitly from now on,
+    whatever the defaults for new models become.
+    """
     meta = dict(meta)
     model = meta.get("model")
-    if isinstance(model, dict) and "max_seq_len" in model:
+    if isinstance(model, dict):
         model = dict(model)
-        model["context"] = model.pop("max_seq_len")
+        if "max_seq_len" in model:
+            model["context"] = model.pop("max_seq_len")
+        model.setdefault("arch", "gpt2")
         meta["model"] = model
     training = meta.get("training")
-    if isinstance(training, dict) and "vocab_size" in training:
+    if isinstance(training, dict):
         training = dict(training)
-        training["target_vocab_size"] = training.pop("vocab_size")
+        if "vocab_size" in training:
+            training["target_vocab_size"] = training.pop("vocab_size")
+        training.setdefault("optimizer", "adamw")
         meta["training"] = training
     return meta
 

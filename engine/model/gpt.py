@@ -36,7 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # The weight in x's dtype: under autocast x can be bf16 (QK-norm's queries), and a
+        # dtype mismatch sends rms_norm to its slow unfused path.
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -233,6 +235,17 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def block_matrices(self) -> list[tuple[nn.Parameter, int]]:
+        """The 2-D weights inside the blocks, each with the number of matrices it stacks
+        along its rows: 3 for the fused q|k|v product, 2 for SwiGLU's gate|up, else 1."""
+        found = []
+        for block in self.h:
+            found.append((block.attn.c_attn.weight, 3))
+            found.append((block.attn.c_proj.weight, 1))
+            found.append((block.mlp.c_fc.weight, 2 if isinstance(block.mlp, GatedMLP) else 1))
+            found.append((block.mlp.c_proj.weight, 1))
+        return found
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices and embeddings only; never on biases or norms."""

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 MAX_EPOCHS = 100_000
 MAX_BUDGET_MINUTES = 7 * 24 * 60
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -31,6 +32,10 @@ class TrainConfig:
     seed: int = 1337
     max_minutes: float = 0.0  # 0: no time limit
     compile: bool = False  # torch.compile the training forward; eager if it is unavailable or fails
+    # "muon": Muon for the matrices inside the blocks, AdamW for embeddings and norms
+    # (``step.MuonAdamW``); "adamw": AdamW for everything. A folder saved before this
+    # setting existed trained with AdamW and reads as "adamw".
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         problems = []
@@ -44,6 +49,8 @@ class TrainConfig:
             problems.append("rehearsal must be in [0, 1)")
         if not 0 < self.val_fraction < 0.5:
             problems.append("val_fraction must be in (0, 0.5)")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r})")
         for name in ("warmup_steps", "batch_size", "weight_decay", "grad_clip", "max_minutes", "seed"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")

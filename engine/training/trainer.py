@@ -107,6 +107,11 @@ class Trainer:
                 self.notes.append("the model already exists, so its size settings are kept "
                                   "(use another --model-dir for a new model)")
         saved = dict(self.meta.training) if self.meta else {}
+        if saved and self.train_overrides.get("optimizer", saved["optimizer"]) != saved["optimizer"]:
+            # Its optimizer state is that optimizer's: another could not take it over.
+            self.notes.append(f"the model keeps the {saved['optimizer']} optimizer it was trained with "
+                              "(use another --model-dir for a new model)")
+            del self.train_overrides["optimizer"]
         self.config = TrainConfig.from_dict({**saved, **self.train_overrides})
         self.state: TrainingState | None = None  # the model and what trains it, once built or loaded
         self.tokenizer: BaseTokenizer | None = None
