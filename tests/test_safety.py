@@ -297,7 +297,7 @@ TODAY_META = {
     "training": {"learning_rate": 0.001, "min_lr_ratio": 0.1, "warmup_steps": 100, "weight_decay": 0.01,
                  "grad_clip": 1.0, "batch_size": 4, "val_fraction": 0.05, "checkpoint_every": 10,
                  "eval_batches": 4, "target_vocab_size": 320, "rehearsal": 0.2, "seed": 1337, "max_minutes": 0.0,
-                 "compile": False},
+                 "compile": False, "optimizer": "adamw"},
     "created": "2024-05-01 10:00:00",
     "progress": {"step": 42, "tokens_seen": 5376, "epochs_done": 3},
     "chat_tuned": True,
