@@ -2,18 +2,26 @@
 
     python scripts/budget_experiment.py [--minutes 3 10 30] [--data ../shared/data/tinyshakespeare.txt]
     python scripts/budget_experiment.py --minutes 3 --shapes 128x4 192x4 256x4   # a sweep, for the rules
+    python scripts/budget_experiment.py --minutes 3 --vocab-sizes auto 1024 2048 4096 8000   # EMBED_SHARE
 
 For every budget it runs the real command line, one run at a time, in turns:
 
-* ``interface.py train DATA --minutes N``: the budget mode picks the shape;
-* ``interface.py train DATA --minutes N --preset compact --dropout 0.1 --lr 1e-3``: today's
-  fixed CPU model with today's settings, its schedule fitted to the same minutes;
+* ``interface.py train DATA --minutes N``: the budget mode picks the shape (and the vocabulary);
+* ``interface.py train DATA --minutes N --preset compact --dropout 0.1 --lr 1e-3
+  --target-vocab-size 8000``: today's fixed CPU model with today's settings, its schedule
+  fitted to the same minutes;
 * with ``--shapes``, each ``DxL`` shape pinned the same way (heads of 64 dimensions).
 
-and prints a table of the held-out bits per byte each reached (the last 5% of the
-text; every run trains its own tokenizer, the same one, from the same data), with
-the shape, the steps and the wall time, and whether a run ended with the weights of an
-earlier, better pass. Nothing else should run on the machine.
+With ``--vocab-sizes`` each of those runs once per size: a number pins the vocabulary
+(``--target-vocab-size``, which turns the plan's vocabulary rule off: the tokenizer is
+trained to that size, lowered only where the text cannot support it), ``auto`` leaves
+it to the plan (``budget.plan_vocabulary``; the compact preset then keeps 8,000).
+
+It prints a table of the held-out bits per byte each reached (the last 5% of the text;
+runs with the same vocabulary train the same tokenizer from the same data, and bits per
+byte compare runs across vocabularies), with the shape, the vocabulary, the steps and
+the wall time, and whether a run ended with the weights of an earlier, better pass.
+Nothing else should run on the machine.
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ def train(data: Path, minutes: float, folder: Path, flags: list[str]) -> dict:
     kept = next((line for line in lines if "kept the weights of pass" in line), "")
     m = info["model"]
     return {"shape": f"d{m['d_model']} x{m['n_layer']} ctx{m['context']} drop{m['dropout']}",
+            "vocab": m["vocab_size"],
             "bpb": info["last_eval"]["bpb"], "steps": info["steps"], "tokens": info["tokens_seen"],
             "wall_s": round(wall, 1), "plan": plan.strip(), "kept": kept.strip()}
 
@@ -53,6 +62,11 @@ def shape_flags(spec: str) -> list[str]:
     return ["--d-model", str(d), "--n-layer", str(layers), "--n-head", str(max(1, d // 64))]
 
 
+def vocab_flags(size: str) -> list[str]:
+    """``auto``: the plan chooses; a number pins the vocabulary (the last --target-vocab-size given wins)."""
+    return [] if size == "auto" else ["--target-vocab-size", str(int(size))]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, nargs="+", default=[3, 10, 30])
@@ -60,6 +74,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="*", default=[], metavar="DxL", help="also train these shapes pinned")
     p.add_argument("--no-auto", action="store_true", help="skip the budget mode's own choice")
     p.add_argument("--no-compact", action="store_true", help="skip the fixed compact preset")
+    p.add_argument("--vocab-sizes", nargs="+", default=["auto"], metavar="V",
+                   help="run each configuration once per vocabulary: a size pins it, 'auto' lets the plan choose")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="budget-experiment-"))
@@ -67,18 +83,23 @@ def main() -> None:
     for minutes in args.minutes:
         runs = [] if args.no_auto else [("budget mode", [])]
         if not args.no_compact:
-            runs.append(("compact preset", ["--preset", "compact", "--dropout", "0.1", "--lr", "1e-3"]))
+            runs.append(("compact preset", ["--preset", "compact", "--dropout", "0.1", "--lr", "1e-3",
+                                            "--target-vocab-size", "8000"]))
         runs += [(f"pinned {spec}", shape_flags(spec)) for spec in args.shapes]
         for label, flags in runs:
-            folder = work / f"{label.replace(' ', '_')}_{minutes:g}"
-            row = {"minutes": minutes, "run": label, **train(args.data, minutes, folder, flags)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\n{'minutes':>7} | {'run':<16} | {'shape':<26} | {'steps':>6} | {'tokens':>10} | {'wall s':>6} | bpb")
+            for size in args.vocab_sizes:
+                name = label if len(args.vocab_sizes) == 1 else f"{label} v{size}"
+                folder = work / f"{name.replace(' ', '_')}_{minutes:g}"
+                row = {"minutes": minutes, "run": name,
+                       **train(args.data, minutes, folder, flags + vocab_flags(size))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\n{'minutes':>7} | {'run':<22} | {'shape':<26} | {'vocab':>6} | {'steps':>6} | {'tokens':>10} | "
+          f"{'wall s':>6} | bpb")
     for r in rows:
         best = "  (best pass kept)" if r["kept"] else ""
-        print(f"{r['minutes']:>7g} | {r['run']:<16} | {r['shape']:<26} | {r['steps']:>6} | {r['tokens']:>10,} | "
-              f"{r['wall_s']:>6} | {r['bpb']:.4f}{best}")
+        print(f"{r['minutes']:>7g} | {r['run']:<22} | {r['shape']:<26} | {r['vocab']:>6} | {r['steps']:>6} | "
+              f"{r['tokens']:>10,} | {r['wall_s']:>6} | {r['bpb']:.4f}{best}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 

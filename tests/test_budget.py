@@ -1,5 +1,6 @@
 """Time-budget mode: the plan's rules, a run that ends with its minutes, resume and Continue."""
 import math
+import random
 import re
 import shutil
 import subprocess
@@ -12,17 +13,24 @@ import pytest
 import torch
 
 from engine.app import cli
-from engine.data.sources import open_source
+from engine.data.sources import open_source, source_from_text
 from engine.folder.model_folder import ModelFolder
+from engine.model.config import ModelConfig
+from engine.runtime import hardware
 from engine.training import budget
-from engine.training.events import Notice, RunEnded, RunStarted, StepDone, Tokenizing
+from engine.training import config as training_config
+from engine.training.config import Recipe, TrainConfig
+from engine.training.events import Notice, RunEnded, RunStarted, StepDone, TokenizerTraining, Tokenizing
 from engine.training.loop import TrainingLoop
+from engine.training.planning import Planner
 from engine.training.runs import StopFlag, StopReason
+from engine.training.step import MuonAdamW
 from trainer import Trainer
 
 from conftest import ROOT, TINY_CLI, TINY_MODEL, TINY_TRAIN
 
 GFLOPS = 1e9
+PROBED = ModelConfig(vocab_size=320, d_model=32, n_layer=1, n_head=2, context=32)  # a model the probe times fast
 
 
 def plan(minutes, flop_rate=100 * GFLOPS, data_tokens=300_000, **kw):
@@ -78,10 +86,14 @@ def test_the_length_question_refuses_nonsense_in_one_line(answer):
     assert "\n" not in str(info.value) and repr(answer.strip().lower()) in str(info.value)
 
 
-def test_probe_measures_a_positive_rate():
+@pytest.mark.parametrize("arch, optimizer", [("gpt2", "adamw"), ("llama", "muon")])
+def test_probe_measures_a_positive_rate(arch, optimizer):
     from engine.runtime import hardware
+    from engine.training.config import TrainConfig
 
-    rate = budget.probe_flop_rate(hardware.detect_runtime("cpu", "fp32"), 320, 2, budget.Shape(32, 1, 2, 32), 0.2)
+    model = replace(PROBED, arch=arch, qk_norm=arch == "llama")
+    rate = budget.probe_flop_rate(hardware.detect_runtime("cpu", "fp32"), model, 2, TrainConfig(optimizer=optimizer),
+                                  0.2)
     assert 0 < rate < math.inf  # how large depends on the machine
 
 
@@ -530,9 +542,128 @@ def test_the_probe_backs_off_like_training_when_a_batch_does_not_fit(monkeypatch
 
     monkeypatch.setattr(GPT, "forward", forward)
     runtime = hardware.detect_runtime("cpu", "fp32")
-    rate = budget.probe_flop_rate(runtime, 320, 8, budget.Shape(32, 1, 2, 32), 0.05)
+    rate = budget.probe_flop_rate(runtime, PROBED, 8, seconds=0.05)
     assert 0 < rate < math.inf
     assert rows_seen[:3] == [8, 4, 2] and set(rows_seen[3:]) == {2}  # 4 micro-batches of 2 from then on
     fits[0] = 0
     with pytest.raises(MemoryError, match="even with one sequence per micro-batch while measuring"):
-        budget.probe_flop_rate(runtime, 320, 8, budget.Shape(32, 1, 2, 32), 0.05)
+        budget.probe_flop_rate(runtime, PROBED, 8, seconds=0.05)
+
+
+# -- the vocabulary a time budget plans, and the recipe its probe times --------------------------
+
+def varied_text(n_words: int, seed: int = 0) -> str:
+    """Text of made-up words (a few thousand of them): BPE finds well over a thousand merges in it."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(3000)]
+    return "".join(rng.choice(words) + (".\n" if i % 12 == 11 else " ") for i in range(n_words))
+
+
+def test_a_small_shape_gets_a_small_vocabulary_and_a_big_one_the_ceiling():
+    small = budget.plan_vocabulary(3, 10 * GFLOPS, 8000)
+    shape = budget.ladder_shape(3, 10 * GFLOPS, small)
+    assert small < 8000 and shape.embedding_fits(small) and not shape.embedding_fits(2 * small)
+    assert budget.plan_vocabulary(30, 10_000 * GFLOPS, 8000) == 8000  # d768 and up: 8,000 rows are a small share
+    assert budget.plan_vocabulary(3, 10 * GFLOPS, 8000, pinned=budget.Shape(128, 2, 4)) == 1024
+    assert budget.plan_vocabulary(3, 10 * GFLOPS, 8000, pinned=budget.Shape(256, 4, 4)) == 4096
+    assert budget.plan_vocabulary(3, 10 * GFLOPS, 8000, pinned=budget.Shape(32, 1, 2)) == 1024  # none fits: the least
+
+
+@pytest.mark.parametrize("ceiling", [300, 700, 1024, 1500, 2048, 5000, 8000, 50_000])
+def test_the_planned_vocabulary_never_exceeds_the_ceiling(ceiling):
+    for rate in (1, 10, 100, 1000, 100_000):
+        for minutes in (1, 10, 100):
+            size = budget.plan_vocabulary(minutes, rate * GFLOPS, ceiling)
+            assert size <= ceiling and size in budget.vocabulary_candidates(ceiling)
+            shape = budget.ladder_shape(minutes, rate * GFLOPS, size)  # the shape the plan then picks
+            assert shape.embedding_fits(size) or size == budget.vocabulary_candidates(ceiling)[0]
+
+
+def test_a_vocabulary_that_swings_between_two_sizes_takes_the_smaller(monkeypatch):
+    """The bigger shape carries 4,096 tokens, whose head makes the budget buy the smaller shape,
+    which carries 2,048: the plan stops there instead of going round."""
+    big, small, asked = budget.Shape(256, 4, 4), budget.Shape(128, 4, 4), []
+    monkeypatch.setattr(budget, "ladder_shape", lambda m, r, vocab, c=256: asked.append(vocab) or
+                        (big if vocab <= 2048 else small))
+    assert budget.plan_vocabulary(3, GFLOPS, 8000) == 2048
+    assert asked == [8000, 2048, 4096]
+
+
+def test_the_plan_chooses_the_vocabulary_unless_the_user_gave_one_and_says_so(monkeypatch):
+    probed = []
+    monkeypatch.setattr(budget, "probe_flop_rate", lambda runtime, model, *args: probed.append(model) or 10 * GFLOPS)
+    runtime = hardware.detect_runtime("cpu", "fp32")
+    planner = Planner(runtime)
+    size = planner.budget_vocabulary(3, 10_000_000, TrainConfig())
+    plan = planner.budget_plan(3, 300_000, size, TrainConfig())
+    assert size == 2048 and plan.vocab_size == 2048 and plan.shape.embedding_fits(2048)
+    assert "vocabulary 2,048 (its embedding within 33% of the block weights; up to 8,000 asked for)" in plan.describe()
+    assert len(probed) == 1 and probed[0].vocab_size == 8000  # once, with the ceiling's head
+
+    small_text = Planner(runtime)  # 100,000 bytes support 2,500 tokens: the ceiling, lowered
+    small_text.flop_rate = 1000 * GFLOPS
+    assert small_text.budget_vocabulary(3, 100_000, TrainConfig()) == 2500
+    assert small_text.vocabulary.reason() == "the most the text supports, of 8,000 asked"
+
+    probed.clear()
+    pinned = Planner(runtime, train_overrides={"target_vocab_size": 5000})
+    assert pinned.budget_vocabulary(3, 10_000_000, TrainConfig(target_vocab_size=5000)) == 5000
+    assert pinned.vocabulary.reason() == "as asked" and probed == []  # kept, nothing measured for it
+    assert Planner(runtime).budget_vocabulary(0, 10_000_000, TrainConfig()) is None  # epochs: as before
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_a_budget_run_trains_its_tokenizer_to_the_planned_vocabulary(tmp_path, monkeypatch, pinned):
+    """A new model with a time budget: the tokenizer is trained to the plan's size (or the user's),
+    the probe times the recipe, and the plan's notice says which vocabulary and why."""
+    probed = []
+    monkeypatch.setattr(budget, "probe_flop_rate",
+                        lambda runtime, model, batch, config, seconds: probed.append((model, config)) or 1e8)
+    train = {k: v for k, v in TINY_TRAIN.items() if k != "target_vocab_size"}
+    if pinned:
+        train["target_vocab_size"] = 600
+    clock, events = StepClock(), []
+    trainer = Trainer(str(tmp_path / "m"), "bpe", model_overrides=TINY_MODEL, train_overrides=train, clock=clock)
+    trainer.train(source_from_text(varied_text(20_000)), 1, clock.listening(events.append), minutes=0.02)
+    asked = next(e.vocab_size for e in events if isinstance(e, TokenizerTraining))
+    plan_line = next(e.text for e in events if isinstance(e, Notice) and e.text.startswith("time budget"))
+    if pinned:  # kept as the user gave it: no probe before the tokenizer
+        assert asked == 600 and "vocabulary 600 (as asked)" in plan_line
+    else:  # d32 x 1 carries no candidate within a third of its blocks: the smallest, 1,024
+        assert asked == 1024 and "vocabulary 1,024 (its embedding within 33%" in plan_line
+    assert trainer.tokenizer.vocab_size == asked == trainer.model.config.vocab_size
+    assert not any(isinstance(e, Notice) and "lowered" in e.text for e in events)
+    (model, config), = probed
+    recipe = training_config.NEW_MODEL_RECIPE
+    assert model.arch == recipe.arch and config.optimizer == recipe.optimizer
+    assert model.context == TINY_MODEL["context"] and model.d_model == TINY_MODEL["d_model"]
+
+
+def test_the_probe_times_the_recipe_the_run_trains_with(monkeypatch):
+    """Its block design, QK-norm, optimizer (through make_optimizer), context and precision; not a
+    GPT-2 block with AdamW at 256 tokens, whatever the run used."""
+    timed = []
+
+    def step(model, optimizer, x, y, lr, runtime, grad_clip, scaler=None, micro_batches=1):
+        timed.append((model.config, type(optimizer), tuple(x.shape), runtime.precision))
+        return 1.0
+
+    monkeypatch.setattr(budget, "train_step", step)
+    runtime = hardware.detect_runtime("cpu", "fp32")
+    llama = Recipe(arch="llama", qk_norm=True, optimizer="muon", learning_rate=2e-3)
+    planner = Planner(runtime, model_overrides={"context": 64}, recipe=llama)
+    plan = planner.budget_plan(0.01, 10_000, 320, TrainConfig(optimizer="muon", batch_size=2))
+    assert len(timed) >= 4 and all(t == timed[0] for t in timed)  # a warm-up step and at least three timed
+    config, optimizer, shape, precision = timed[0]
+    assert (config.arch, config.qk_norm, config.context, config.vocab_size) == ("llama", True, 64, 320)
+    assert (config.d_model, config.n_layer, config.n_head) == budget.PROBE_SHAPE
+    assert optimizer is MuonAdamW and shape == (2, 64) and precision == runtime.precision
+    assert plan.shape.context == 64 and plan.learning_rate == budget.learning_rate_for(plan.shape.d_model, 2e-3)
+
+    timed.clear()
+    Planner(runtime, model_overrides={"arch": "gpt2"}, recipe=llama).budget_plan(0.01, 10_000, 320, TrainConfig())
+    config, optimizer, shape, _ = timed[0]  # the user's flags win over the recipe
+    assert (config.arch, config.qk_norm, config.context) == ("gpt2", False, 256)
+    assert optimizer is torch.optim.AdamW
+

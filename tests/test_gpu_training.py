@@ -155,11 +155,11 @@ def test_saving_from_a_gpu_keeps_the_tied_embedding_one_tensor(trained_copy, mon
 
 @pytest.fixture
 def probes(monkeypatch):
-    """The probe's calls, (batch, shape), answered with a fixed rate."""
+    """The probe's calls, (batch, model config), answered with a fixed rate."""
     calls = []
 
-    def probe(runtime, vocab_size, batch_size, shape=None, seconds=None):
-        calls.append((batch_size, shape))
+    def probe(runtime, model, batch_size, config=None, seconds=None):
+        calls.append((batch_size, model))
         return 1e12
     monkeypatch.setattr(budget, "probe_flop_rate", probe)
     return calls

@@ -109,3 +109,40 @@ def test_an_old_folder_trains_on_with_adamw_and_a_request_for_muon_is_explained(
     again.train(source_from_text(SAMPLE_TEXT), 1, events.append)
     assert isinstance(again.optimizer, torch.optim.AdamW) and again.config.optimizer == "adamw"
     assert any(isinstance(e, Notice) and "keeps the adamw optimizer" in e.text for e in events)
+
+
+def test_the_recipe_decides_new_models_only_and_flipping_it_is_one_change(tmp_path, monkeypatch):
+    """``NEW_MODEL_RECIPE`` is where a new model's block design, optimizer and learning rate come from;
+    flipped, a new model is a llama trained with Muon, flags still win, and a folder saved before
+    these settings existed goes on as the gpt2 + AdamW model it is."""
+    from engine.training import config as training_config
+
+    assert ModelConfig(vocab_size=300).arch == "gpt2" and TrainConfig().optimizer == "adamw"  # what old folders mean
+    src = source_from_text(SAMPLE_TEXT)
+    old = tmp_path / "old"
+    Trainer(str(old), "bpe", model_overrides={**TINY_MODEL, "arch": "gpt2"},
+            train_overrides={**TINY_TRAIN, "optimizer": "adamw", "learning_rate": 1e-3}).train(src, 1)
+    meta = json.loads((old / "config.json").read_text())
+    del meta["training"]["optimizer"], meta["model"]["arch"], meta["model"]["qk_norm"]  # as before these settings
+    (old / "config.json").write_text(json.dumps(meta))
+
+    flipped = training_config.Recipe(arch="llama", qk_norm=True, optimizer="muon", learning_rate=2e-3)
+    monkeypatch.setattr(training_config, "NEW_MODEL_RECIPE", flipped)
+    new = Trainer(str(tmp_path / "new"), "bpe", model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN)
+    new.train(src, 1)
+    assert (new.model.config.arch, new.model.config.qk_norm) == ("llama", True)
+    assert isinstance(new.optimizer, MuonAdamW) and new.config.learning_rate == 2e-3
+    saved = ModelFolder(tmp_path / "new").read_meta()
+    assert saved.model.arch == "llama" and saved.training["optimizer"] == "muon"
+
+    flags = Trainer(str(tmp_path / "flags"), "bpe", model_overrides={**TINY_MODEL, "arch": "gpt2"},
+                    train_overrides={**TINY_TRAIN, "optimizer": "adamw", "learning_rate": 5e-4})
+    config = flags.planner.model_config(300)
+    assert (config.arch, config.qk_norm) == ("gpt2", False)  # the recipe's QK-norm is llama's only
+    assert (flags.config.optimizer, flags.config.learning_rate) == ("adamw", 5e-4)
+
+    again = Trainer(str(old), "bpe", train_overrides=TINY_TRAIN)
+    again.train(src, 1)
+    assert again.model.config.arch == "gpt2" and not again.model.config.qk_norm
+    assert isinstance(again.optimizer, torch.optim.AdamW) and again.config.learning_rate == 1e-3
+    assert ModelFolder(old).read_meta().training["optimizer"] == "adamw"

@@ -19,7 +19,7 @@ from engine.app.console import (
 )
 from engine.model.config import ARCHS
 from engine.runtime import hardware
-from engine.training.config import OPTIMIZERS
+from engine.training.config import NEW_MODEL_RECIPE, OPTIMIZERS
 
 # The project folder's custom_llm/ (engine/app/flags.py is two folders down from it).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "custom_llm"
@@ -59,10 +59,12 @@ def add_model_size_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=int, help="context length in tokens (default 256)")
     g.add_argument("--dropout", type=float)
     g.add_argument("--arch", choices=ARCHS, help="block design: gpt2 (learned positions, LayerNorm, GELU) or llama "
-                   "(rotary positions, RMSNorm, SwiGLU, no biases)")
-    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, help="llama: RMS-norm queries and keys")
+                   f"(rotary positions, RMSNorm, SwiGLU, no biases) (default {NEW_MODEL_RECIPE.arch})")
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction,
+                   help=f"llama: RMS-norm queries and keys (default {'on' if NEW_MODEL_RECIPE.qk_norm else 'off'})")
     g.add_argument("--target-vocab-size", "--vocab-size", dest="target_vocab_size", type=int,
-                   help="the vocabulary size to aim for; lowered for little text (default 8000)")
+                   help="the vocabulary size to aim for; lowered for little text, and with --minutes the plan "
+                        "picks a size up to it unless it is given (default 8000)")
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -71,9 +73,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help=f"passes over the data (the menu's default answer; default {DEFAULT_EPOCHS}, "
                         f"{DEFAULT_CHAT_LENGTH.describe()} for finetune)")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default {NEW_MODEL_RECIPE.learning_rate:g}; "
+                   "with --minutes scaled to the planned width)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="muon: Muon for the matrices in the blocks and AdamW "
-                   "for the rest; adamw: AdamW for all (a new model's choice; a model keeps its own)")
+                   "for the rest; adamw: AdamW for all (a new model's choice, default "
+                   f"{NEW_MODEL_RECIPE.optimizer}; a model keeps its own)")
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     t.add_argument("--minutes", type=budget_minutes, default=0.0, metavar="N",
                    help="time budget instead of epochs: a new model gets the size that learns most in N minutes "

@@ -1,7 +1,8 @@
 """Training: a run's parts, the ``Trainer`` that wires them, time budgets and continual learning.
 
 ==================  ==============================================================
-``config``          ``TrainConfig``, the learning-rate schedule ``lr_at``, call limits
+``config``          ``TrainConfig``, a new model's recipe (``NEW_MODEL_RECIPE``),
+                    the learning-rate schedule ``lr_at``, call limits
 ``runs``            where a run stands (``RunState``, ``Progress``), why it stops
                     (``StopReason``, ``StopCheck``), a time budget's clock
 ``events``          what training reports while it runs, and what a call returns
@@ -9,7 +10,7 @@
 ``evaluation``      held-out loss, perplexity and bits per byte
 ``checkpoint``      the training state: saved to the folder, loaded, sent to ranks
 ``planning``        a new model's tokenizer and shape, a budget's plan, a run's schedule
-``budget``          the rules that turn minutes into a model shape
+``budget``          the rules that turn minutes into a model shape and vocabulary
 ``loop``            the epochs of one run, on every rank alike
 ``dataset_memory``  what the model keeps of each data set: held-out text, rehearsal
 ``trainer``         the ``Trainer`` façade over one model folder

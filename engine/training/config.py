@@ -1,13 +1,29 @@
-"""The training settings (``TrainConfig``), the learning-rate schedule, and the limits on a call.
+"""The training settings (``TrainConfig``), a new model's recipe, the learning-rate schedule, the limits on a call.
 
 Saved in ``config.json`` as ``TrainConfig.to_dict()``; a run inherits the saved
 settings unless the caller overrides them. ``lr_at`` is pure: the loop, the tests
 and the benchmark all ask it for the same schedule.
+
+``NEW_MODEL_RECIPE`` is what a new model gets unless the user says otherwise: the block
+design (``arch``, ``qk_norm``), the optimizer and the peak learning rate. Only a new
+model reads it: ``Trainer`` lays it under the user's training flags for an empty folder,
+and ``Planner`` under the user's model flags when it builds a new ``ModelConfig`` (and
+times the same recipe when it probes for a time budget). User flags always win.
+
+Why a recipe rather than the defaults of ``ModelConfig`` and ``TrainConfig``: those
+defaults say what a config.json without the key means, and every ``ModelConfig(...)``
+a test, a benchmark or an export builds takes them. Kept at what old folders trained
+with (gpt2, AdamW, 1e-3), they go on meaning one thing, while what a new model gets
+changes in one place: the ``NEW_MODEL_RECIPE = Recipe(...)`` line below is the switch.
+(``_upgrade_meta`` in ``engine.folder.records`` also writes gpt2/adamw into an old
+folder's config explicitly, so the dataclass defaults could move later without harm.)
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+
+from engine.model.config import ARCHS
 
 MAX_EPOCHS = 100_000
 MAX_BUDGET_MINUTES = 7 * 24 * 60
@@ -67,6 +83,35 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config keys: {', '.join(sorted(unknown))}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A new model's block design, optimizer and learning rate (see the module's docstring)."""
+
+    arch: str = "gpt2"
+    qk_norm: bool = False  # applies to llama blocks only; a user's --arch gpt2 drops it
+    optimizer: str = "adamw"
+    # The peak learning rate. A time budget's plan takes it as the rate at width 256 and
+    # scales it by 1/sqrt(width / 256) (``budget.learning_rate_for``).
+    learning_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        assert self.arch in ARCHS and self.optimizer in OPTIMIZERS and self.learning_rate > 0, self
+
+    def model_settings(self, model_overrides: dict) -> dict:
+        """``ModelConfig`` settings of a new model: the recipe's block design where the user chose none."""
+        arch = model_overrides.get("arch", self.arch)
+        return {"arch": arch, "qk_norm": self.qk_norm and arch == "llama"}
+
+    def train_settings(self) -> dict:
+        """``TrainConfig`` settings of a new model (the user's flags are laid over them)."""
+        return {"optimizer": self.optimizer, "learning_rate": self.learning_rate}
+
+
+# What a new model trains with. Flip here, e.g. to
+# Recipe(arch="llama", qk_norm=True, optimizer="muon", learning_rate=...), once the sweep decides.
+NEW_MODEL_RECIPE = Recipe()
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:

@@ -2,10 +2,11 @@
 
 Everything decided before the first step: ``Planner`` turns the user's preset, sizes
 and time budget into a ``ModelConfig`` (with ``engine.training.budget``'s rules for a
-budget) and a new run into a ``RunState`` (batch size, steps, epochs). Training a new
-model's tokenizer, growing an existing one for new text, preparing the windows of a
-conversation set, the checks that a distributed run can split its batches, and what
-a resumed run changes when it goes on with another number of processes live here too.
+budget, which also size a new tokenizer's vocabulary) and a new run into a
+``RunState`` (batch size, steps, epochs). Training a new model's tokenizer, growing
+an existing one for new text, preparing the windows of a conversation set, the checks
+that a distributed run can split its batches, and what a resumed run changes when it
+goes on with another number of processes live here too.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from engine.folder.records import RunKind
 from engine.model.config import ModelConfig
 from engine.runtime import hardware
 from engine.training import budget
-from engine.training.config import MAX_EPOCHS, TrainConfig
+from engine.training import config as training_config
+from engine.training.config import MAX_EPOCHS, Recipe, TrainConfig
 from engine.training.events import Notice, OnEvent, TokenizerTraining, VocabGrowth
 from engine.training.runs import Budget, RunState, micro_batches_for
 
@@ -37,33 +39,46 @@ GROWTH_SAMPLE_BYTES = 5_000_000  # text that vocabulary growth learns its merges
 class Planner:
     """What to build and for how long, from the user's choices and this machine.
 
-    ``flop_rate`` is the training FLOP/s of the whole job that a time budget's probe
-    measured: measured once per Trainer, then reused for the run's first estimate of its
-    steps. In a torchrun job of ``world_size`` processes each trains its share of every
-    batch on a device like this one, so the job's rate is this process's, probed at its
-    share of the batch, times the processes; the loop re-plans from the real steps.
+    A new model takes the user's settings over ``recipe`` (``config.NEW_MODEL_RECIPE``:
+    the block design and optimizer a new model gets by default). ``flop_rate`` is the
+    training FLOP/s of the whole job that a time budget's probe measured: measured once
+    per Trainer, then reused for the vocabulary, the plan and the run's first estimate of
+    its steps. In a torchrun job of ``world_size`` processes each trains its share of
+    every batch on a device like this one, so the job's rate is this process's, probed at
+    its share of the batch, times the processes; the loop re-plans from the real steps.
     """
 
     def __init__(self, runtime: hardware.Runtime, preset: str | None = None, model_overrides: dict | None = None,
-                 train_overrides: dict | None = None, world_size: int = 1) -> None:
+                 train_overrides: dict | None = None, world_size: int = 1, recipe: Recipe | None = None) -> None:
         self.runtime, self.preset = runtime, preset
         self.model_overrides = model_overrides or {}
         self.train_overrides = train_overrides or {}
         self.world_size = world_size
+        self.recipe = recipe or training_config.NEW_MODEL_RECIPE
         self.flop_rate: float | None = None
+        self.vocabulary: budget.VocabularyChoice | None = None  # a time budget's choice, for its plan
 
     def model_config(self, vocab_size: int, plan: budget.BudgetPlan | None = None) -> ModelConfig:
         """A new model's config: the plan's shape, else the preset's or the device's; sizes the user gave win."""
+        if plan is not None:
+            return self.config_for(vocab_size, plan.shape, plan.dropout)
         if self.preset:
             _, d_model, n_layer, n_head = hardware.preset_by_name(self.preset)
         else:
             _, d_model, n_layer, n_head = hardware.pick_preset(self.runtime)
-        values = {"d_model": d_model, "n_layer": n_layer, "n_head": n_head}
-        if plan is not None:
-            shape = plan.shape
-            values = {"d_model": shape.d_model, "n_layer": shape.n_layer, "n_head": shape.n_head,
-                      "context": shape.context, "dropout": plan.dropout}
-        return ModelConfig(vocab_size=vocab_size, **{**values, **self.model_overrides})
+        return self._with_choices(vocab_size, {"d_model": d_model, "n_layer": n_layer, "n_head": n_head})
+
+    def config_for(self, vocab_size: int, shape: budget.Shape, dropout: float | None = None) -> ModelConfig:
+        """A new model of ``shape``, with the recipe's block design and the user's settings."""
+        values = {"d_model": shape.d_model, "n_layer": shape.n_layer, "n_head": shape.n_head, "context": shape.context}
+        if dropout is not None:
+            values["dropout"] = dropout
+        return self._with_choices(vocab_size, values)
+
+    def _with_choices(self, vocab_size: int, values: dict) -> ModelConfig:
+        """``values``, the recipe's block design over them, and everything the user set over both."""
+        settings = {**values, **self.recipe.model_settings(self.model_overrides), **self.model_overrides}
+        return ModelConfig(vocab_size=vocab_size, **settings)
 
     def new_model(self, vocab_size: int, data_tokens: int, minutes: float, config: TrainConfig,
                   on_event: OnEvent) -> tuple[ModelConfig, TrainConfig]:
@@ -84,21 +99,63 @@ class Planner:
         c = self.model_config(1)
         return budget.Shape(c.d_model, c.n_layer, c.n_head, c.context)
 
+    def context(self) -> int:
+        """The context a new model gets: the user's, else ``ModelConfig``'s default."""
+        return self.model_overrides.get("context", ModelConfig(vocab_size=1).context)
+
+    def budget_vocabulary(self, minutes: float, n_bytes: int, config: TrainConfig) -> int | None:
+        """The size a new model's tokenizer is trained to under a time budget; ``None`` without one.
+
+        A vocabulary the user gave (``--target-vocab-size``) is kept, lowered only when the
+        text cannot support it (``supported_vocab_size``): the budget sweep compares sizes
+        that way. Otherwise that size (or the default) is the ceiling and the plan picks
+        below it (``budget.plan_vocabulary``), also for a shape the user pinned: the
+        vocabulary is then the one size left open, and the rule's reason (embedding rows a
+        small model hardly trains) holds whatever chose the shape.
+
+        The plan needs no count of the data's tokens for this, which only the tokenizer
+        trained here could give: the shape follows the tokens the time buys, not the data's;
+        only dropout follows the data, and ``budget_plan`` sets it after tokenizing, from
+        the real count.
+        """
+        if not minutes:
+            return None
+        requested = config.target_vocab_size
+        ceiling = supported_vocab_size(requested, n_bytes)
+        pinned = "target_vocab_size" in self.train_overrides
+        size = ceiling
+        if not pinned:
+            # The probe's model has the ceiling's output head; its FLOP/s carry over to a smaller one.
+            self.measure(minutes, ceiling, config)
+            size = budget.plan_vocabulary(minutes, self.flop_rate, ceiling, self.context(), self.pinned_shape())
+        self.vocabulary = budget.VocabularyChoice(size, requested, ceiling, pinned)
+        return size
+
     def budget_plan(self, minutes: float, data_tokens: int, vocab_size: int, config: TrainConfig) -> budget.BudgetPlan:
-        """Probe this machine and plan ``minutes`` of training on ``data_tokens`` tokens.
+        """Probe this machine (once) and plan ``minutes`` of training on ``data_tokens`` tokens.
 
         What the user set (learning rate, dropout) wins over the plan, and the plan's
         description says so, since it shows the values in force.
         """
-        context = self.model_overrides.get("context", ModelConfig(vocab_size=1).context)
-        pinned = self.pinned_shape()  # probed itself: then the rate is that of the model that trains
-        probed = pinned or budget.Shape(*budget.PROBE_SHAPE)
-        batch = self.batch_per_process(config, probed.d_model, probed.context, probed.n_layer, vocab_size)
-        self.probe(vocab_size, batch, probed, minutes)
+        batch = self.measure(minutes, vocab_size, config)
         plan = budget.plan_budget(minutes, self.flop_rate, int(data_tokens * (1 - config.val_fraction)),
-                                  vocab_size, batch * self.world_size, context, pinned)
+                                  vocab_size, batch * self.world_size, self.context(), self.pinned_shape(),
+                                  self.recipe.learning_rate)
         return replace(plan, learning_rate=self.train_overrides.get("learning_rate", plan.learning_rate),
-                       dropout=self.model_overrides.get("dropout", plan.dropout))
+                       dropout=self.model_overrides.get("dropout", plan.dropout), vocabulary=self.vocabulary)
+
+    def measure(self, minutes: float, vocab_size: int, config: TrainConfig) -> int:
+        """Probe a new model's reference unless ``flop_rate`` is known; returns its batch per process.
+
+        The reference is the pinned shape (then the rate is that of the model that trains),
+        else ``budget.PROBE_SHAPE``, at the run's context, with the recipe's block design and
+        the run's optimizer (``config``).
+        """
+        model = self.config_for(vocab_size, self.pinned_shape() or budget.Shape(*budget.PROBE_SHAPE, self.context()))
+        batch = self.batch_per_process(config, model.d_model, model.context, model.n_layer, vocab_size)
+        if self.flop_rate is None:
+            self.probe(model, config, batch, minutes)
+        return batch
 
     def batch_per_process(self, config: TrainConfig, d_model: int, window: int, n_layer: int, vocab_size: int) -> int:
         """The sequences one process trains per step: its share of the batch the user set, else the device's."""
@@ -106,17 +163,18 @@ class Planner:
             return max(1, config.batch_size // self.world_size)
         return hardware.default_batch_size(self.runtime, d_model, window, n_layer=n_layer, vocab_size=vocab_size)
 
-    def probe(self, vocab_size: int, batch_per_process: int, shape: budget.Shape, minutes: float) -> float:
-        """The job's training FLOP/s (``flop_rate``): this process's probe of ``shape`` at its share of the batch."""
-        rate = budget.probe_flop_rate(self.runtime, vocab_size, batch_per_process, shape, budget.probe_seconds(minutes))
+    def probe(self, model: ModelConfig, config: TrainConfig, batch_per_process: int, minutes: float) -> float:
+        """The job's training FLOP/s (``flop_rate``): this process's probe of ``model`` at its share of the batch."""
+        rate = budget.probe_flop_rate(self.runtime, model, batch_per_process, config, budget.probe_seconds(minutes))
         self.flop_rate = rate * self.world_size
         return self.flop_rate
 
-    def tokens_per_s(self, model: ModelConfig, batch_size: int, window: int, minutes: float) -> float:
+    def tokens_per_s(self, model: ModelConfig, config: TrainConfig, batch_size: int, window: int,
+                     minutes: float) -> float:
         """What the job is expected to train of ``model`` per second (the probe's rate, measured once)."""
         shape = budget.Shape(model.d_model, model.n_layer, model.n_head, window)
         if self.flop_rate is None:  # an existing model: probed as it will train, at this process's share
-            self.probe(model.vocab_size, max(1, batch_size // self.world_size), shape, minutes)
+            self.probe(replace(model, context=window), config, max(1, batch_size // self.world_size), minutes)
         return self.flop_rate / shape.flops_per_token(model.vocab_size)
 
     def new_run(self, dataset: TokenDataset | ChatDataset, name: str, cache_file: str, epochs: int, kind: RunKind,
@@ -135,7 +193,7 @@ class Planner:
         total_steps = epochs * steps_per_epoch
         if time_budget is not None:
             # A first guess from the probe; the loop re-plans it from the steps it times.
-            rate = self.tokens_per_s(model, batch_size, dataset.window, time_budget.seconds / 60)
+            rate = self.tokens_per_s(model, config, batch_size, dataset.window, time_budget.seconds / 60)
             total_steps = max(1, int(time_budget.seconds_left() * rate / (batch_size * dataset.window)))
             epochs = min(MAX_EPOCHS, 2 + 2 * total_steps // steps_per_epoch)  # the clock ends it, not these
         return RunState(cache_file=cache_file, name=name, epochs=epochs, total_steps=total_steps,
@@ -191,14 +249,17 @@ def open_run_data(path: Path, run: RunState, context: int, val_fraction: float) 
     return TokenDataset(load_cached_tokens(path), context, val_fraction)
 
 
-def new_tokenizer(kind: str, source: Source, requested: int, on_event: OnEvent) -> BaseTokenizer:
-    """A new model's tokenizer, as large as ``requested`` or as the text supports."""
-    target = supported_vocab_size(requested, source.n_bytes)
+def new_tokenizer(kind: str, source: Source, requested: int, on_event: OnEvent,
+                  planned: int | None = None) -> BaseTokenizer:
+    """A new model's tokenizer: of the ``planned`` size (``Planner.budget_vocabulary``), else as large
+    as ``requested`` or as the text supports."""
+    target = planned or supported_vocab_size(requested, source.n_bytes)
     on_event(TokenizerTraining(kind, target))
     tok = train_tokenizer(kind, source.sample_for_tokenizer(), target)
-    if tok.vocab_size < requested:
+    aimed = planned or requested  # a plan below the request says why itself
+    if tok.vocab_size < aimed:
         # Said now, before training starts: it explains the model that follows.
-        on_event(Notice(f"vocabulary lowered from {requested} to {tok.vocab_size}: "
+        on_event(Notice(f"vocabulary lowered from {aimed} to {tok.vocab_size}: "
                         f"{source.n_bytes:,} bytes of text cannot support more tokens"))
     return tok
 

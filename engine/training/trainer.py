@@ -33,6 +33,7 @@ from engine.folder.records import EvalResult, FolderMeta, History, RunKind, RunR
 from engine.model.gpt import GPT
 from engine.runtime import hardware
 from engine.runtime.distributed import Distributed
+from engine.training import config as training_config
 from engine.training.checkpoint import Checkpointer, TrainingState
 from engine.training.config import MAX_BUDGET_MINUTES, TrainConfig, check_epochs, check_minutes
 from engine.training.dataset_memory import DatasetMemory
@@ -112,13 +113,17 @@ class Trainer:
             self.notes.append(f"the model keeps the {saved['optimizer']} optimizer it was trained with "
                               "(use another --model-dir for a new model)")
             del self.train_overrides["optimizer"]
-        self.config = TrainConfig.from_dict({**saved, **self.train_overrides})
+        # A new model starts from the recipe (``config.NEW_MODEL_RECIPE``), an existing one from
+        # what its folder saved (an old folder reads as gpt2 + AdamW: ``records._upgrade_meta``).
+        base = saved if self.meta else training_config.NEW_MODEL_RECIPE.train_settings()
+        self.config = TrainConfig.from_dict({**base, **self.train_overrides})
         self.state: TrainingState | None = None  # the model and what trains it, once built or loaded
         self.tokenizer: BaseTokenizer | None = None
         self.memory = DatasetMemory(self.folder)
         self.rehearsal_pool: np.ndarray | None = None  # earlier data replayed during training
         self.planner = Planner(self.runtime, preset, self.model_overrides, self.train_overrides,
-                               world_size=distributed.world_size if distributed else 1)
+                               world_size=distributed.world_size if distributed else 1,
+                               recipe=training_config.NEW_MODEL_RECIPE)
         self.checkpointer = Checkpointer(self.folder, self.runtime, distributed)
 
     @classmethod
@@ -202,7 +207,8 @@ class Trainer:
         """Train on ``source`` for ``epochs``, or resume the interrupted run on it.
 
         ``minutes`` > 0 is a time budget instead: a new model gets the shape that learns
-        most in that time here (``engine.training.budget``), and the run ends when the time is up,
+        most in that time here (``engine.training.budget``), and the vocabulary that shape
+        carries unless the user gave one, and the run ends when the time is up,
         everything from tokenizing to the last evaluation included.
         """
         started = self.clock()
@@ -211,7 +217,9 @@ class Trainer:
         new = self.state is None and not self.has_model
         if new:  # first training in an empty folder: the tokenizer stays in memory until the first save
             self.folder.check_writable()
-            self.tokenizer = new_tokenizer(self.tokenizer_kind, source, self.config.target_vocab_size, on_event)
+            vocab_size = self.planner.budget_vocabulary(minutes, source.n_bytes, self.config)
+            self.tokenizer = new_tokenizer(self.tokenizer_kind, source, self.config.target_vocab_size, on_event,
+                                           vocab_size)
         else:
             self.load()
         self._tell_notes(on_event)
