@@ -1,0 +1,124 @@
+"""What travels between the server's endpoints and the generation worker: jobs and their events.
+
+A ``Job`` is made on the event loop from a request and carries the function that
+builds its prompt; the worker thread answers with events, handed back to the loop
+(``Job.emit``): ``Started`` (the prompt is built), ``Piece`` (text), ``Finished``, or
+``Failed``. ``WorkerCounts`` is what the worker has done, for ``/health``.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable
+
+from engine.generation.prompts import PreparedRequest, PromptBuilder
+
+
+class FinishReason(str, Enum):
+    """Why a job's text ended; the values are the OpenAI API's ``finish_reason``.
+
+    STOP and LENGTH are the generator's own (``GenerationStats.finish_reason``, a plain
+    string in ``engine.generation``); CANCELLED is the worker's: the client left.
+    """
+
+    STOP = "stop"  # end of text, end of turn, or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Started:
+    """The prompt is built and generation begins; ``notices`` say what was adjusted."""
+
+    notices: list[str]
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job could not run: ``user_error`` for a ValueError the request caused."""
+
+    message: str
+    user_error: bool
+
+
+Event = Started | Piece | Finished | Failed
+
+
+class Job:
+    """One request's generation: ``start(prompts)`` describes it.
+
+    ``prompts`` is the loaded model's ``PromptBuilder``; ``start`` calls its ``complete``
+    or ``chat`` and returns the ``PreparedRequest`` (a ValueError there is the request's
+    fault: a 400). The worker runs it among the others and sends its events to
+    ``events`` (an asyncio queue of the loop that created the job) in the order Started,
+    Piece..., Finished; or a single Failed.
+
+    Text that arrives while the loop has not yet taken the last of it joins it: one
+    Piece however many tokens came meanwhile. With many streams at once the loop (JSON,
+    HTTP) can fall behind the worker, and would otherwise spend per token what it can
+    spend per turn; when it keeps up, every token is still its own Piece.
+    """
+
+    def __init__(self, start: Callable[[PromptBuilder], PreparedRequest]) -> None:
+        self.start = start
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._cancelled = threading.Event()
+        self._outbox_lock = threading.Lock()
+        self._outbox: list[Event] = []  # made by the worker, not yet taken by the loop, in order
+        self._drain_due = False  # whether a call to _drain is on its way to the loop
+
+    def cancel(self) -> None:
+        """Stop this job: the client has gone. Harmless once the job has finished."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        """Hand an event to the event loop (called from the worker thread)."""
+        with self._outbox_lock:
+            if isinstance(event, Piece) and self._outbox and isinstance(self._outbox[-1], Piece):
+                self._outbox[-1] = Piece(self._outbox[-1].text + event.text)
+            else:
+                self._outbox.append(event)
+            if self._drain_due:  # the call on its way takes this one too
+                return
+            self._drain_due = True
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            self.cancel()
+
+    def _drain(self) -> None:
+        """On the loop: everything the worker has emitted so far, into ``events``."""
+        with self._outbox_lock:
+            taken, self._outbox, self._drain_due = self._outbox, [], False
+        for event in taken:
+            self.events.put_nowait(event)
+
+
+@dataclass
+class WorkerCounts:
+    """What the worker has done since it started (for /health and the load run)."""
+
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
