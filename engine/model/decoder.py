@@ -219,27 +219,32 @@ class Decoder:
         themselves (``_HalfProduct.add_to``: the bias slot, which llama leaves empty),
         in two buffers taken in turn, and c_fc writes into a buffer whose gate half is a
         view made once: two passes fewer a layer. The values are ``step_many``'s, bit
-        for bit (the additions and the norms are the same operations on the same rows).
+        for bit (the additions and the norms are the same operations on the same rows;
+        ``test_a_sequence_gets_the_same_logits_alone_and_in_any_batch`` checks it).
         """
         C, start = self.config.d_model, cache.pos
         end = start + 1
-        a, b = torch.empty(C, device=self.device), torch.empty(C, device=self.device)
-        x, other = (a, a.view(1, C)), (b, b.view(1, C))  # each buffer, and as the (1, C) row it is
-        a.copy_(self.wte[token])
+        rows = [torch.empty(1, C, device=self.device) for _ in range(2)]  # the stream's two buffers
+        x = self.wte[token].view(1, C)  # read only (the norm, a bias): the embedding row itself
         up_gate = torch.empty(1, 2 * self.config.d_ff, device=self.device)
         gate = up_gate[:, self.config.d_ff:]
         span = _Span(0, start, end, None, self.turns[start:end])
-        rms = self.norm
+        rms, turn = self.norm, self.qk_norm is None and cache.pairs is not None
         for layer, blk in enumerate(self.layers):
-            blk.qkv(rms(x[0]), out=cache.rows[layer, start:end])
-            blk.proj.add_to(x[0], self._attend(layer, cache, span), other[1])  # other = x + proj(attention)
-            x, other = other, x
-            blk.fc(rms(x[0]), out=up_gate)
-            blk.fc_proj.add_to(x[0], F.glu(up_gate, -1).mul_(gate), other[1])
-            x, other = other, x
+            blk.qkv(rms(x), out=cache.rows[layer, start:end])
+            if turn:  # as _attend does, written out: this runs 4 times a token
+                cache.pairs[layer][start:end].mul_(span.turns)
+            else:
+                self._turn(layer, cache, span)
+            y = F.scaled_dot_product_attention(cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end],
+                                               cache.v[layer][:, :, :end])
+            blk.proj.add_to(x.view(C), y.view(1, C), rows[0])  # rows[0] = x + proj(attention)
+            x, rows = rows[0], [rows[1], rows[0]]
+            blk.fc(rms(x), out=up_gate)
+            blk.fc_proj.add_to(x.view(C), F.glu(up_gate, -1).mul_(gate), rows[0])
+            x, rows = rows[0], [rows[1], rows[0]]
         cache.pos = end
-        x = x[0]
-        return self.head(rms(x)).float()
+        return self.head(rms(x))
 
     @torch.inference_mode()
     def step_many(self, feeds: Sequence[Feed]) -> torch.Tensor:
@@ -268,7 +273,8 @@ class Decoder:
         if rows > len(feeds):  # a chunk of several ids: only its last row is sampled from
             x = x[-1:] if alone else x[torch.tensor([span.first + span.end - span.start - 1 for span in spans],
                                                     device=self.device)]
-        return self.head(self._low(self.norm(x, *self.ln_f))).float()
+        logits = self.head(self._low(self.norm(x, *self.ln_f)))
+        return logits if logits.dtype == torch.float32 else logits.float()
 
     def _low(self, h: torch.Tensor) -> torch.Tensor:
         """Rows in the products' dtype (a pass only where it differs from the stream's)."""

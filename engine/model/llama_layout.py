@@ -96,8 +96,7 @@ class RowRMSNorm:
         self.cpu = device.type == "cpu"
         self.factor = width ** 0.5 if self.cpu else 1.0
         self.eps = eps
-        # (1, 1), made once (a tensor a call costs 1 us): a 1-D row x comes out as the (1, C) a product takes
-        self.root_eps = torch.full((1, 1), (width * eps) ** 0.5, device=device)
+        self.root_eps = torch.tensor((width * eps) ** 0.5, device=device)  # made once: a tensor a call costs 1 us
 
     def __call__(self, x: torch.Tensor, weight: None = None, bias: None = None) -> torch.Tensor:
         if not self.cpu:
