@@ -145,7 +145,8 @@ class Menu:
         if not self.session.has_model():
             self.out("There is no model yet: train it on text first (Train from File), then on conversations.")
             return
-        spec = self.console.ask("Conversation file or folder, JSONL (press Enter for the built-in conversations): ")
+        spec = self.console.ask("Conversation file or folder: .jsonl, .json or .parquet (press Enter for the built-in "
+                                 "conversations): ")
         source = open_conversations(spec)
         self.out(screens.conversations_summary(source))
         self.session.finetune_on(source, self.console.ask_length(DEFAULT_CHAT_LENGTH))

@@ -142,19 +142,20 @@ def print_race(race_result: dict, ref: dict) -> None:
 
 
 def print_server(sv: dict) -> None:
-    lat, first = sv["latency_s"], sv["first_token_s"]
-    rows = [("requests", f"{sv['succeeded']} of {sv['requests']} succeeded" +
-             ("" if sv["succeeded"] == sv["requests"] else f"  !! FAILED: {'; '.join(sv['errors'])}")),
-            ("latency", f"p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s, max {lat['max']:.2f} s"
-             if lat else "none")]
-    if first:
-        rows.append(("first token (streams)", f"p50 {first['p50']:.2f} s, p95 {first['p95']:.2f} s"))
-    rows.append(("throughput", f"{sv['tokens_per_s']:,.0f} completion tokens/s ({sv['completion_tokens']:,} "
-                               f"in {sv['wall_s']:.1f} s)" + load_note(sv["other_load"])))
-    rows.append(("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model and "
-                                              f"{sv['threads']} thread(s), as the server uses)"))
-    _table(f"Server under load ({sv['clients']} clients x {sv['per_client']} requests on 127.0.0.1, "
+    failed = [e for row in sv["levels"] for e in row["errors"]]
+    rows = [("requests", f"{sum(r['succeeded'] for r in sv['levels'])} of {sum(r['requests'] for r in sv['levels'])} "
+             "succeeded" + (f"  !! FAILED: {'; '.join(failed[:5])}" if failed else "")),
+            ("machine", f"{sv['cpu']}; load average {sv['load_average']} at the end" + load_note(sv["other_load"])),
+            ("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model and "
+                                          f"{sv['threads']} thread(s), as the server uses)")]
+    _table(f"Server under load ({sv['clients'] * sv['per_client']} streamed requests at each level on 127.0.0.1, "
            f"up to {sv['max_tokens']} tokens each, {sv['params'] / 1e6:.2f}M parameters)", rows)
+    print(f"  {'streams':>7} {'tokens/s':>9} {'vs 1 stream':>11} {'first token p50':>15} {'p95':>7} {'errors':>6}")
+    for row in sv["levels"]:
+        first, gain = row["first_token_s"], row["vs_one_stream"]
+        p50, p95 = (f"{first['p50']:.3f} s", f"{first['p95']:.3f} s") if first else ("-", "-")
+        print(f"  {row['streams']:>7} {row['tokens_per_s']:>9,.0f} {f'{gain:.2f}x' if gain else '':>11} "
+              f"{p50:>15} {p95:>7} {row['requests'] - row['succeeded']:>6}" + load_note(row["other_load"]))
 
 
 def print_quality(q: dict) -> None:

@@ -1,15 +1,19 @@
-"""The server under load: many clients at once, on 127.0.0.1 only, a fixed number of requests.
+"""The server under load: 1, 4, 8, 16 clients at once, on 127.0.0.1 only, a fixed number of requests.
 
-``bench_server`` starts ``interface.py serve`` as a child process on a free port and
-sends it chat and completion requests, streamed and not, from many threads; every
-request must succeed. Beside it, the same model in this process, one request at a
-time, as the yardstick for what serving costs.
+``bench_server`` starts ``interface.py serve`` as a child process on a free port and,
+at each level of concurrency, sends it the same number of streamed chat and completion
+requests from that many client threads, each sending its share one after another.
+Per level: the aggregate completion tokens/s (continuous batching answers the streams
+together, so this grows with the streams), the time to first token (p50, p95) and
+the errors. Beside it, the same model in this process, one request at a time, as the
+yardstick for what serving costs. The traffic is bounded and the server stops after.
 """
 from __future__ import annotations
 
 import http.client
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -18,7 +22,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from benchlib.machine import OtherLoad
+from benchlib.machine import OtherLoad, _cpu_ticks
 from engine.data.sources import source_from_text
 from engine.runtime import hardware
 from model import ModelConfig
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]  # the project folder, where interfac
 SERVER_PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further,", "What is the king's name?",
                   "Speak, speak."]
 SERVER_TRAIN_CHARS = 200_000  # the start of the corpus, for a model worth serving in seconds
+LEVELS = (1, 4, 8, 16)  # concurrent streams
 
 
 def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> Path:
@@ -43,9 +48,9 @@ def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> P
     return folder
 
 
-def _server_request(host: str, port: int, index: int, max_tokens: int) -> dict:
+def _server_request(host: str, port: int, index: int, max_tokens: int, stream: bool | None = None) -> dict:
     """One client's request (chat or completion, streamed or not, by ``index``): latency and tokens."""
-    stream, chat = index % 2 == 1, index % 4 < 2
+    stream, chat = index % 2 == 1 if stream is None else stream, index % 4 < 2
     prompt = SERVER_PROMPTS[index % len(SERVER_PROMPTS)]
     body: dict = {"max_tokens": max_tokens, "seed": index, "stream": stream}
     if chat:
@@ -88,9 +93,67 @@ def _percentiles(values: list[float]) -> dict:
     return {"p50": rank(0.50), "p95": rank(0.95), "max": ordered[-1]}
 
 
+class _ServerLoad:
+    """Context manager: the share of the CPU that processes other than this one and the
+    server (``pid``) used meanwhile (``OtherLoad`` would count the running server as other)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.share: float | None = None
+
+    def _server_ticks(self) -> int | None:
+        try:
+            with open(f"/proc/{self.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    def __enter__(self) -> _ServerLoad:
+        self.others, self.server = OtherLoad().__enter__(), self._server_ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        server = self._server_ticks()
+        start, end = self.others.start, _cpu_ticks()
+        self.others.__exit__(*exc)
+        if self.others.share is None or server is None or self.server is None or start is None or end is None:
+            return
+        self.share = max(0.0, self.others.share - (server - self.server) / max(1, end[1] - start[1]))
+
+
+def _level(host: str, port: int, server_pid: int, streams: int, requests: int, max_tokens: int) -> dict:
+    """``requests`` streamed requests from ``streams`` client threads at once, each sending
+    its share back to back: aggregate tokens/s, time to first token, errors."""
+    results: list[dict] = []
+
+    def client(c: int) -> None:
+        for r in range(c, requests, streams):
+            results.append(_server_request(host, port, r, max_tokens, stream=True))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(streams)]
+    with _ServerLoad(server_pid) as load:
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
+    return {"streams": streams, "requests": requests, "succeeded": len(ok),
+            "errors": [r["error"] for r in results if "error" in r][:5], "completion_tokens": tokens,
+            "wall_s": wall, "tokens_per_s": tokens / wall, "results": ok,
+            "first_token_s": _percentiles([r["first_token_s"] for r in ok if r["first_token_s"] is not None]),
+            "other_load": load.share}
+
+
 def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int, workdir: Path) -> dict:
-    """``clients`` threads, each sending ``per_client`` requests one after another, to a real
-    server process on 127.0.0.1 (interface.py serve on a free port). Every request must succeed."""
+    """The levels of ``LEVELS`` up to ``clients`` (and ``clients`` itself), each sending
+    ``clients * per_client`` streamed requests, to a real server process on 127.0.0.1
+    (interface.py serve on a free port). Every request must succeed. ``levels`` holds a
+    row per level; the keys beside it are the top level's (``clients`` at once), as the
+    single run this section made before."""
     from engine.serving.listening import serving_subprocess
 
     # The same model in this process, one request at a time, with the server's threads:
@@ -106,30 +169,50 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     torch.set_num_threads(threads)
     params = gen.model.num_params()
     del gen
+    levels = sorted({n for n in LEVELS if n <= clients} | {clients})
+    requests = clients * per_client
     command = [sys.executable, str(ROOT / "interface.py"), "serve", "--model-dir", str(model_dir), "--port", "0",
-               "--max-waiting", str(clients * per_client)]
-    results: list[dict] = []
+               "--max-waiting", str(requests)]
     with OtherLoad() as load, serving_subprocess(command, workdir / "server.log") as child:
         address = urlsplit(child.url)
-
-        def client(c: int) -> None:
-            for r in range(per_client):
-                results.append(_server_request(address.hostname, address.port, c * per_client + r, max_tokens))
-
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(600)
-        wall = time.perf_counter() - t0
-    ok = [r for r in results if "error" not in r]
-    tokens = sum(r["tokens"] for r in ok)
+        _server_request(address.hostname, address.port, 0, max_tokens, stream=True)  # warms the server up
+        rows = [_level(address.hostname, address.port, child.process.pid, n, requests, max_tokens) for n in levels]
+    top = rows[-1]  # ``clients`` streams: the run this section made before it had levels
+    results = top["results"]
+    for row in rows:
+        row.pop("results")
+    one = rows[0]["tokens_per_s"] if rows[0]["streams"] == 1 else None
+    for row in rows:
+        row["vs_one_stream"] = row["tokens_per_s"] / one if one else None
     return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "params": params,
-            "requests": clients * per_client, "succeeded": len(ok),
-            "errors": [r["error"] for r in results if "error" in r][:5],
-            "latency_s": _percentiles([r["latency_s"] for r in ok]),
-            "first_token_s": _percentiles([r["first_token_s"] for r in ok if r["first_token_s"] is not None]),
-            "completion_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "direct_tokens_per_s": direct, "threads": serving_threads, "other_load": load.share}
+            "levels": rows, "requests": top["requests"], "succeeded": top["succeeded"], "errors": top["errors"],
+            "latency_s": _percentiles([r["latency_s"] for r in results]),
+            "first_token_s": top["first_token_s"], "completion_tokens": top["completion_tokens"],
+            "wall_s": top["wall_s"], "tokens_per_s": top["tokens_per_s"],
+            "direct_tokens_per_s": direct, "threads": serving_threads, "other_load": load.share,
+            "cpu": _cpu_summary(), "load_average": _load_average()}
 
+
+def _cpu_summary() -> str:
+    """The CPU's model and its widest vector units, as lscpu would say them."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        return "unknown"
+    units = ("AMX" if "amx_tile" in flags else "") + (", AVX-512" if "avx512f" in flags else "") or (
+        "AVX2 only" if "avx2" in flags else "no AVX2")
+    return f"{name or 'unknown CPU'} ({units.lstrip(', ')}), {hardware.usable_cpu_cores()} core(s)"
+
+
+def _load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages when the run ended (None off Unix)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None

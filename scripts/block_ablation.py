@@ -6,9 +6,14 @@
 Every variant trains the same shape (d_model 256, 4 layers, 4 heads, context 256,
 batch 8, dropout 0.1: the compact preset) on the same tokens (one BPE tokenizer of
 8,000 tokens, the last 5% held out) for the same wall time, with the same loop: the
-real training step (``trainer.train_step``), its cosine schedule fitted to the clock
-from the first ten steps' pace, as a time-budget run does. At the end the held-out
-bits per byte. Variants differ in one part each:
+real training step (``trainer.train_step``) and its cosine schedule. At the end the
+held-out bits per byte.
+
+Equal wall time, but measured so that a busy machine cannot bias it: first every
+variant's step is timed, a few steps each in alternating rounds (``--time-rounds``;
+this phase wants a quiet machine, and takes about a minute); a variant then trains
+for the number of steps its pace buys in ``--minutes``, and that part gives the same
+numbers however busy the machine is meanwhile. Variants differ in one part each:
 
 * ``gpt2-adamw``: today's recipe; ``gpt2-muon``: the same block under Muon;
 * ``llama-adamw``, ``llama-muon``: rotary positions, RMSNorm, SwiGLU, no biases;
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -85,29 +91,41 @@ def build(variant: str, vocab_size: int) -> tuple[GPT, str]:
     return model, optimizer
 
 
-def run(variant: str, data: TokenDataset, token_bytes, seconds: float, lr: float, runtime) -> dict:
+def step_seconds(variants: list[str], data: TokenDataset, vocab_size: int, runtime, rounds: int,
+                 steps: int = 8) -> dict[str, float]:
+    """Median seconds per training step of each variant, timed in alternating rounds."""
+    timed: dict[str, list[float]] = {v: [] for v in variants}
+    plan = data.epoch_plan(1337, 0, BATCH)
+    for _ in range(rounds):
+        for variant in variants:
+            model, optimizer_name = build(variant, vocab_size)
+            model.to(runtime.device).train()
+            cfg = TrainConfig(optimizer=optimizer_name)
+            optimizer = make_optimizer(model, cfg, runtime)
+            for i in range(steps + 2):  # two untimed: allocations, kernel choices
+                if i == 2:
+                    began = time.perf_counter()
+                x, y = data.train_batch(plan, i)
+                train_step(model, optimizer, x, y, 1e-4, runtime, cfg.grad_clip)
+            timed[variant].append((time.perf_counter() - began) / steps)
+    return {v: statistics.median(t) for v, t in timed.items()}
+
+
+def run(variant: str, data: TokenDataset, token_bytes, total: int, lr: float, runtime) -> dict:
+    """Train ``variant`` for ``total`` steps (its pace's share of the budget) and evaluate."""
     model, optimizer_name = build(variant, len(token_bytes))
     model.to(runtime.device).train()
     cfg = TrainConfig(learning_rate=lr, optimizer=optimizer_name, weight_decay=0.01)
     optimizer = make_optimizer(model, cfg, runtime)
-    losses, step, total = [], 0, 10 ** 9
+    losses, step, epoch = [], 0, 0
     started = time.monotonic()
-    epoch = 0
-    while True:
+    while step < total:
         plan = data.epoch_plan(cfg.seed, epoch, BATCH)
-        for i in range(plan.n_batches):
-            if step >= total:
-                break
+        for i in range(min(plan.n_batches, total - step)):
             x, y = data.train_batch(plan, i)
             losses.append(train_step(model, optimizer, x, y, lr_at(step, total, cfg), runtime, cfg.grad_clip))
             step += 1
-            if step == 10:  # fit the schedule to the clock from the pace so far, as a budget run does
-                pace = (time.monotonic() - started) / step
-                total = step + int((seconds - (time.monotonic() - started)) / pace)
-        else:
-            epoch += 1
-            continue
-        break
+        epoch += 1
     wall = time.monotonic() - started
     result = estimate_loss(model, data.val_batches(BATCH, 50), runtime, token_bytes)
     return {"variant": variant, "bpb": result.bpb, "val_loss": result.val_loss, "steps": step, "wall_s": wall,
@@ -129,6 +147,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=VARIANTS)
     p.add_argument("--lr", type=float, nargs="+", default=[1e-3], help="peak learning rates to try (each variant)")
     p.add_argument("--precision", default="auto", help="as --precision of the program (fp32 for an AVX2-like run)")
+    p.add_argument("--time-rounds", type=int, default=3, help="rounds of the timing phase")
+    p.add_argument("--pace", help="a JSON file of seconds per step by variant, from an earlier timing phase")
     p.add_argument("--json", default="ablation.json")
     args = p.parse_args()
     runtime = hardware.detect_runtime("cpu", args.precision)
@@ -139,14 +159,22 @@ def main() -> None:
         tokens = tokenize_source(source, tok, Path(cache))
         data = TokenDataset(tokens.copy(), SHAPE["context"], 0.05)
     token_bytes = tok.token_bytes()
+    if args.pace:
+        pace = json.loads(Path(args.pace).read_text())
+    else:
+        pace = step_seconds(args.variants, data, len(token_bytes), runtime, args.time_rounds)
+        Path(args.json).with_suffix(".pace.json").write_text(json.dumps(pace, indent=2))
+    for variant, seconds in pace.items():
+        print(f"{variant:22} {seconds * 1000:7.1f} ms a step -> {int(args.minutes * 60 / seconds)} steps")
     rows = []
     for variant in args.variants:
         for lr in args.lr:
-            row = run(variant, data, token_bytes, args.minutes * 60, lr, runtime)
-            row["lr"] = lr
+            total = max(1, int(args.minutes * 60 / pace[variant]))
+            row = run(variant, data, token_bytes, total, lr, runtime)
+            row.update(lr=lr, ms_per_step=pace[variant] * 1000)
             rows.append(row)
             print(f"{variant:22} lr {lr:<7g} {row['bpb']:.4f} bits/byte  {row['steps']:5d} steps  "
-                  f"{row['wall_s']:.0f} s  {row['params']:,} parameters", flush=True)
+                  f"{row['params']:,} parameters", flush=True)
     baseline = next((r for r in rows if r["variant"] == "gpt2-adamw"), None)
     if baseline is not None:
         target = smoothed(baseline["losses"])[-1]

@@ -116,7 +116,10 @@ def words(text: str) -> list[str]:
 
 def english_share(texts: list[str]) -> float:
     """Share of the words of ``texts`` that wordfreq knows in English (0.0 with no words at all)."""
-    from wordfreq import zipf_frequency
+    try:
+        from wordfreq import zipf_frequency
+    except ImportError:
+        raise SystemExit("the reply measure needs wordfreq: python -m pip install -r requirements-bench.txt") from None
 
     all_words = [w for t in texts for w in words(t)]
     if not all_words:

@@ -2,6 +2,7 @@
 lines, the loss plot and the menu's Export entry."""
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -260,3 +261,13 @@ def test_line_editing_is_on_for_every_prompt_that_reads_a_terminal(trained_once,
 
 def test_the_default_model_folder_is_the_projects():
     assert cli.parse(["status"]).model_dir == str(ROOT / "custom_llm")
+
+
+@pytest.mark.parametrize("command", [["finetune"], ["continue", "notes.txt"], ["status"]])
+def test_under_torchrun_only_train_runs(tmp_path, command):
+    """Every process of the job would otherwise run the subcommand on one folder."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2"}
+    proc = subprocess.run(program(*command, "--model-dir", str(tmp_path / "m")), capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env=env)
+    assert proc.returncode == 2 and "only `interface.py train` runs" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "m").exists()

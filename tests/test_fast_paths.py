@@ -2,10 +2,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from test_model import BLOCKS, model_of
 
 from engine.data.tokenizer import chunk_text, train_tokenizer
-from engine.model.decoder import _HalfProduct, _Product, half_products_work
+from engine.model.decoder import Feed
 from engine.model.layers import causal_attention_with_dropout, cpu_dropout
+from engine.model.llama_layout import RowRMSNorm
+from engine.model.products import _HalfProduct, _Product, half_products_work
 from engine.runtime import hardware
 from model import GPT, Decoder
 from response_generator import CHAT_STOPS, TextStreamer
@@ -103,10 +106,12 @@ def test_the_half_kernel_is_found_where_fbgemm_runs():
 
 
 @needs_half_kernel
-def test_half_weight_decoder_stays_close_to_the_fp32_forward(tiny_model, tiny_config):
-    x = torch.randint(0, tiny_config.vocab_size, (1, 16))
-    full, _ = tiny_model(x)
-    decoder = Decoder(tiny_model, matrix_dtype=torch.float16)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_half_weight_decoder_stays_close_to_the_fp32_forward(block):
+    model = model_of(block)
+    x = torch.randint(0, model.config.vocab_size, (1, 16))
+    full, _ = model(x)
+    decoder = Decoder(model, matrix_dtype=torch.float16)
     assert isinstance(decoder.head, _HalfProduct)
     assert all(isinstance(p, _HalfProduct) for layer in decoder.layers for p in layer[2:4] + layer[6:])
     cache = decoder.new_cache()
@@ -114,17 +119,19 @@ def test_half_weight_decoder_stays_close_to_the_fp32_forward(tiny_model, tiny_co
     for i, logits in zip(range(8, 16), got):
         assert logits.dtype == torch.float32
         # Only the weights are rounded to fp16 (relative 2**-11) and GELU takes its tanh
-        # form (within ~5e-4): far inside this bound, while a wrong layout or a dropped
-        # bias would be off by the logits' own size.
+        # form (within ~5e-4): far inside this bound, while a wrong layout, a dropped
+        # bias or a norm weight folded into the wrong product would be off by the logits' own size.
         torch.testing.assert_close(logits, full[0, i], atol=2e-3, rtol=2e-3)
         assert not torch.equal(logits, full[0, i])  # fp16 really used: not the fp32 path
 
 
 @needs_half_kernel
-def test_weights_beyond_fp16_range_stay_fp32(tiny_model):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_weights_beyond_fp16_range_stay_fp32(block):
+    model = model_of(block)
     with torch.no_grad():
-        tiny_model.h[0].mlp.c_fc.weight[0, 0] = 1e6
-    decoder = Decoder(tiny_model, matrix_dtype=torch.float16)
+        model.h[0].mlp.c_fc.weight[0, 0] = 1e6
+    decoder = Decoder(model, matrix_dtype=torch.float16)
     fc = decoder.layers[0][6]
     assert isinstance(fc, _Product) and fc.weight.dtype == torch.float32
     assert isinstance(decoder.layers[0][2], _HalfProduct)
@@ -208,18 +215,62 @@ def test_generator_accepts_a_model_built_under_inference_mode(tiny_config):
     assert gen._decoder() is gen._decoder()
 
 
-def test_generator_rebuilds_its_decoder_after_the_weights_change(tiny_model):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_generator_rebuilds_its_decoder_after_the_weights_change(block):
     from response_generator import ResponseGenerator
-    gen = ResponseGenerator.from_model(tiny_model, None, hardware.detect_runtime("cpu", "fp32"))
+    model = model_of(block)
+    gen = ResponseGenerator.from_model(model, None, hardware.detect_runtime("cpu", "fp32"))
     first = gen._decoder()
     assert gen._decoder() is first  # unchanged weights: reused
-    x = torch.randint(0, tiny_model.config.vocab_size, (1, 6))
+    x = torch.randint(0, model.config.vocab_size, (1, 6))
     with torch.no_grad():
-        tiny_model.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+        model.h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+        model.ln_f.weight.mul_(0.5)  # and one to a weight that llama's Decoder folds into the head
     second = gen._decoder()
     assert second is not first
-    full, _ = tiny_model(x)
+    full, _ = model(x)
     torch.testing.assert_close(second.step(x[0].tolist(), second.new_cache()), full[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_rows_are_f_rms_norm_up_to_the_factor_and_each_row_by_itself():
+    norm = RowRMSNorm(64, 1e-5, torch.device("cpu"))
+    x = torch.randn(300, 64) * torch.rand(300, 1) * 3
+    x[0] = 1e-4  # a row so small that eps matters
+    torch.testing.assert_close(norm(x) * norm.factor, F.rms_norm(x, (64,), None, 1e-5), atol=1e-6, rtol=1e-5)
+    whole = norm(x)
+    assert all(torch.equal(norm(x[:m]), whole[:m]) for m in (1, 2, 7, 16, 31, 32, 33, 100, 299))
+
+
+@needs_half_kernel
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block):
+    """With fp16 weights every part of a step is row-wise (decoder.py's docstring): a
+    sequence's logits are bit-identical whether it steps alone or beside others, in
+    prefill chunks or single tokens, whatever the others are doing."""
+    model = model_of(block, d_model=64, n_head=4, context=40)
+    decoder = Decoder(model, matrix_dtype=torch.float16)
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (30, 7, 1, 18, 25)]
+    alone = []
+    for s in seqs:
+        cache = decoder.new_cache()
+        alone.append([decoder.step(s[i:i + 6], cache) for i in range(0, min(len(s), 12), 6)]
+                     + [decoder.step([t], cache) for t in s[12:]])
+    caches = [decoder.new_cache() for _ in seqs]
+    fed, steps = [0] * len(seqs), [0] * len(seqs)
+    for round_ in range(40):
+        # a changing company: a sequence joins late, another skips rounds
+        live = [b for b in range(len(seqs)) if fed[b] < len(seqs[b]) and round_ >= 2 * b and (b != 3 or round_ % 3)]
+        if not live and all(f == len(s) for f, s in zip(fed, seqs)):
+            break
+        if not live:
+            continue
+        feeds = [Feed(seqs[b][fed[b]:fed[b] + (6 if fed[b] < 12 else 1)], caches[b]) for b in live]
+        logits = decoder.step_many(feeds)
+        for row, b in enumerate(live):
+            fed[b] += len(feeds[row].ids)
+            assert torch.equal(logits[row], alone[b][steps[b]]), (block, b, steps[b])
+            steps[b] += 1
+    assert fed == [len(s) for s in seqs]
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])

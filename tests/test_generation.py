@@ -21,12 +21,33 @@ from response_generator import (
     sample_next_token,
 )
 
-from conftest import SAMPLE_TEXT
+from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
 def trained_dir(trained_once):
     return trained_once("bpe", 2)
+
+
+@pytest.fixture(scope="module")
+def trained_llama_dir(tmp_path_factory):
+    """The tiny model with the llama block, trained as ``trained_once`` trains the gpt2 one."""
+    from engine.data.sources import source_from_text
+    from trainer import Trainer
+
+    folder = tmp_path_factory.mktemp("trained-llama") / "model"
+    Trainer(str(folder), "bpe", model_overrides={**TINY_MODEL, "arch": "llama"}, train_overrides=TINY_TRAIN).train(
+        source_from_text(SAMPLE_TEXT), 2)
+    return folder
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def any_exact_generator(request, trained_dir, trained_llama_dir):
+    """fp32 throughout, for each block: cached and uncached must then agree token for token."""
+    folder = trained_dir if request.param == "gpt2" else trained_llama_dir
+    generator = ResponseGenerator(str(folder), hardware.detect_runtime("cpu", "fp32"))
+    assert generator.model.config.arch == request.param
+    return generator
 
 
 @pytest.fixture
@@ -40,8 +61,8 @@ def exact_generator(trained_dir):
     return ResponseGenerator(str(trained_dir), hardware.detect_runtime("cpu", "fp32"))
 
 
-def test_greedy_with_cache_equals_full_recomputation(exact_generator):
-    generator = exact_generator
+def test_greedy_with_cache_equals_full_recomputation(any_exact_generator):
+    generator = any_exact_generator
     prompt = generator.tokenizer.encode("The river ran")
     cfg = GenerationConfig(max_new_tokens=60, temperature=0, repetition_penalty=1.0)
     cached = list(generator.generate_ids(prompt, cfg, use_cache=True))
@@ -50,13 +71,23 @@ def test_greedy_with_cache_equals_full_recomputation(exact_generator):
     assert cached == reference
 
 
-def test_cache_equals_recomputation_past_the_window(exact_generator):
-    generator = exact_generator
+def test_cache_equals_recomputation_past_the_window(any_exact_generator):
+    generator = any_exact_generator
     # 80 new tokens on a 32-token context force the crop-and-refill path several times.
     prompt = generator.tokenizer.encode("Trains left the station")
     cfg = GenerationConfig(max_new_tokens=80, temperature=0, repetition_penalty=1.3)
     cached = list(generator.generate_ids(prompt, cfg, use_cache=True))
     assert len(cached) > 40
+    assert cached == list(generator.generate_ids(prompt, cfg, use_cache=False))
+
+
+def test_cache_equals_recomputation_for_a_prompt_longer_than_the_context(any_exact_generator):
+    generator = any_exact_generator
+    prompt = generator.tokenizer.encode("The river ran past the old mill, and the miller counted sacks " * 3)
+    assert len(prompt) > 2 * generator.context
+    cfg = GenerationConfig(max_new_tokens=40, temperature=0.7, top_k=20, repetition_penalty=1.2, seed=4)
+    cached = list(generator.generate_ids(prompt, cfg, use_cache=True))
+    assert len(cached) > 20
     assert cached == list(generator.generate_ids(prompt, cfg, use_cache=False))
 
 

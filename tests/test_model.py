@@ -2,7 +2,29 @@
 import pytest
 import torch
 
+from engine.model.decoder import Feed
 from model import GPT, Decoder, ModelConfig
+
+# The two blocks (and llama with QK-norm) the Decoder must compute as GPT.forward does.
+BLOCKS = {"gpt2": {}, "llama": {"arch": "llama"}, "llama-qk_norm": {"arch": "llama", "qk_norm": True}}
+
+
+def model_of(block: str, **shape) -> GPT:
+    """A tiny eval-mode model of ``block``, its norm weights and biases drawn at random
+    (they start at 1 and 0, where folding them somewhere wrong would change nothing)."""
+    values = dict(vocab_size=97, context=24, d_model=32, n_layer=2, n_head=2, dropout=0.0)
+    torch.manual_seed(1234)
+    model = GPT(ModelConfig(**{**values, **shape, **BLOCKS[block]})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln_" in name or "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture(params=list(BLOCKS))
+def any_model(request) -> GPT:
+    return model_of(request.param)
 
 
 def test_later_tokens_never_change_earlier_logits(tiny_model, tiny_config):
@@ -15,11 +37,11 @@ def test_later_tokens_never_change_earlier_logits(tiny_model, tiny_config):
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
 
-def test_decoder_matches_the_full_forward(tiny_model, tiny_config):
-    x = torch.randint(0, tiny_config.vocab_size, (1, 20))
+def test_decoder_matches_the_full_forward(any_model):
+    x = torch.randint(0, any_model.config.vocab_size, (1, 20))
     ids = x[0].tolist()
-    full, _ = tiny_model(x)
-    decoder = Decoder(tiny_model)
+    full, _ = any_model(x)
+    decoder = Decoder(any_model)
     cache = decoder.new_cache()
     # A prefill, a multi-token chunk after a prefix (needs the offset causal mask), then single steps.
     got = {6: decoder.step(ids[:7], cache), 11: decoder.step(ids[7:12], cache)}
@@ -27,26 +49,48 @@ def test_decoder_matches_the_full_forward(tiny_model, tiny_config):
         got[i] = decoder.step([ids[i]], cache)
     assert cache.pos == 20
     for i, logits in got.items():
-        assert logits.shape == (tiny_config.vocab_size,)
+        assert logits.shape == (any_model.config.vocab_size,)
         torch.testing.assert_close(logits, full[0, i], atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_refuses_to_overflow_and_restarts_after_reset(tiny_model, tiny_config):
-    decoder = Decoder(tiny_model)
+def test_decoder_refuses_to_overflow_and_restarts_after_reset(any_model):
+    decoder = Decoder(any_model)
     cache = decoder.new_cache()
-    ids = list(range(tiny_config.context))
+    ids = list(range(any_model.config.context))
     decoder.step(ids, cache)
     with pytest.raises(ValueError, match="context is 24"):
         decoder.step([1], cache)
     cache.reset()
-    full, _ = tiny_model(torch.tensor([ids[:5]]))
+    full, _ = any_model(torch.tensor([ids[:5]]))
     torch.testing.assert_close(decoder.step(ids[:5], cache), full[0, -1], atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_in_bf16_stays_close_to_fp32(tiny_model, tiny_config):
-    x = torch.randint(0, tiny_config.vocab_size, (1, 12))
-    full, _ = tiny_model(x)
-    decoder = Decoder(tiny_model, torch.bfloat16)
+def test_many_sequences_in_one_step_match_the_full_forward(any_model):
+    """step_many: prompts of different lengths and positions, chunks after a prefix and
+    single tokens, in one pass; each sequence's logits are the full forward's."""
+    vocab = any_model.config.vocab_size
+    seqs = [torch.randint(0, vocab, (n,)).tolist() for n in (20, 9, 3, 14)]
+    fulls = [any_model(torch.tensor([s]))[0][0] for s in seqs]
+    decoder = Decoder(any_model)
+    caches = [decoder.new_cache() for _ in seqs]
+    fed = [0] * len(seqs)
+    for chunk in (5, 1, 4, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1):  # each sequence takes what is left of the chunk
+        live = [b for b, s in enumerate(seqs) if fed[b] < len(s)]
+        if not live:
+            break
+        feeds = [Feed(seqs[b][fed[b]:fed[b] + chunk], caches[b]) for b in live]
+        logits = decoder.step_many(feeds)
+        assert logits.shape == (len(live), vocab)
+        for row, b in enumerate(live):
+            fed[b] += len(feeds[row].ids)
+            torch.testing.assert_close(logits[row], fulls[b][fed[b] - 1], atol=1e-5, rtol=1e-5)
+    assert fed == [len(s) for s in seqs] and [c.pos for c in caches] == fed
+
+
+def test_decoder_in_bf16_stays_close_to_fp32(any_model):
+    x = torch.randint(0, any_model.config.vocab_size, (1, 12))
+    full, _ = any_model(x)
+    decoder = Decoder(any_model, torch.bfloat16)
     logits = decoder.step(x[0].tolist(), decoder.new_cache())
     assert logits.dtype == torch.float32
     assert decoder.head.weight.dtype == torch.bfloat16

@@ -101,7 +101,8 @@ def _continue_args(p: argparse.ArgumentParser) -> None:
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", metavar="PATH",
-                   help="a JSONL file or a folder of them; nothing: the built-in conversations")
+                   help="a conversation file (.jsonl, .json, .parquet; OpenAI, ShareGPT or Alpaca form) or a folder of "
+                        "them; nothing: the built-in conversations")
     p.add_argument("--chat-epochs", dest="epochs", type=whole_number(1, MAX_EPOCHS, "the number of epochs"),
                    metavar="N", help=f"the same as --epochs: passes over the conversations "
                                      f"(default {DEFAULT_CHAT_LENGTH.describe()})")
@@ -386,6 +387,12 @@ def main(argv: list[str], input_fn: Callable[[str], str] = input) -> int:
         args = parse(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if launched_by_torchrun() and args.command != "train":
+        # Only `train` shares its work across the processes; any other subcommand would run
+        # once per process, all on one folder.
+        print(f"{args.parser.prog}: error: under torchrun, only `interface.py train` runs; run {args.command} "
+              "as one process", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     out = ConsoleOutput()
     try:

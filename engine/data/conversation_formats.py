@@ -113,7 +113,8 @@ def _sharegpt(record: object, where: str) -> list[Message]:
             raise ValueError(f"{where}: turn {i + 1} needs \"from\" and \"value\"")
         role = SHAREGPT_ROLES.get(str(item["from"]).strip().lower())
         if role is None:
-            raise ValueError(f"{where}: turn {i + 1} is from {item['from']!r}; expected human, gpt or system")
+            raise ValueError(f"{where}: turn {i + 1} is from {item['from']!r}; expected human or user, gpt, assistant, "
+                             "chatgpt, bot or model, or system")
         if not isinstance(item["value"], str):
             raise ValueError(f"{where}: turn {i + 1} value must be text")
         messages.append(Message(role, item["value"]))

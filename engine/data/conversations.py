@@ -15,9 +15,10 @@ that is the wrong format, not a few accidents. Identical conversations are kept 
 so the held-out part never repeats a training conversation word for word.
 
 The built-in set is the Chit-Chat Challenge dataset (BYU Perception, Control and
-Cognition lab; the ``chitchat-dataset`` package, MIT licence): 7,168 conversations that
-people had with each other about everyday things, 258,145 messages, installed with the
-program, so nothing is downloaded. One person's messages in a row form one turn (joined
+Cognition lab; the ``chitchat-dataset`` package, MIT licence): conversations that people
+had with each other about everyday things, installed with the program, so nothing is
+downloaded. Of its 7,168 conversations, 4,011 distinct ones have two speakers (the rest
+are one person waiting for a partner), 11.8 MB of text. One person's messages in a row form one turn (joined
 by line breaks); the first person to speak is the user, the other the assistant.
 """
 from __future__ import annotations
@@ -223,7 +224,7 @@ def open_conversation_files(spec: str) -> ConversationSource:
 
 
 def builtin_conversations() -> ConversationSource:
-    """The built-in set: the Chit-Chat Challenge's 7,168 human conversations (see the module docstring)."""
+    """The built-in set: the Chit-Chat Challenge's 4,011 two-person conversations (see the module docstring)."""
     try:
         import chitchat_dataset
     except ImportError:

@@ -1,38 +1,34 @@
-"""Talking to a model: Q&A, chat and completion over one token generator.
+"""Talking to a model: Q&A, chat and completion, one answer at a time.
 
-The three differ only in the prompt they build and the strings that end an answer;
-all stream through ``ResponseGenerator.stream_ids``, which uses a preallocated KV cache
-so each new token costs one position of compute.
+The three differ only in the prompt they build and what ends an answer
+(``engine.generation.prompts``); all stream through one ``Reply`` (``token_loop``)
+over a preallocated KV cache, so each new token costs one position of compute. The
+server runs many such replies at once (``engine.serving.batching``) from the same
+prompts and the same token loop.
 """
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from engine.data.chat_format import ChatTokenIds, Message, chat_ids_in_force, check_messages, render
+from engine.data.chat_format import ChatTokenIds, Message, chat_ids_in_force, check_messages
 from engine.data.tokenizer import BaseTokenizer
 from engine.folder.model_folder import ModelFolder
-from engine.generation.sampling import REPETITION_WINDOW, GenerationConfig, sample_next_token
-from engine.generation.streaming import TextStreamer, strip_leading_space
+from engine.generation.prompts import CHAT_STOPS, QA_STOPS, PreparedRequest, PromptBuilder, render_plain
+from engine.generation.sampling import GenerationConfig
+from engine.generation.token_loop import GenerationStats, Reply, TokenLoop
 from engine.model.config import ModelConfig
 from engine.model.decoder import Decoder
 from engine.model.gpt import GPT
 from engine.runtime import hardware
 
+__all__ = ["CHAT_STOPS", "QA_STOPS", "ChatSession", "GenerationStats", "ModelInfo", "ResponseGenerator",
+           "render_plain"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """How the last generation went: what a server reports as usage and finish reason."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop": end-of-text, end of turn or a stop string; "length": max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -48,28 +44,6 @@ class ModelInfo:
     @property
     def memory_mb(self) -> float:
         return self.parameters * 4 / 2**20  # fp32 weights
-
-
-def render_plain(messages: list[Message]) -> str:
-    """The fallback chat prompt for a model that never learned the chat format.
-
-    A system message becomes the first line; turns are 'User:' and 'AI:' lines, and
-    the text ends with an open 'AI:' for the model to continue.
-
-    >>> render_plain([Message("user", "hi"), Message("assistant", "hello"), Message("user", "how are you?")])
-    'User: hi\\nAI: hello\\nUser: how are you?\\nAI:'
-    """
-    lines = []
-    for m in messages:
-        if m.role == "system":
-            lines.append(m.content)
-        else:
-            lines.append(f"{'User' if m.role == 'user' else 'AI'}: {m.content}")
-    return "\n".join(lines + ["AI:"])
-
-
-CHAT_STOPS = ("\nUser:", "\nAI:")
-QA_STOPS = ("\nQuestion:", "\n\n")
 
 
 def _version(t: torch.Tensor) -> int:
@@ -117,17 +91,17 @@ class ResponseGenerator:
                          device=str(self.runtime.device))
 
     # -- the token loop --------------------------------------------------------------------
+    @property
+    def prompts(self) -> PromptBuilder:
+        """How this model's prompts are built (``engine.generation.prompts``)."""
+        return PromptBuilder(self.tokenizer, self.chat_ids, self.context)
+
     def prompt_budget(self, max_new_tokens: int) -> int:
         """How many prompt tokens fit while leaving room to answer (at least half the window)."""
-        return max(1, self.context - min(max_new_tokens, self.context // 2))
+        return self.prompts.prompt_budget(max_new_tokens)
 
     def fit_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        budget = self.prompt_budget(max_new_tokens)
-        if len(ids) > budget:
-            self.notices.append(f"the prompt has {len(ids)} tokens; only the last {budget} fit the "
-                                f"{self.context}-token context, so the start was cut")
-            ids = ids[-budget:]
-        return ids or [self.tokenizer.eot_id]
+        return self.prompts.fit(ids, max_new_tokens, self.notices)
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[int], cfg: GenerationConfig, use_cache: bool = True,
@@ -140,40 +114,26 @@ class ResponseGenerator:
         compute precision: the slow, obviously-correct reference that the cached path
         is tested against (token for token when the weights are fp32 too).
         When the context fills up, the oldest tokens are cropped (learned positions
-        cannot roll) and the cache is refilled from the kept half.
+        cannot roll) and the cache is refilled from the kept half (``TokenLoop``).
         """
-        model, device = self.model, self.runtime.device
-        rng = random.Random(cfg.seed)  # None: seeded from the OS
         self.finish_reason = "length"
-        visible = list(prompt_ids)[-self.context:] or [self.tokenizer.eot_id]
         decoder = self._decoder() if use_cache else None
-        cache = decoder.new_cache() if decoder is not None else None
-        pending = visible  # ids the cache has not seen yet
-        exempt = stop_ids | {self.tokenizer.eot_id}
-        for _ in range(cfg.max_new_tokens):
-            if len(visible) > self.context:  # the same rule for both paths
-                visible = visible[-(self.context // 2):]
-                if cache is not None:
-                    cache.reset()
-                    pending = visible
+        loop = TokenLoop(prompt_ids, cfg, self.context, self.tokenizer.eot_id, stop_ids,
+                         decoder.new_cache() if decoder is not None else None)
+        while not loop.done:
             if decoder is not None:
-                logits = decoder.step(pending, cache)
+                logits = decoder.step(loop.next_ids(), loop.cache)
+                if not loop.ready:  # more of the prompt to feed first
+                    continue
             else:
                 with self.runtime.generation_autocast():
-                    logits, _ = model(torch.tensor([visible], device=device), last_only=True)
+                    logits, _ = self.model(torch.tensor([loop.visible], device=self.runtime.device), last_only=True)
                 logits = logits[0, -1].float()
-            # The penalty never falls on the end of text or a stop id (a chat's <|end|> and
-            # role tokens): the prompt is full of them, and a model that must not end its
-            # turn because the last turn ended would talk on past it.
-            recent = set(visible[-REPETITION_WINDOW:]) - exempt if cfg.repetition_penalty != 1.0 else set()
-            next_id = sample_next_token(logits, rng, cfg.temperature, cfg.top_k, cfg.top_p,
-                                        cfg.repetition_penalty, recent)
-            if next_id == self.tokenizer.eot_id or next_id in stop_ids:
-                self.finish_reason = "stop"
-                return
+            next_id = loop.choose(logits)
+            if next_id is None:
+                break
             yield next_id
-            visible.append(next_id)
-            pending = [next_id]
+        self.finish_reason = loop.finish_reason or "length"
 
     def _decoder(self) -> Decoder:
         """The model's Decoder, rebuilt only when a weight has changed since the last one."""
@@ -183,42 +143,43 @@ class ResponseGenerator:
             self._decoder_key = key
         return self._decoder_obj
 
+    def decoder(self) -> Decoder:
+        """The Decoder generation runs on (the server's batch scheduler takes it from here)."""
+        return self._decoder()
+
     def stream(self, prompt: str, cfg: GenerationConfig, stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Yield the completion of ``prompt`` as text pieces, as soon as they are safe to show."""
-        self.notices = []
-        ids = self.fit_prompt(self.tokenizer.encode(prompt), cfg.max_new_tokens)
-        return self.stream_ids(ids, cfg, stop_strings)
+        return self.run(self.prompts.complete(prompt, cfg, stop_strings))
 
     def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig, stop_strings: tuple[str, ...] = (),
                    stop_ids: frozenset[int] = frozenset()) -> Iterator[str]:
         """Yield the text that follows ``prompt_ids``; ``self.last_stats`` is set when it ends."""
-        streamer = TextStreamer(self.tokenizer, stop_strings)
-        produced = 0
+        return self._pieces(PreparedRequest(list(prompt_ids), cfg, tuple(stop_strings), stop_ids))
+
+    def run(self, request: PreparedRequest) -> Iterator[str]:
+        """Yield the answer ``request`` describes; its notices become ``self.notices``."""
+        self.notices = list(request.notices)
+        return self._pieces(request)
+
+    def _pieces(self, request: PreparedRequest) -> Iterator[str]:
         self.last_stats = None
+        self.finish_reason = "length"
+        decoder = self._decoder()
+        reply = Reply(request, self.tokenizer, self.context, decoder.new_cache())
         try:
-            for token_id in self.generate_ids(prompt_ids, cfg, stop_ids=stop_ids):
-                produced += 1
-                piece = streamer.push(token_id)
+            while not reply.done:
+                feed = reply.feed()
+                piece = reply.take(decoder.step(feed.ids, feed.cache))
                 if piece:
                     yield piece
-                if streamer.stopped:
-                    self.finish_reason = "stop"
-                    return
-            tail = streamer.flush()
-            if tail:
-                yield tail
         finally:  # also when the caller stops early (Ctrl+C, a client that went away)
-            self.last_stats = GenerationStats(len(prompt_ids), produced, self.finish_reason)
+            self.finish_reason = reply.finish_reason or "length"
+            self.last_stats = reply.stats
 
     # -- the three modes -----------------------------------------------------------------------
     def answer(self, question: str, cfg: GenerationConfig) -> Iterator[str]:
         """A single question. A chat-tuned model gets it as a one-turn conversation."""
-        question = question.strip()
-        if not question:
-            raise ValueError("the question is empty; type a question")
-        if self.chat_ids is not None:
-            return self.chat([Message("user", question)], cfg)
-        return strip_leading_space(self.stream(f"Question: {question}\nAnswer:", cfg, QA_STOPS))
+        return self.run(self.prompts.answer(question, cfg))
 
     def complete(self, prompt: str, cfg: GenerationConfig, stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Continue ``prompt``; an empty prompt samples freely from the start of a document."""
@@ -233,37 +194,10 @@ class ResponseGenerator:
              stop_strings: tuple[str, ...] = ()) -> Iterator[str]:
         """Stream the assistant's reply to ``messages`` (which end with the user's turn).
 
-        A chat-tuned model gets the learned format and stops at its end-of-turn token;
-        any other model gets the plain 'User:/AI:' text and stops where a new line
-        starts the next turn. ``stop_strings`` end the reply too (the server's ``stop``).
-        When the conversation does not fit the context, the oldest turns are dropped
-        (a system message is kept) and a notice says so.
+        The prompt is ``PromptBuilder.chat``'s: the learned format for a chat-tuned
+        model, else the plain 'User:/AI:' text; oldest turns dropped to fit, with a notice.
         """
-        check_messages(messages, need_reply=False)
-        if messages[-1].role != "user":
-            raise ValueError("the last message must be the user's")
-        self.notices = []
-        system = [m for m in messages[:1] if m.role == "system"]
-        turns = messages[len(system):]
-        budget = self.prompt_budget(cfg.max_new_tokens)
-        dropped = 0
-        while True:
-            kept = system + turns[dropped:]
-            if self.chat_ids is not None:
-                ids, _ = render(self.tokenizer, self.chat_ids, kept, open_reply=True)
-            else:
-                ids = self.tokenizer.encode(render_plain(kept))
-            if len(ids) <= budget or len(turns) - dropped <= 1:
-                break
-            dropped += 2  # a user turn and the reply to it
-        if dropped:
-            self.notices.append(f"the {dropped // 2} oldest exchange(s) no longer fit the context and were left out")
-        ids = self.fit_prompt(ids, cfg.max_new_tokens)
-        if self.chat_ids is not None:
-            # <|end|> closes the reply; a role token would start someone else's turn: never shown.
-            ends = frozenset({self.chat_ids.end, self.chat_ids.user, self.chat_ids.system})
-            return strip_leading_space(self.stream_ids(ids, cfg, stop_strings, ends))
-        return strip_leading_space(self.stream_ids(ids, cfg, CHAT_STOPS + tuple(stop_strings)))
+        return self.run(self.prompts.chat(messages, cfg, stop_strings))
 
 
 class ChatSession:

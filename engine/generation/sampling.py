@@ -67,24 +67,44 @@ def apply_repetition_penalty(logits: torch.Tensor, recent: torch.Tensor, penalty
     return logits
 
 
+def candidate_count(vocab: int, top_k: int, penalty: float) -> int:
+    """How many of the largest logits sampling looks at: the top-k (or the whole
+    vocabulary), and ``REPETITION_WINDOW`` more when the penalty may push some of those
+    down (it lowers at most that many). The same count for every step of a generation,
+    so that the rows of a batch with equal settings share one ``top_candidates``."""
+    k = top_k if top_k and top_k < vocab else vocab
+    return min(vocab, k + (REPETITION_WINDOW if penalty != 1.0 else 0))
+
+
+def top_candidates(logits: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``count`` largest logits and their ids along the last dimension, largest first.
+
+    One call for a 1-D row or for many rows (B, vocab): each row's result is the same
+    either way, ties included (one kernel, row by row).
+    """
+    if count < logits.shape[-1]:
+        return torch.topk(logits, count)
+    return torch.sort(logits, descending=True)
+
+
 def best_candidates(logits: torch.Tensor, k: int, penalty: float = 1.0,
-                    recent: frozenset[int] | set[int] = frozenset()) -> tuple[list[float], list[int]]:
+                    recent: frozenset[int] | set[int] = frozenset(),
+                    top: tuple[list[float], list[int]] | None = None) -> tuple[list[float], list[int]]:
     """The ``k`` largest logits after the repetition penalty, largest first, as lists.
 
     The penalty only ever lowers a logit, so the k best after it are among the
     k + len(recent) best before it: at most len(recent) of those can drop out, and
     every id beyond them was already below k unpenalised ones. So only that many
-    are taken from the vocabulary (``topk``), and the penalty and the re-sort run in
-    Python on those few, never as tensor passes over the whole vocabulary: at batch
-    size 1 each such pass costs more than the arithmetic (this runs every token).
+    (``candidate_count``) are taken from the vocabulary, and the penalty and the
+    re-sort run in Python on those few, never as tensor passes over the whole
+    vocabulary: at batch size 1 each such pass costs more than the arithmetic (this
+    runs every token). ``top``: those candidates as lists, taken already (a batch's).
     """
-    vocab = logits.numel()
-    take = min(vocab, k + (len(recent) if penalty != 1.0 else 0))
-    if take < vocab:
-        values, ids = torch.topk(logits, take)  # sorted, largest first
+    if top is None:
+        values, ids = top_candidates(logits, candidate_count(logits.numel(), k, penalty))
+        values, ids = values.tolist(), ids.tolist()
     else:
-        values, ids = torch.sort(logits, descending=True)
-    values, ids = values.tolist(), ids.tolist()
+        values, ids = top
     if penalty != 1.0 and recent:
         values = [penalised(v, penalty) if i in recent else v for v, i in zip(values, ids)]
         order = sorted(range(len(ids)), key=values.__getitem__, reverse=True)
@@ -94,7 +114,8 @@ def best_candidates(logits: torch.Tensor, k: int, penalty: float = 1.0,
 
 def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: float = 1.0,
                       top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0,
-                      recent: frozenset[int] | set[int] = frozenset()) -> int:
+                      recent: frozenset[int] | set[int] = frozenset(),
+                      top: tuple[list[float], list[int]] | None = None) -> int:
     """Pick the next id from 1-D fp32 ``logits``. Temperature 0 (or near it) is greedy.
 
     ``recent`` ids get the repetition ``penalty`` first (see ``best_candidates``).
@@ -102,13 +123,15 @@ def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: flo
     temperature keeps their order, so it is applied to those k alone. Top-p keeps the
     smallest prefix whose mass reaches p. The softmax and the draw are plain Python
     over the k values: each tensor operation costs several microseconds at this size.
+    ``top``: ``top_candidates(logits, candidate_count(vocab, top_k, penalty))`` as
+    lists, when a batch has taken them for many rows at once (not used when greedy).
     """
     if temperature < 1e-4:  # dividing by a near-zero temperature overflows: it is greedy anyway
         if penalty == 1.0 or not recent:
             return int(torch.argmax(logits))
         return best_candidates(logits, 1, penalty, recent)[1][0]
     vocab = logits.numel()
-    values, ids = best_candidates(logits, top_k if top_k and top_k < vocab else vocab, penalty, recent)
+    values, ids = best_candidates(logits, top_k if top_k and top_k < vocab else vocab, penalty, recent, top)
     top = values[0]
     weights = [math.exp((v - top) / temperature) for v in values]
     cumulative = list(itertools.accumulate(weights))

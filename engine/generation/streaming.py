@@ -70,13 +70,24 @@ class TextStreamer:
         return out
 
 
+class LeadingSpace:
+    """Drops the whitespace a model emits right after 'Answer:' or 'AI:', piece by piece:
+    ``strip(piece)`` returns what is left of it to show ('' while only whitespace came)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def strip(self, piece: str) -> str:
+        if not self.started:
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        return piece
+
+
 def strip_leading_space(pieces: Iterator[str]) -> Iterator[str]:
     """Drop the whitespace a model emits right after 'Answer:' or 'AI:'."""
-    started = False
+    leading = LeadingSpace()
     for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            if not piece:
-                continue
-            started = True
-        yield piece
+        piece = leading.strip(piece)
+        if piece:
+            yield piece

@@ -1,29 +1,62 @@
 """Generation's view of the network: the same computation as ``GPT.forward``, one step at a time.
 
-``Decoder.step`` feeds new ids through plain tensor operations into a preallocated
-``KVCache``; ``_HalfProduct`` holds weight matrices in fp16 where the CPU has
-FBGEMM's kernel for it.
+``Decoder.step`` feeds new ids of one sequence through plain tensor operations into a
+preallocated ``KVCache``; ``Decoder.step_many`` does the same for several sequences in
+one pass, each with its own cache, position and length (a server's batch). The weight
+matrices live in ``engine.model.products``.
+
+Batch invariance: in ``step_many`` a sequence's logits do not depend on which other
+sequences share the step, nor on how many, on the CPU with fp16 weights (FBGEMM, the
+default where the kernel exists). Each part of the step is row-wise there:
+
+- FBGEMM's fp16-weight product computes every output row on its own, in one order
+  over the inputs whatever the number of rows (measured for 1 to 257 rows, one and two
+  threads, both of ``_HalfProduct``'s entry points: bit-identical).
+- LayerNorm and RMSNorm (``llama_layout.RowRMSNorm``) normalise each row by itself.
+- Rotation, attention and writing the cache run per sequence, with the very calls
+  that sequence makes alone.
+- Element-wise passes (GELU, the gate's sigmoid, additions) compute each value alone;
+  GELU and the sigmoid take a vector and a scalar route that may round differently,
+  and a value's route is the same in any batch when d_ff is a multiple of 32 per
+  thread's share (d_ff is 4 x d_model, or a multiple of 64 for llama; so: d_model a
+  multiple of 16, one or two generation threads, as the server has on machines up to
+  three cores). Measured: bit-identical for 1 to 300 rows, one and two threads.
+- llama's single-row path (``_llama_row``) makes the same operations on the same rows.
+
+Not guaranteed: fp32 weights (MKL takes a matrix-vector kernel for one row and picks
+its blocking and threading by the number of rows: a row moves by ~1e-6 between 1 and 2
+rows, and, with several threads, at other sizes), and GPUs (cuBLAS picks kernels and
+split-K by shape). There the logits of a sequence in a batch differ from its logits
+alone in the last bits, and a token differs only if a draw falls that close to a
+boundary between two candidates.
 """
 from __future__ import annotations
 
 import functools
-import warnings
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from engine.model import llama_layout
 from engine.model.config import ModelConfig
-from engine.model.gpt import GPT
+from engine.model.gpt import GPT, rotary_tables
+from engine.model.products import _HalfProduct, _Product, half_products_work
+
+__all__ = ["Decoder", "Feed", "KVCache", "half_products_work"]
 
 
 class KVCache:
     """Preallocated attention state for one sequence: (n_layer, context, 3 * d_model).
 
     Row t of a layer holds that position's q|k|v exactly as the layer's fused
-    projection produced them, so the product writes straight into the cache. ``pos``
-    counts the positions filled. Learned positions cannot roll over: when the window
-    is full the caller crops the context, ``reset()``s and feeds the kept part again.
+    projection produced them (for llama, with q and k then normed and rotated in
+    place), so the product writes straight into the cache. ``pos`` counts the positions
+    filled. Positions cannot roll over (learned rows for gpt2; a llama could, but both
+    share one rule): when the window is full the caller crops the context,
+    ``reset()``s and feeds the kept part again.
     """
 
     def __init__(self, config: ModelConfig, device, dtype: torch.dtype = torch.float32) -> None:
@@ -35,108 +68,72 @@ class KVCache:
         # then only slices them (each tensor operation has a fixed cost at batch 1).
         self.q, self.k, self.v = ([self.rows[i, :, j * C:(j + 1) * C].view(1, S, H, -1).transpose(1, 2)
                                    for i in range(config.n_layer)] for j in range(3))
+        # llama in fp32: per layer, the q|k part of the rows as (S, 2H, D/2) complex pairs
+        # (the Decoder keeps each rotated pair side by side), so a rotation is one
+        # complex multiplication in place. Other dtypes have no complex view (bf16).
+        self.pairs = None
+        if config.arch == "llama" and dtype == torch.float32:
+            self.pairs = [torch.view_as_complex(self.rows[i, :, :2 * C].view(S, 2 * H, config.head_dim // 2, 2))
+                          for i in range(config.n_layer)]
 
     def reset(self) -> None:
         self.pos = 0
 
 
-class _Product:
-    """One linear layer, stored in the layout that is fastest for a few rows."""
+@dataclass(frozen=True)
+class Feed:
+    """What one sequence brings to a step: the ids its cache has not seen, and the cache."""
 
-    def __init__(self, layer: nn.Linear, dtype: torch.dtype) -> None:
-        w = layer.weight.detach().to(dtype)
-        self.bias = None if layer.bias is None else layer.bias.detach().to(dtype)
-        # Measured on the CPU (MKL): one row times W^T copied contiguous is 1.3-3x faster
-        # than F.linear when the output is at least as wide as the input; for the
-        # narrowing product (d_ff -> d_model) F.linear is ~1.6x faster.
-        self.transposed = w.device.type == "cpu" and w.shape[1] <= w.shape[0]
-        self.weight = w.t().contiguous() if self.transposed else w
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.transposed:
-            y = F.linear(x, self.weight, self.bias)
-            return y if out is None else out.copy_(y)
-        if self.bias is None:
-            return torch.mm(x, self.weight, out=out)
-        return torch.addmm(self.bias, x, self.weight, out=out)
+    ids: list[int]
+    cache: KVCache
 
 
-class _HalfProduct:
-    """One linear layer whose weight is held in fp16 and multiplied in fp32 (CPU only).
+class _Span(NamedTuple):
+    """One feed's place in a step: its first row among the step's rows, the cache
+    positions start..end it fills, the attention mask of a chunk after cached keys (or
+    None) and, for llama, the rotations of those positions (T, 1, D/2)."""
 
-    FBGEMM widens the fp16 weights inside its kernel; rows, bias and sums stay fp32,
-    so only the weights are rounded (relative error ~5e-4; logits move by ~1e-3). At
-    batch 1 a product costs what reading its weight costs: with half the bytes the
-    compact model's decode steps ran 2.4x faster (median of 10 alternating rounds).
+    first: int
+    start: int
+    end: int
+    mask: torch.Tensor | None
+    turns: torch.Tensor | None
 
-    Two doors lead to the same kernel. ``torch.fbgemm_linear_fp16_weight`` takes
-    plain tensors and costs ~2 us a call, but runs on one thread;
-    ``torch.ops.quantized.linear_dynamic_fp16`` passes a TorchScript object and costs
-    ~12 us, but splits the product over every thread. Small matrices take the first
-    (over 17 products a token, the second made generation 1.3x slower), big ones (the
-    LM head) the second where there are threads to use. The first is marked
-    deprecated, so the second stands in where a PyTorch release has dropped it;
-    ``half_products_work`` tells whether either works.
+
+class _Block(NamedTuple):
+    """One block's tensors in generation's layout.
+
+    gpt2: LayerNorm weights and biases. llama: no norm tensors (their weights are folded
+    into qkv and fc, see ``llama_layout``) and no biases.
     """
 
-    THREADED_FROM = 1 << 20  # weights (4 MB in fp32) from which threads beat the cheaper call
-
-    def __init__(self, layer: nn.Linear) -> None:
-        # A copy: packing clamps out-of-range values in place, and must never touch the model.
-        weight = layer.weight.detach().float().clone()
-        bias = torch.zeros(weight.shape[0]) if layer.bias is None else layer.bias.detach().float().clone()
-        self.plain_tensors = False
-        if weight.numel() < self.THREADED_FROM or torch.get_num_threads() == 1:
-            with warnings.catch_warnings():
-                # PyTorch warns once per process that these functions are deprecated; the
-                # fallback below is what replaces them, so the warning tells the user nothing.
-                warnings.simplefilter("ignore", UserWarning)
-                try:
-                    self.packed, self.bias = torch.fbgemm_pack_gemm_matrix_fp16(weight), bias
-                    self.plain_tensors = True
-                    self(weight.new_zeros(1, weight.shape[1]))  # the first call is where the warning fires
-                except (AttributeError, RuntimeError):
-                    self.plain_tensors = False
-        if not self.plain_tensors:
-            self.packed, self.bias = torch.ops.quantized.linear_prepack_fp16(weight, bias), None
-
-    @staticmethod
-    def fits(layer: nn.Linear) -> bool:
-        """fp16 tops out at 65504: a weight beyond it stays fp32."""
-        return bool(layer.weight.detach().abs().max() < 65504)
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.plain_tensors:
-            y = torch.fbgemm_linear_fp16_weight(x, self.packed, self.bias)
-        else:
-            y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
-        return y if out is None else out.copy_(y)
+    ln_1_weight: torch.Tensor | None
+    ln_1_bias: torch.Tensor | None
+    qkv: _Product | _HalfProduct
+    proj: _Product | _HalfProduct
+    ln_2_weight: torch.Tensor | None
+    ln_2_bias: torch.Tensor | None
+    fc: _Product | _HalfProduct
+    fc_proj: _Product | _HalfProduct
 
 
-def half_products_work() -> bool:
-    """Whether ``_HalfProduct`` runs here and gets a small product right (FBGEMM is
-    x86 with AVX2; Arm builds and older CPUs lack it)."""
-    layer = nn.Linear(16, 8)
-    with torch.no_grad():
-        layer.weight.copy_(torch.linspace(-1, 1, 8 * 16).reshape(8, 16))
-        layer.bias.copy_(torch.linspace(0, 1, 8))
-        x = torch.linspace(1, -1, 16).reshape(1, 16)
-        try:
-            got = _HalfProduct(layer)(x)
-        except Exception:  # a missing operator, no FBGEMM engine, an unsupported CPU
-            return False
-        return got.shape == (1, 8) and torch.allclose(got, layer(x), atol=1e-2)
+Norm = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
+
+
+def _layer_norm(eps: float) -> Norm:
+    return lambda x, weight, bias: torch.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
 class Decoder:
-    """Incremental inference for one sequence: feed new ids, get the next-token logits.
+    """Incremental inference: feed new ids, get the next-token logits.
 
     It computes what ``GPT.forward`` computes, written as plain tensor operations.
     At batch size 1 a step is a few matrix-vector products whose cost is reading
     the weights; module calls, reshapes and copying keys and values into a cache
     were about a third of the step, and are gone here: the fused q|k|v product
     writes into the cache rows itself, and attention reads keys and values as
-    strided views of those rows.
+    strided views of those rows. The llama block's weights are laid out for the
+    same purpose (``llama_layout``).
 
     Some weights are copied into a faster layout, or into a lower precision than the
     model's (bf16 or fp16 halve the bytes each step reads), so a Decoder sees the
@@ -145,19 +142,22 @@ class Decoder:
     ``dtype`` is the dtype of the matrix products and the KV cache (default: the
     model's); on a GPU, the autocast dtype training used. With bf16 or fp16 the rest
     stays as autocast kept it in training: the residual stream, the embeddings and
-    the layer norms in fp32 (``stream_dtype``). So the sum over the layers never
-    leaves fp32: in fp16 a stream that passes 65504 would become inf, and in bf16
-    each addition would round to 8 bits. ``matrix_dtype=torch.float16`` on the CPU
-    keeps the weight matrices in fp16 and computes in fp32 (``_HalfProduct``;
+    the norms in fp32 (``stream_dtype``). So the sum over the layers never leaves
+    fp32: in fp16 a stream that passes 65504 would become inf, and in bf16 each
+    addition would round to 8 bits. The same holds for both blocks; a llama's rotation
+    is computed in fp32 too and stored in the cache's dtype, as autocast's fp32 rotary
+    tables made it in training. ``matrix_dtype=torch.float16`` on the CPU keeps the
+    weight matrices in fp16 and computes in fp32 (``_HalfProduct``;
     ``hardware.Runtime.decode_weights`` says whether this machine has the kernel).
     """
 
     def __init__(self, model: GPT, dtype: torch.dtype | None = None,
                  matrix_dtype: torch.dtype | None = None) -> None:
-        self.config = model.config
+        config = self.config = model.config
         self.device = model.device
         self.dtype = dtype or model.wte.weight.dtype
         self.stream_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        self.cast = self.dtype != self.stream_dtype  # whether rows are cast down before each product
         half = matrix_dtype == torch.float16 and self.device.type == "cpu" and self.dtype == torch.float32
 
         def vec(t: torch.Tensor) -> torch.Tensor:  # an fp32 model's own tensor: no copy
@@ -166,15 +166,35 @@ class Decoder:
         def product(layer: nn.Linear) -> _Product | _HalfProduct:
             return _HalfProduct(layer) if half and _HalfProduct.fits(layer) else _Product(layer, self.dtype)
 
-        self.wte, self.wpe = vec(model.wte.weight), vec(model.wpe.weight)
-        self.layers = [
-            (vec(b.ln_1.weight), vec(b.ln_1.bias), product(b.attn.c_attn), product(b.attn.c_proj),
-             vec(b.ln_2.weight), vec(b.ln_2.bias), product(b.mlp.c_fc), product(b.mlp.c_proj))
-            for b in model.h
-        ]
-        self.ln_f = (vec(model.ln_f.weight), vec(model.ln_f.bias))
-        self.head = product(model.lm_head)
-        self.eps = model.ln_f.eps
+        self.wte = vec(model.wte.weight)
+        self.wpe = None if model.wpe is None else vec(model.wpe.weight)
+        self.rotary = config.arch == "llama"
+        self.qk_norm: list[torch.Tensor] | None = None
+        if self.rotary:  # norm weights folded into the products that read them (llama_layout)
+            eps, C, D = model.ln_f.eps, config.d_model, config.head_dim
+            self.norm: Norm = llama_layout.RowRMSNorm(C, eps, self.device)  # takes (x, weight, bias) too
+            factor = self.norm.factor
+            self.layers = [_Block(None, None, product(qkv), product(b.attn.c_proj), None, None, product(fc),
+                                  product(b.mlp.c_proj))
+                           for b in model.h for qkv, fc in [llama_layout.llama_products(b, config, factor)]]
+            self.ln_f: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+            self.head = product(llama_layout.fold_norm(model.lm_head.weight, model.ln_f.weight, factor))
+            cos, sin = rotary_tables(config, self.device)
+            self.turns = torch.complex(cos[:, :D // 2], sin[:, :D // 2]).unsqueeze(1)  # (context, 1, D/2)
+            if config.qk_norm:
+                self.head_norm = llama_layout.RowRMSNorm(D, eps, self.device)
+                self.qk_norm = [vec(llama_layout.qk_norm_weights(b, config, self.head_norm.factor)) for b in model.h]
+        else:
+            self.norm = _layer_norm(model.ln_f.eps)
+            self.layers = [_Block(vec(b.ln_1.weight), vec(b.ln_1.bias), product(b.attn.c_attn), product(b.attn.c_proj),
+                                  vec(b.ln_2.weight), vec(b.ln_2.bias), product(b.mlp.c_fc), product(b.mlp.c_proj))
+                           for b in model.h]
+            self.ln_f = (vec(model.ln_f.weight), vec(model.ln_f.bias))
+            self.head = product(model.lm_head)
+        # llama, one row at a time on the CPU with fp16 weights: see _llama_row.
+        self.row_path = (self.rotary and self.device.type == "cpu" and self.dtype == torch.float32
+                         and all(isinstance(p, _HalfProduct) and p.adds_in_place
+                                 for blk in self.layers for p in (blk.proj, blk.fc_proj)))
         # With fp16 weights the step is approximate already (logits move by ~1e-3), and
         # the tanh form of GELU, which differs from the exact one by at most ~5e-4, costs
         # half as much at batch 1 (5 against 11 us for a 1024-wide row, four times a token).
@@ -183,36 +203,151 @@ class Decoder:
     def new_cache(self) -> KVCache:
         return KVCache(self.config, self.device, self.dtype)
 
-    @torch.inference_mode()
     def step(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         """Run ``ids`` (the tokens the cache has not seen) and return fp32 logits (vocab,)
         for the token after the last of them."""
-        C = self.config.d_model
-        start, T = cache.pos, len(ids)
-        end = start + T
-        if T == 0:
-            raise ValueError("nothing to decode: ids is empty")
-        if end > cache.context:
-            raise ValueError(f"cannot attend to {end} tokens; the context is {cache.context}")
-        if T == 1:  # indexing with a Python int is a view: no index tensor to build
-            x = (self.wte[ids[0]] + self.wpe[start]).view(1, C)
-        else:
-            x = self.wte[torch.tensor(ids, device=self.device)] + self.wpe[start:end]
-        # One new query sees every key; a chunk after cached keys needs an explicit mask.
-        mask, causal = None, T > 1 and start == 0
-        if T > 1 and start > 0:
-            mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
-        low = self.dtype  # the products' dtype; x, the residual stream, stays in stream_dtype
-        for layer, (w1, b1, qkv, proj, w2, b2, fc, fc_proj) in enumerate(self.layers):
-            qkv(F.layer_norm(x, (C,), w1, b1, self.eps).to(low), out=cache.rows[layer, start:end])
-            # q of the new positions, k and v of all so far: (1, H, T or end, D).
-            q, k, v = cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-            # (1, H, 1, D) is already laid out as (1, C); only a chunk needs the transpose.
-            y = y.view(1, C) if T == 1 else y.transpose(1, 2).reshape(T, C)
-            x = x + proj(y)  # a low-precision product added to the fp32 stream: the sum is fp32
-            x = x + fc_proj(self.gelu(fc(F.layer_norm(x, (C,), w2, b2, self.eps).to(low))))
+        return self.step_many([Feed(ids, cache)])[0]
+
+    @torch.inference_mode()
+    def _llama_row(self, token: int, cache: KVCache) -> torch.Tensor:
+        """``step_many`` for one sequence and one token of a llama on the CPU: logits (1, vocab).
+
+        At batch 1 every tensor operation costs a few microseconds beyond its arithmetic,
+        and the llama block has more of them than GPT-2's (RMSNorm, the rotation, the
+        gate): through ``step_many`` it made ~11% fewer tokens/s than a GPT-2 of the
+        same size. Here the residual stream is a 1-D row that the products add to
+        themselves (``_HalfProduct.add_to``: the bias slot, which llama leaves empty),
+        in two buffers taken in turn, and c_fc writes into a buffer whose gate half is a
+        view made once: two passes fewer a layer. The values are ``step_many``'s, bit
+        for bit (the additions and the norms are the same operations on the same rows;
+        ``test_a_sequence_gets_the_same_logits_alone_and_in_any_batch`` checks it).
+        """
+        C, start = self.config.d_model, cache.pos
+        end = start + 1
+        rows = [torch.empty(1, C, device=self.device) for _ in range(2)]  # the stream's two buffers
+        x = self.wte[token].view(1, C)  # read only (the norm, a bias): the embedding row itself
+        up_gate = torch.empty(1, 2 * self.config.d_ff, device=self.device)
+        gate = up_gate[:, self.config.d_ff:]
+        span = _Span(0, start, end, None, self.turns[start:end])
+        rms, turn = self.norm, self.qk_norm is None and cache.pairs is not None
+        for layer, blk in enumerate(self.layers):
+            blk.qkv(rms(x), out=cache.rows[layer, start:end])
+            if turn:  # as _attend does, written out: this runs 4 times a token
+                cache.pairs[layer][start:end].mul_(span.turns)
+            else:
+                self._turn(layer, cache, span)
+            y = F.scaled_dot_product_attention(cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end],
+                                               cache.v[layer][:, :, :end])
+            blk.proj.add_to(x.view(C), y.view(1, C), rows[0])  # rows[0] = x + proj(attention)
+            x, rows = rows[0], [rows[1], rows[0]]
+            blk.fc(rms(x), out=up_gate)
+            blk.fc_proj.add_to(x.view(C), F.glu(up_gate, -1).mul_(gate), rows[0])
+            x, rows = rows[0], [rows[1], rows[0]]
         cache.pos = end
-        if T > 1:
-            x = x[-1:]
-        return self.head(F.layer_norm(x, (C,), *self.ln_f, self.eps).to(low))[0].float()
+        return self.head(rms(x))
+
+    @torch.inference_mode()
+    def step_many(self, feeds: Sequence[Feed]) -> torch.Tensor:
+        """One pass for several sequences: fp32 logits (B, vocab), row b for the token after
+        ``feeds[b].ids``. Each sequence brings its own cache; their new rows share the
+        matrix products, and each attends to its own cache alone."""
+        if self.row_path and len(feeds) == 1 and len(feeds[0].ids) == 1:
+            return self._llama_row(feeds[0].ids[0], feeds[0].cache)
+        spans = self._spans(feeds)
+        rows = spans[-1].first + spans[-1].end - spans[-1].start
+        x = self._embed(feeds, spans, rows)  # the residual stream, in stream_dtype
+        alone = len(feeds) == 1
+        for layer, blk in enumerate(self.layers):
+            h = self._low(self.norm(x, blk.ln_1_weight, blk.ln_1_bias))
+            if alone:  # the product writes into the cache rows itself
+                blk.qkv(h, out=feeds[0].cache.rows[layer, spans[0].start:spans[0].end])
+            else:
+                qkv = blk.qkv(h)
+                for feed, span in zip(feeds, spans):
+                    feed.cache.rows[layer, span.start:span.end].copy_(qkv[span.first:span.first + span.end - span.start])
+            ys = [self._attend(layer, feed.cache, span) for feed, span in zip(feeds, spans)]
+            x = x + blk.proj(ys[0] if alone else torch.cat(ys))  # a low-precision product added to the fp32 stream
+            x = x + self._mlp(blk, self._low(self.norm(x, blk.ln_2_weight, blk.ln_2_bias)))
+        for feed, span in zip(feeds, spans):
+            feed.cache.pos = span.end
+        if rows > len(feeds):  # a chunk of several ids: only its last row is sampled from
+            x = x[-1:] if alone else x[torch.tensor([span.first + span.end - span.start - 1 for span in spans],
+                                                    device=self.device)]
+        logits = self.head(self._low(self.norm(x, *self.ln_f)))
+        return logits if logits.dtype == torch.float32 else logits.float()
+
+    def _low(self, h: torch.Tensor) -> torch.Tensor:
+        """Rows in the products' dtype (a pass only where it differs from the stream's)."""
+        return h.to(self.dtype) if self.cast else h
+
+    def _spans(self, feeds: Sequence[Feed]) -> list[_Span]:
+        """Where each feed's rows go, checked; what its attention needs, made once for all layers."""
+        if not feeds:
+            raise ValueError("nothing to decode: no sequences")
+        spans, rows = [], 0
+        for feed in feeds:
+            start, T = feed.cache.pos, len(feed.ids)
+            if T == 0:
+                raise ValueError("nothing to decode: ids is empty")
+            end = start + T
+            if end > feed.cache.context:
+                raise ValueError(f"cannot attend to {end} tokens; the context is {feed.cache.context}")
+            # One new query sees every key; a chunk after cached keys needs an explicit mask.
+            mask = None
+            if T > 1 and start > 0:
+                mask = torch.ones(T, end, dtype=torch.bool, device=self.device).tril(diagonal=start)
+            spans.append(_Span(rows, start, end, mask, self.turns[start:end] if self.rotary else None))
+            rows += T
+        return spans
+
+    def _embed(self, feeds: Sequence[Feed], spans: list[_Span], rows: int) -> torch.Tensor:
+        """The new rows' token embeddings (rows, C), plus their positions' rows for gpt2."""
+        C = self.config.d_model
+        if rows == 1:  # indexing with a Python int is a view: no index tensor to build
+            x = self.wte[feeds[0].ids[0]]
+            return (x if self.wpe is None else x + self.wpe[spans[0].start]).view(1, C)
+        x = self.wte[torch.tensor([i for feed in feeds for i in feed.ids], device=self.device)]
+        if self.wpe is None:
+            return x
+        if len(feeds) == 1:
+            return x + self.wpe[spans[0].start:spans[0].end]
+        positions = [p for span in spans for p in range(span.start, span.end)]
+        return x + self.wpe[torch.tensor(positions, device=self.device)]
+
+    def _attend(self, layer: int, cache: KVCache, span: _Span) -> torch.Tensor:
+        """Attention of the rows ``span`` (already in the cache) over the cache: (T, C)."""
+        start, end = span.start, span.end
+        T, C = end - start, self.config.d_model
+        if self.rotary:
+            if self.qk_norm is None and cache.pairs is not None:  # fp32: one complex multiplication in place
+                cache.pairs[layer][start:end].mul_(span.turns)
+            else:
+                self._turn(layer, cache, span)
+        # q of the new positions, k and v of all so far: (1, H, T or end, D).
+        q, k, v = cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=T > 1 and start == 0)
+        # (1, H, 1, D) is already laid out as (1, C); only a chunk needs the transpose.
+        return y.view(1, C) if T == 1 else y.transpose(1, 2).reshape(T, C)
+
+    def _turn(self, layer: int, cache: KVCache, span: _Span) -> None:
+        """llama: QK-norm (if the model has it) and the rotation of the span's q and k, in the
+        cache (fp32 caches without QK-norm take a shortcut in ``_attend``)."""
+        start, end = span.start, span.end
+        T, H, D = end - start, self.config.n_head, self.config.head_dim
+        qk = cache.rows[layer, start:end, :2 * H * D]  # (T, 2C): q|k, pairs side by side
+        source = qk.float().view(T, 2 * H, D)
+        if self.qk_norm is not None:  # each head's q and k RMS-normed over its D channels, in fp32
+            source = self.head_norm(source) * self.qk_norm[layer]
+        pairs = torch.view_as_complex(source.contiguous().view(T, 2 * H, D // 2, 2))
+        if cache.pairs is not None:
+            torch.mul(pairs, span.turns, out=cache.pairs[layer][start:end])
+        else:  # bf16/fp16 caches: rotated in fp32, stored in the cache's dtype
+            qk.copy_(torch.view_as_real(pairs * span.turns).view(T, 2 * H * D))
+
+    def _mlp(self, blk: _Block, h: torch.Tensor) -> torch.Tensor:
+        """gpt2: c_proj(GELU(c_fc(h))). llama: c_proj(silu(gate) * up), c_fc making [up | gate]."""
+        if not self.rotary:
+            return blk.fc_proj(self.gelu(blk.fc(h)))
+        up_gate = blk.fc(h)
+        # F.glu: up * sigmoid(gate), one pass; times gate, silu(gate) * up.
+        return blk.fc_proj(F.glu(up_gate, -1).mul_(up_gate[:, self.config.d_ff:]))

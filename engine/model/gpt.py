@@ -60,7 +60,12 @@ def rotary_tables(config: ModelConfig, device: torch.device | None = None) -> tu
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + D/2) of x (..., T, D) by the angles whose cos/sin are given (T, D)."""
+    """Rotate channel pairs (i, i + D/2) of x (..., T, D) by the angles whose cos/sin are given (T, D).
+
+    The tables take x's dtype: under bf16 autocast q and k are bf16, and fp32 tables
+    would promote every product to fp32 and back (copies that cost more than the rotation).
+    """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 

@@ -10,8 +10,8 @@ official ``openai`` client work with it unchanged. Endpoints: ``GET /v1/models``
 chat page for the browser at ``GET /`` that uses the chat endpoint like any client.
 
 One model is in memory. Its generator runs on one worker thread
-(``engine.serving.job_queue``), so requests are answered one at a time, in order, while the
-event loop keeps reading new ones. The endpoints are ``engine.serving.routes``; this
+(``engine.serving.job_queue``), which answers the requests together, one shared forward
+pass per token (``engine.serving.batching``), while the event loop keeps reading new ones. The endpoints are ``engine.serving.routes``; this
 module holds the settings, builds the app and runs it. Another entry point reuses it
 through ``add_serve_arguments(parser)`` and ``run_serve(model_dir, args, gen_defaults)``.
 """
