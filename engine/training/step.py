@@ -59,23 +59,32 @@ NS_STEPS = 5
 
 
 def orthogonalize(g: torch.Tensor, dtype: torch.dtype, steps: int = NS_STEPS) -> torch.Tensor:
-    """A matrix with g's singular vectors and singular values near 1 (Newton-Schulz), in g's dtype.
+    """Matrices with g's singular vectors and singular values near 1 (Newton-Schulz), in g's dtype.
 
-    The iteration runs in ``dtype``. torch.optim.Muon always runs it in bf16, which a CPU
-    without native bf16 (AVX2 only) computes tens of times slower than fp32: that, and the
-    per-block orthogonalization of stacked matrices (``MuonAdamW``), is why Muon is
-    written here rather than taken from torch.
+    ``g`` is one matrix (rows, cols) or a stack of them (n, rows, cols), orthogonalized
+    each on its own in batched products: the compact model's 28 blocks in three stacks
+    cost a third of what 28 separate iterations did. The iteration runs in ``dtype``.
+    torch.optim.Muon always runs it in bf16, which a CPU without native bf16 (AVX2 only)
+    computes tens of times slower than fp32: that, the batching, and the per-block
+    orthogonalization of stacked matrices (``MuonAdamW``) are why Muon is written here
+    rather than taken from torch.
     """
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    wide = x.size(0) <= x.size(1)
-    if not wide:  # iterate on the side with fewer rows: the Gram matrix is smaller
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # the spectral norm is at most the Frobenius norm: now <= 1
+    single = x.dim() == 2
+    if single:
+        x = x.unsqueeze(0)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the side with fewer rows: the Gram matrices are smaller
+        x = x.mT
+    # Each matrix's spectral norm is at most its Frobenius norm: now <= 1.
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)
     for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x if wide else x.T).to(g.dtype)
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    if tall:
+        x = x.mT
+    return (x[0] if single else x).to(g.dtype)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -112,24 +121,38 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._muon_step([g for g in self.param_groups if g["muon"]])
         for group in self.param_groups:
-            (self._muon_step if group["muon"] else self._adamw_step)(group)
+            if not group["muon"]:
+                self._adamw_step(group)
         return loss
 
-    def _muon_step(self, group: dict) -> None:
-        momentum, lr = group["momentum"], group["lr"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.lerp_(p.grad, 1 - momentum)
-            blocks = p.grad.lerp(buf, momentum).chunk(group["splits"], dim=0)  # Nesterov
-            update = torch.cat([orthogonalize(b, self.ns_dtype) for b in blocks])
+    def _muon_step(self, groups: list[dict]) -> None:
+        """Momentum, then every block of every Muon matrix orthogonalized, blocks of one shape
+        stacked into one batched iteration, then the scaled step with decoupled weight decay."""
+        blocks: dict[torch.Size, list[torch.Tensor]] = {}
+        owners: list[tuple[dict, torch.Tensor, list[tuple[torch.Size, int]]]] = []
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                places = []
+                for block in p.grad.lerp(buf, group["momentum"]).chunk(group["splits"]):  # Nesterov
+                    stack = blocks.setdefault(block.shape, [])
+                    places.append((block.shape, len(stack)))
+                    stack.append(block)
+                owners.append((group, p, places))
+        done = {shape: orthogonalize(torch.stack(stack), self.ns_dtype) for shape, stack in blocks.items()}
+        for group, p, places in owners:
+            update = torch.cat([done[shape][i] for shape, i in places])
+            lr = group["lr"]
             p.mul_(1 - lr * group["weight_decay"])
-            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(blocks[0].shape)))
+            p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(places[0][0])))
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
