@@ -90,14 +90,6 @@ class _Collected:
     reading: Reading = field(default_factory=Reading)
 
 
-def parse_messages(value, where: str) -> list[Message]:
-    """A conversation from one decoded record in any of the forms (the form is detected)."""
-    form = detect_form(value)
-    if form is None:
-        raise ValueError(f"{where}: {_unknown_form(value)}")
-    return read_record(value, form, where, Reading())
-
-
 def _unknown_form(record: object) -> str:
     if isinstance(record, dict) and record:
         keys = ", ".join(sorted(map(str, record))[:6])
@@ -123,8 +115,8 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
             whole = json.loads(text)
         except json.JSONDecodeError:
             whole = None  # perhaps JSON lines after all
-        if whole is not None and detect_form(whole) is not None and not _is_list_of_records(whole):
-            whole = [whole]  # one conversation
+        if detect_form(whole) is not None:  # one conversation (a list of them is no record of any form)
+            whole = [whole]
         if isinstance(whole, list):
             for i, record in enumerate(whole):
                 yield f"{path.name}: conversation {i + 1}", record
@@ -135,11 +127,6 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
                 yield f"{path.name}:{number}", json.loads(line)
             except json.JSONDecodeError as exc:
                 yield f"{path.name}:{number}", ValueError(f"{path.name}:{number}: not JSON ({exc.msg})")
-
-
-def _is_list_of_records(value: object) -> bool:
-    """A list whose items are conversations (not a bare list of messages, which is one)."""
-    return isinstance(value, list) and bool(value) and not all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, object]]:
@@ -180,7 +167,7 @@ def _read_file(path: Path, into: _Collected) -> None:
     into.reading.add(reading)
 
 
-def finish(name: str, collected: _Collected, citation: str = "") -> ConversationSource:
+def _finish(name: str, collected: _Collected, citation: str = "") -> ConversationSource:
     """The conversations gathered, each kept once; refuses a source that is mostly not conversations."""
     good, problems, seen = collected.good, collected.problems, collected.seen
     if not good:
@@ -200,11 +187,6 @@ def finish(name: str, collected: _Collected, citation: str = "") -> Conversation
                               tuple(collected.forms), collected.reading, citation)
 
 
-def collected_from(conversations: list[list[Message]]) -> _Collected:
-    """Conversations built in code (the built-in sets), ready for ``finish``."""
-    return _Collected(good=conversations, seen=len(conversations))
-
-
 def open_conversation_files(spec: str) -> ConversationSource:
     """A conversation file or a folder of them (.jsonl, .json, .parquet), typed by the user."""
     spec = spec.strip().strip('"').strip("'")
@@ -220,7 +202,7 @@ def open_conversation_files(spec: str) -> ConversationSource:
     collected = _Collected()
     for file in files:
         _read_file(file, collected)
-    return finish(str(path), collected)
+    return _finish(str(path), collected)
 
 
 def builtin_conversations() -> ConversationSource:
@@ -240,7 +222,7 @@ def builtin_conversations() -> ConversationSource:
                 continue
             role = "user" if len(turns) % 2 == 0 else "assistant"
             if turns and turn[0]["sender"] == turns[-1][0]:  # one sender twice in a row: one turn
-                turns[-1] = (turns[-1][0], Message(role := turns[-1][1].role, f"{turns[-1][1].content}\n{text}"))
+                turns[-1] = (turns[-1][0], Message(turns[-1][1].role, f"{turns[-1][1].content}\n{text}"))
             else:
                 turns.append((turn[0]["sender"], Message(role, text)))
         messages = [m for _, m in turns]
@@ -248,7 +230,7 @@ def builtin_conversations() -> ConversationSource:
             messages.pop()
         if messages:
             conversations.append(messages)
-    return finish(BUILTIN_CONVERSATIONS_NAME, collected_from(conversations), BUILTIN_CITATION)
+    return _finish(BUILTIN_CONVERSATIONS_NAME, _Collected(conversations, seen=len(conversations)), BUILTIN_CITATION)
 
 
 def chatterbot_conversations() -> ConversationSource:
@@ -268,7 +250,7 @@ def chatterbot_conversations() -> ConversationSource:
             turns = turns[: len(turns) // 2 * 2]  # a chain that ends with a question has no reply
             if turns:
                 good.append([Message("user" if i % 2 == 0 else "assistant", t) for i, t in enumerate(turns)])
-    return finish("chatterbot-corpus (English)", collected_from(good))
+    return _finish("chatterbot-corpus (English)", _Collected(good, seen=len(good)))
 
 
 def open_conversations(spec: str) -> ConversationSource:
@@ -297,8 +279,6 @@ def append_conversation(path: str | Path, messages: list[Message]) -> Path:
 
 
 def last_conversation(path: str | Path) -> list[Message]:
-    """The last valid conversation in a conversation file (to continue it)."""
-    source = open_conversation_files(str(path))
-    if source.skipped and not source.conversations:
-        raise ValueError(source.problems[0])
-    return source.conversations[-1]
+    """The last valid conversation in a conversation file (to continue it); a file with none
+    is refused as ``open_conversation_files`` refuses it."""
+    return open_conversation_files(str(path)).conversations[-1]
