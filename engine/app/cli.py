@@ -63,6 +63,7 @@ from engine.folder.model_folder import LOSS_PLOT_FILE
 from engine.runtime.distributed import launched_by_torchrun
 from engine.serving.server import add_serve_arguments
 from engine.training.events import TrainResult
+from engine.training.runs import StopReason
 
 # 130, 141 and 143 are 128 + SIGINT, SIGPIPE and SIGTERM, as a shell reports a process those signals ended.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -159,7 +160,7 @@ def _require_model(session: Session) -> None:
 
 def _training_status(result: TrainResult | None) -> int:
     """Exit status of a training call: Ctrl+C (twice: None) is 130; a time budget is success."""
-    if result is None or result.stopped_early == "interrupted":
+    if result is None or result.stopped_early is StopReason.INTERRUPTED:
         return EXIT_INTERRUPTED
     return EXIT_OK
 

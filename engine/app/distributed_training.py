@@ -38,10 +38,10 @@ from engine.runtime.distributed import (
     lost_contact,
 )
 from engine.training.events import EpochStarted, StepDone, TrainingEvent, TrainResult
-from engine.training.runs import TIME_LIMIT, StopFlag
+from engine.training.runs import StopFlag, StopReason
 from engine.training.trainer import Trainer
 
-EXIT_CODES = {"": 0, TIME_LIMIT: 0, "interrupted": 130, "terminated": 143}
+EXIT_CODES = {StopReason.FINISHED: 0, StopReason.TIME_LIMIT: 0, StopReason.INTERRUPTED: 130, StopReason.TERMINATED: 143}
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

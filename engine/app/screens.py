@@ -13,7 +13,7 @@ from engine.app.display import human_bytes, human_count, loss_chart, rows_table
 from engine.data.conversations import ConversationSource
 from engine.data.sources import Source
 from engine.export.model_export import ExportReport
-from engine.folder.records import FolderStatus, ModelSummary
+from engine.folder.records import FolderStatus, ModelSummary, RunKind
 from engine.generation.generator import ModelInfo
 from engine.training.events import ContinualReport, TrainResult
 
@@ -101,14 +101,14 @@ def _status_rows(status: FolderStatus) -> list[tuple[str, str]]:
     else:
         rows.append(("Validation", "none yet (runs at the end of each epoch)"))
     for run in status.runs[-5:]:
-        what = "Fine-tuned on" if run.kind == "chat" else "Trained on"
+        what = "Fine-tuned on" if run.kind is RunKind.CHAT else "Trained on"
         length = f"a {run.minutes:g}-minute budget" if run.minutes else f"{run.epochs} epochs"
         rows.append((what, f"{run.name} ({run.tokens:,} tokens, {length})"))
     for record in status.datasets:
         latest = record.latest
         if latest is None:
             result = "not evaluated yet"
-        elif record.kind == "chat":
+        elif record.kind is RunKind.CHAT:
             result = f"held-out assistant loss {latest.val_loss:.4f}, {latest.bpb:.4f} bits/byte"
         else:
             result = f"{latest.bpb:.4f} bits/byte"

@@ -31,7 +31,7 @@ from engine.runtime import hardware
 from engine.serving import server
 from engine.training import continual
 from engine.training.events import ContinualReport, TrainingEvent, TrainResult
-from engine.training.runs import StopFlag
+from engine.training.runs import StopFlag, StopReason
 from engine.training.trainer import Trainer
 
 MENU_RESUME_HINT = "Choose Continue Training to resume."
@@ -108,7 +108,7 @@ class Session:
         finally:
             progress.close()
         self._tell_notes(trainer)
-        if result.stopped_early == "terminated":
+        if result.stopped_early is StopReason.TERMINATED:
             self.out(f"Terminated at step {result.global_step}; checkpoint saved.")
             raise Terminated
         self.out(training_outcome(result, self.model_dir, self.resume_hint))

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from engine.folder.records import RunKind, TextEnum
+from engine.training.config import MAX_EPOCHS
 
 if TYPE_CHECKING:
     import torch
@@ -41,9 +42,6 @@ class StopReason(TextEnum):
     INTERRUPTED = "interrupted"  # Ctrl+C
     TERMINATED = "terminated"  # SIGTERM
     TIME_LIMIT = "time limit reached"  # TrainConfig.max_minutes ran out before the epochs
-
-
-TIME_LIMIT = StopReason.TIME_LIMIT
 
 
 class StopFlag:
@@ -215,7 +213,7 @@ class BudgetClock:
             # Enough epochs for those steps, and one to spare should the steps get faster:
             # the clock ends the run, never the epoch count.
             left_after_this_epoch = run.total_steps - run.run_step - (steps_per_epoch - run.batch)
-            run.epochs = min(100_000, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
+            run.epochs = min(MAX_EPOCHS, run.epoch + 2 + max(0, -(-left_after_this_epoch // steps_per_epoch)))
             self.replanned = True
         return min(self.deadline, other_deadline if other_deadline is not None else math.inf)
 
