@@ -249,7 +249,7 @@ class ModelFolder:
         history = self.read_history()
         evals = history.evals
         return FolderStatus(
-            tokenizer=meta.tokenizer, model=meta.model.to_dict(), steps=meta.progress.step,
+            tokenizer=meta.tokenizer, model=meta.model, steps=meta.progress.step,
             tokens_seen=meta.progress.tokens_seen, epochs=meta.progress.epochs_done,
             last_eval=evals[-1] if evals else None,
             best_val_loss=min((e.val_loss for e in evals), default=None),

@@ -3,8 +3,10 @@
 Each is a small dataclass: fields have names both sides spell the same way because they
 are attributes, not dict keys, so a renamed field fails loudly at its first use. What is
 saved converts with ``to_dict``/``from_dict``, and ``to_dict`` writes the JSON the
-folder has always held (``history.json``'s step rows stay ``[step, loss, lr]`` lists);
-``from_dict`` ignores nothing silently except keys an older save is known to carry.
+folder has always held (``history.json``'s step rows stay ``[step, loss, lr]`` lists).
+``from_dict`` reads the fields it knows (a field an older save lacks takes its default)
+and passes over keys it does not, so a save from a newer version still opens;
+``FolderMeta`` keeps config.json's unknown keys and writes them back.
 """
 from __future__ import annotations
 
@@ -265,7 +267,7 @@ class FolderStatus:
     """What the Training Status screen shows; read from the folder, nothing loaded."""
 
     tokenizer: str
-    model: dict  # the saved model config
+    model: ModelConfig
     steps: int
     tokens_seen: int
     epochs: int
