@@ -14,7 +14,8 @@ and its users find it:
   attention with dropout, the fused head + loss), each against its plain reference.
 """
 from engine.model.config import ModelConfig
-from engine.model.decoder import Decoder, KVCache, half_products_work
+from engine.model.decoder import Decoder, KVCache
 from engine.model.gpt import GPT
+from engine.model.products import half_products_work
 
 __all__ = ["GPT", "Decoder", "KVCache", "ModelConfig", "half_products_work"]

@@ -70,7 +70,7 @@ from engine.data.chat_windows import split_conversations  # noqa: E402
 from engine.data.conversations import builtin_conversations, chatterbot_conversations, open_conversations  # noqa: E402
 from engine.folder.model_folder import ModelFolder  # noqa: E402
 from engine.runtime.hardware import usable_cpu_cores  # noqa: E402
-from engine.training.trainer import TrainConfig  # noqa: E402
+from engine.training.config import TrainConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

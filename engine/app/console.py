@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from engine.training.trainer import MAX_BUDGET_MINUTES
+from engine.training.config import MAX_BUDGET_MINUTES
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 DEFAULT_EPOCHS = 3

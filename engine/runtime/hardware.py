@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.model.decoder import half_products_work
+from engine.model.products import half_products_work
 
 # (minimum accelerator memory in GiB, name, d_model, n_layer, n_head), largest first.
 # The minimums are what cards sold by the GB report in GiB, less the memory the driver

@@ -35,7 +35,7 @@ from engine.runtime import hardware
 from engine.runtime.distributed import Distributed
 from engine.training import config as training_config
 from engine.training.checkpoint import Checkpointer, TrainingState
-from engine.training.config import MAX_BUDGET_MINUTES, TrainConfig, check_epochs, check_minutes
+from engine.training.config import TrainConfig, check_epochs, check_minutes
 from engine.training.dataset_memory import DatasetMemory
 from engine.training.evaluation import evaluate_held_out
 from engine.training.events import (
@@ -59,9 +59,6 @@ from engine.training.planning import (
     text_data,
 )
 from engine.training.runs import Budget, Clock, Progress, RunState, StopFlag
-
-# Also offered from here, as before the Trainer was split into parts.
-__all__ = ["MAX_BUDGET_MINUTES", "TrainConfig", "Trainer"]
 
 
 def _exclusive(method):
