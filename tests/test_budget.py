@@ -510,10 +510,10 @@ def test_a_default_length_in_minutes_works_in_the_menu_and_in_finetune(trained_o
     chats = tmp_path / "chats.jsonl"
     for conv in numbered_conversations(12).conversations:
         append_conversation(chats, conv)
-    for door in ("menu", "finetune"):
-        folder = tmp_path / door
+    for entry in ("menu", "finetune"):
+        folder = tmp_path / entry
         shutil.copytree(trained_once("bpe", 1), folder)
-        if door == "menu":
+        if entry == "menu":
             answers, prompts = iter(["1", "5", str(chats), "", "6", "5"]), []
             assert interface.main(["--model-dir", str(folder)], lambda p: prompts.append(p) or next(answers),
                                   lambda line="": None) == 0
@@ -522,7 +522,7 @@ def test_a_default_length_in_minutes_works_in_the_menu_and_in_finetune(trained_o
             assert cli.main(["finetune", str(chats), "--model-dir", str(folder)]) == 0
             assert "Training complete" in capsys.readouterr().out
         last = ModelFolder(str(folder)).status().runs[-1]
-        assert (last.kind, last.minutes) == ("chat", 0.02), door
+        assert (last.kind, last.minutes) == ("chat", 0.02), entry
 
 
 def test_the_probe_backs_off_like_training_when_a_batch_does_not_fit(monkeypatch):

@@ -10,7 +10,7 @@ the other ranks receive the run from rank 0 and train their share of every batch
 (``Trainer.follow``), writing nothing. Running the same command again resumes an
 interrupted run; ``--resume`` resumes without naming the data.
 
-``run_distributed_training(args)`` is the whole door: ``cli.py`` adds these arguments
+``run_distributed_training(args)`` is the one entry point: ``cli.py`` adds these arguments
 (``add_distributed_arguments``) to its ``train`` parser and hands the run over under
 torchrun, or for ``--resume``.
 """
@@ -57,7 +57,7 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_trainer(args: argparse.Namespace, runtime: hardware.Runtime, distributed: Distributed | None = None,
                  tokenizer_kind: str | None = None) -> Trainer:
-    """The Trainer the flags describe: the one mapping of flags to settings, for every door."""
+    """The Trainer the flags describe: the one mapping of flags to settings, for the menu and every subcommand."""
     return Trainer(
         str(args.model_dir), tokenizer_kind or args.tokenizer or "bpe",
         model_overrides={"d_model": args.d_model, "n_layer": args.n_layer, "n_head": args.n_head,

@@ -1,4 +1,4 @@
-"""Export a model folder to another program's format: the one call both doors make.
+"""Export a model folder to another program's format: the one call the menu and ``interface.py export`` make.
 
     export_model("custom_llm", "hf", "out/")            # a folder transformers loads
     export_model("custom_llm", "gguf", "model.gguf")     # one file for llama.cpp and Ollama
@@ -30,7 +30,6 @@ FORMAT_DTYPES = {"hf": tuple(hf_folder.DTYPES), "gguf": gguf_file.DTYPES}
 DEFAULT_DTYPES = {"hf": "f32", "gguf": "f16"}
 DTYPES = ("f32", "f16", "q8_0")  # every type some format takes (a command line's choices)
 HF_MARK_FILE = "custom_llm_export.json"  # in an exported folder: this program wrote it
-
 
 
 @dataclass(frozen=True)
