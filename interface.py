@@ -21,6 +21,8 @@ from engine.app.chat_repl import run_chat
 from engine.app.console import (
     DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
+    DEFAULT_NEW_TOKENS,
+    MAX_NEW_TOKENS,
     USER_ERRORS,
     Cancelled,
     Console,
@@ -129,8 +131,8 @@ class Menu:
                 return
         source = self.ask_new_data()
         expand = self.console.ask_yes_no("Expand vocabulary?")
-        max_new = (self.console.ask_number("Most new tokens to add", 1000, 1, 100_000, "the number of new tokens")
-                   if expand else 0)
+        max_new = (self.console.ask_number("Most new tokens to add", DEFAULT_NEW_TOKENS, 1, MAX_NEW_TOKENS,
+                                           "the number of new tokens") if expand else 0)
         report = self.session.continue_on(trainer, source, expand, max_new, self.ask_length())
         if report is not None:
             self.out(screens.continual_screen(report))

@@ -34,7 +34,9 @@ from engine.app.console import (
     DEFAULT_CHAT_EPOCHS,  # noqa: F401 -- cli.DEFAULT_CHAT_EPOCHS, as before
     DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
-    MAX_EPOCHS,
+    DEFAULT_NEW_TOKENS,
+    MAX_NEW_TOKENS,
+    MAX_TYPED_EPOCHS,
     USER_ERRORS,
     Cancelled,
     Console,
@@ -95,7 +97,8 @@ def _continue_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", metavar="PATH", help="the new data: a file or folder, or - for standard input")
     p.add_argument("--expand-vocab", action=argparse.BooleanOptionalAction, default=True,
                    help="add tokens frequent in the new data (default: on)")
-    p.add_argument("--new-tokens", type=whole_number(1, 100_000, "the number of new tokens"), default=1000,
+    p.add_argument("--new-tokens", type=whole_number(1, MAX_NEW_TOKENS, "the number of new tokens"),
+                   default=DEFAULT_NEW_TOKENS,
                    metavar="N", help="the most tokens to add (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="finish the interrupted run instead (no PATH)")
 
@@ -104,7 +107,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", default="", metavar="PATH",
                    help="a conversation file (.jsonl, .json, .parquet; OpenAI, ShareGPT or Alpaca form) or a folder of "
                         "them; nothing: the built-in conversations")
-    p.add_argument("--chat-epochs", dest="epochs", type=whole_number(1, MAX_EPOCHS, "the number of epochs"),
+    p.add_argument("--chat-epochs", dest="epochs", type=whole_number(1, MAX_TYPED_EPOCHS, "the number of epochs"),
                    metavar="N", help=f"the same as --epochs: passes over the conversations "
                                      f"(default {DEFAULT_CHAT_LENGTH.describe()})")
 

@@ -22,7 +22,12 @@ from engine.training.config import MAX_BUDGET_MINUTES
 
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, MemoryError)
 DEFAULT_EPOCHS = 3
-MAX_EPOCHS = 10_000
+# The most epochs a user may type; the engine's own ceiling (training.config.MAX_EPOCHS)
+# is higher, for the epochs a time budget plans.
+MAX_TYPED_EPOCHS = 10_000
+# Continue Training's vocabulary growth: the new tokens it adds at most, unless told.
+DEFAULT_NEW_TOKENS = 1000
+MAX_NEW_TOKENS = 100_000
 END_OF_TEXT_INPUT = "END"
 
 
@@ -90,7 +95,7 @@ def parse_training_length(text: str, default: int | TrainingLength) -> TrainingL
             raise ValueError(f"a time budget is a number of minutes above 0 and up to {MAX_BUDGET_MINUTES}, "
                              f"such as 10m (got {text!r})")
         return TrainingLength(default_epochs, minutes)
-    return TrainingLength(parse_whole_number(text, 1, MAX_EPOCHS, "the number of epochs"))
+    return TrainingLength(parse_whole_number(text, 1, MAX_TYPED_EPOCHS, "the number of epochs"))
 
 
 def enable_line_editing() -> None:

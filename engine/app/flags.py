@@ -13,7 +13,7 @@ from typing import Callable
 from engine.app.console import (
     DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
-    MAX_EPOCHS,
+    MAX_TYPED_EPOCHS,
     parse_training_length,
     parse_whole_number,
 )
@@ -69,7 +69,7 @@ def add_model_size_flags(p: argparse.ArgumentParser) -> None:
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=whole_number(1, MAX_EPOCHS, "the number of epochs"),
+    t.add_argument("--epochs", type=whole_number(1, MAX_TYPED_EPOCHS, "the number of epochs"),
                    help=f"passes over the data (the menu's default answer; default {DEFAULT_EPOCHS}, "
                         f"{DEFAULT_CHAT_LENGTH.describe()} for finetune)")
     t.add_argument("--batch-size", type=int)
