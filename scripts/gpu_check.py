@@ -89,6 +89,7 @@ from bench import flops_per_token  # noqa: E402
 from engine.data.sources import source_from_text  # noqa: E402
 from engine.runtime import hardware  # noqa: E402
 from engine.training.events import MemoryBackoff  # noqa: E402
+from engine.training.step import is_out_of_memory, release_memory  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
 from trainer import TrainConfig, Trainer, make_optimizer, train_step  # noqa: E402
@@ -115,11 +116,6 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.
 def peak_tflops(name: str) -> float | None:
     """The dense bf16 peak of the GPU called ``name``, where we know it (None: unknown)."""
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
 def check_flash(runtime: hardware.Runtime, cfg: ModelConfig) -> dict:
@@ -150,8 +146,7 @@ def steps_backing_off(forward, optimizer, x: torch.Tensor, runtime: hardware.Run
             out_of_memory = True  # freed below, once the exception no longer holds the step's tensors
         if out_of_memory:
             optimizer.zero_grad(set_to_none=True)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_memory(runtime)
             micro *= 2
             continue
         sync()
