@@ -267,6 +267,12 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
     return checked_loss(loss)
 
 
+def _one_line(error: BaseException) -> str:
+    """``Type: first line`` of a failure, for the event that says training goes on without compile."""
+    text = first_line(error)
+    return text if text == type(error).__name__ else f"{type(error).__name__}: {text}"
+
+
 def release_memory(runtime: hardware.Runtime) -> None:
     """Free what a failed pass left behind before it is retried."""
     gc.collect()
@@ -325,8 +331,7 @@ class StepRunner:
                 oom = is_out_of_memory(error)
                 if not oom and self.compiled is None:
                     raise
-                lines = str(error).strip().splitlines()
-                reason = f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+                reason = _one_line(error)
             # Handled outside the except block, so that the exception's traceback, which
             # holds the activations of the failed pass, is freed first.
             self.optimizer.zero_grad(set_to_none=True)  # drop any partial gradients
@@ -395,7 +400,7 @@ class StepRunner:
                 if is_out_of_memory(error):
                     fits = False
                 elif self.compiled is not None:
-                    compile_failure = f"{type(error).__name__}: {first_line(error)}"
+                    compile_failure = _one_line(error)
                 else:
                     raise
             self.optimizer.zero_grad(set_to_none=True)
