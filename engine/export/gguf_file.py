@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.chat_format import chat_ids_in_force, jinja_chat_template
+from engine.data.chat_format import ChatTokenIds, jinja_chat_template
 from engine.data.tokenizer import EOT_TOKEN, BaseTokenizer, BPETokenizer
 from engine.model.config import NORM_EPS
 from engine.model.gpt import GPT
@@ -192,9 +192,10 @@ def _sentencepiece_vocab(tok: BaseTokenizer) -> tuple[list[str], list[float], li
             [type_of[p.type] for p in proto.pieces])
 
 
-def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, name: str,
+def write_gguf(model: GPT, tok: BaseTokenizer, chat: ChatTokenIds | None, path: str | Path, name: str,
                dtype: str = "f16") -> list[str]:
-    """Write ``model`` and its tokenizer to ``path`` (the caller makes the write atomic).
+    """Write ``model`` and its tokenizer to ``path`` (the caller makes the write atomic); ``chat``,
+    the chat tokens of a chat-tuned model (else None), adds the end of turn and the chat template.
 
     Returns notes for the user (matrices that could not take ``dtype``).
     """
@@ -242,7 +243,6 @@ def write_gguf(model: GPT, tok: BaseTokenizer, meta: dict, path: str | Path, nam
     w.add_pad_token_id(tok.pad_id)
     w.add_add_bos_token(False)  # our prompts start as they are; a chat prompt brings its own <|endoftext|>
     w.add_add_eos_token(False)
-    chat = chat_ids_in_force(meta, tok)
     if chat is not None:
         w.add_eot_token_id(chat.end)  # a reply ends at <|end|>
         w.add_chat_template(jinja_chat_template(EOT_TOKEN))

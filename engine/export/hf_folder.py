@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.data.chat_format import CHAT_TOKENS, chat_ids_in_force, jinja_chat_template
+from engine.data.chat_format import CHAT_TOKENS, ChatTokenIds, jinja_chat_template
 from engine.data.tokenizer import EOT_TOKEN, PAD_TOKEN, BaseTokenizer, BPETokenizer
 from engine.model.config import NORM_EPS
 from engine.model.gpt import GPT
@@ -54,7 +54,7 @@ def gpt2_config(model: GPT, tok: BaseTokenizer, dtype: str = "f32") -> dict:
         "vocab_size": c.vocab_size, "n_positions": c.context, "n_ctx": c.context,
         "n_embd": c.d_model, "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": c.d_ff,
         "activation_function": "gelu",  # exact GELU, as F.gelu computes it (not "gelu_new", the tanh one)
-        "layer_norm_epsilon": 1e-5,  # nn.LayerNorm's default, which our blocks use
+        "layer_norm_epsilon": NORM_EPS,  # nn.LayerNorm's default, which our blocks use
         "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
@@ -167,33 +167,30 @@ def _chat_token_ids(tok: BaseTokenizer) -> list[int | None]:
     return [None] * len(CHAT_TOKENS) if ids is None else [ids.system, ids.user, ids.assistant, ids.end]
 
 
-def tokenizer_config(tok: BaseTokenizer, meta: dict, context: int) -> dict:
+def tokenizer_config(tok: BaseTokenizer, chat: ChatTokenIds | None, context: int) -> dict:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special_tokens(tok),
               "model_max_length": context, "add_bos_token": False, "add_eos_token": False,
               "clean_up_tokenization_spaces": False}
-    if chat_ids_in_force(meta, tok) is not None:
+    if chat is not None:
         config["chat_template"] = jinja_chat_template(EOT_TOKEN)
     return config
 
 
-def generation_config(tok: BaseTokenizer, meta: dict) -> dict:
+def generation_config(tok: BaseTokenizer, chat: ChatTokenIds | None) -> dict:
     """Stop at end-of-text, and for a chat model also at the end of its turn, as our Chat does."""
-    chat = chat_ids_in_force(meta, tok)
     eos = [tok.eot_id] + ([chat.end] if chat is not None else [])
     return {"bos_token_id": tok.eot_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": tok.pad_id}
 
 
-def model_card(model: GPT, tok: BaseTokenizer, meta: dict) -> str:
+def model_card(model: GPT, tok: BaseTokenizer, chat: ChatTokenIds | None, training_steps: int) -> str:
     c = model.config
-    steps = meta.get("progress", {}).get("step", 0)
-    chat = chat_ids_in_force(meta, tok) is not None
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation", f"tags: [{c.arch}, custom-llm]", "---",
         "", f"# A small {'Llama' if c.arch == 'llama' else 'GPT-2'} style model trained with custom-llm", "",
         f"{model.num_params():,} parameters: {c.n_layer} layers, {c.n_head} heads, width {c.d_model}, "
         f"context {c.context} tokens, a {tok.kind} tokenizer of {c.vocab_size:,} tokens, "
-        f"{steps:,} training steps.", "",
+        f"{training_steps:,} training steps.", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'tok = AutoTokenizer.from_pretrained("PATH")',
@@ -201,14 +198,15 @@ def model_card(model: GPT, tok: BaseTokenizer, meta: dict) -> str:
         "```", "",
         f"Prompt plus answer must fit in {c.context} tokens, the context it was trained on.",
     ]
-    if chat:
+    if chat is not None:
         lines += ["", "The chat template is the one the model was fine-tuned with: "
                   "`tok.apply_chat_template(messages, add_generation_prompt=True)`; a reply ends with `<|end|>`."]
     return "\n".join(lines) + "\n"
 
 
-def hf_files(model: GPT, tok: BaseTokenizer, meta: dict, dtype: str = "f32") -> dict[str, bytes]:
-    """Every file of the export folder, by name."""
+def hf_files(model: GPT, tok: BaseTokenizer, chat: ChatTokenIds | None, training_steps: int,
+             dtype: str = "f32") -> dict[str, bytes]:
+    """Every file of the export folder, by name; ``chat``: the chat tokens of a chat-tuned model (else None)."""
     from safetensors.torch import save
 
     c = model.config
@@ -223,9 +221,9 @@ def hf_files(model: GPT, tok: BaseTokenizer, meta: dict, dtype: str = "f32") -> 
         "config.json": as_json(config),
         # transformers refuses safetensors files without this metadata
         "model.safetensors": save(weights, metadata={"format": "pt"}),
-        "generation_config.json": as_json(generation_config(tok, meta)),
+        "generation_config.json": as_json(generation_config(tok, chat)),
         "tokenizer.json": tokenizer_json(tok).encode("utf-8"),
-        "tokenizer_config.json": as_json(tokenizer_config(tok, meta, context)),
+        "tokenizer_config.json": as_json(tokenizer_config(tok, chat, context)),
         "special_tokens_map.json": as_json(special_tokens(tok)),
-        "README.md": model_card(model, tok, meta).encode("utf-8"),
+        "README.md": model_card(model, tok, chat, training_steps).encode("utf-8"),
     }

@@ -136,19 +136,20 @@ def export_model(model_dir: str | Path, fmt: str, destination: str | Path, dtype
         raise FileNotFoundError(f"no trained model in {folder.path} to export; train one first")
     dest = check_destination(fmt, destination, force, model_dir)
     _require_extra("safetensors" if fmt == "hf" else "gguf")
-    model, tok, folder_meta = folder.load_model("cpu")
-    meta = folder_meta.to_dict()  # config.json's JSON, which the export writers read
-    chat = chat_ids_in_force(meta, tok) is not None
+    model, tok, meta = folder.load_model("cpu")
+    chat_ids = chat_ids_in_force(meta.to_dict(), tok)  # the rule Chat follows: chat-tuned, with the tokens
+    chat = chat_ids is not None
+    steps = meta.progress.step
     notes = []
     try:
         if fmt == "hf":
-            files = hf_files(model, tok, meta, dtype)
+            files = hf_files(model, tok, chat_ids, steps, dtype)
             files[HF_MARK_FILE] = storage.json_bytes({"exported_by": "custom-llm", "format": "hf",
-                                                      "training_steps": meta.get("progress", {}).get("step", 0)})
+                                                      "training_steps": steps})
             storage.replace_folder(dest, files)
             return ExportReport("hf", str(dest), sorted(files), sum(len(b) for b in files.values()), chat)
         with storage.atomic_path(dest) as tmp:
-            notes += write_gguf(model, tok, meta, tmp, name=folder.path.resolve().name, dtype=dtype)
+            notes += write_gguf(model, tok, chat_ids, tmp, name=folder.path.resolve().name, dtype=dtype)
     except OSError as exc:  # the previous export, if any, is untouched
         raise ValueError(f"could not write {dest}: {exc.strerror or exc}") from exc
     if not isinstance(tok, BPETokenizer):
