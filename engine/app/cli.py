@@ -1,10 +1,12 @@
 """The command line: the menu's actions as subcommands, for scripts, clusters and CI.
 
-    python interface.py train [PATH | -] [--epochs N] [--max-minutes X]
+    python interface.py train [PATH | -] [--epochs N | --minutes N] [--max-minutes X]
     python interface.py continue (PATH | -) [--no-expand-vocab] [--new-tokens N] | continue --resume
+    python interface.py finetune [PATH] [--epochs N | --minutes N]
     python interface.py chat | ask QUESTION | generate [PROMPT]
     python interface.py status [--json] [--plot [FILE.png]] | info [--json]
     python interface.py export DEST [--format hf|gguf] [--dtype f32|f16|q8_0] [--force]
+    python interface.py serve [--host H] [--port N] [--api-key KEY]
 
 ``interface.main`` hands every argv that names a subcommand to ``main`` here. Each
 subcommand makes a ``session.Session`` and runs the same actions the menu runs (the
