@@ -22,7 +22,7 @@ import sys
 from typing import Callable
 
 from engine.app.console import USER_ERRORS
-from engine.app.display import ConsoleOutput, TrainingProgress
+from engine.app.display import ConsoleOutput, TrainingProgress, epoch_label
 from engine.app.screens import notes, training_outcome
 from engine.data.sources import open_source
 from engine.runtime import hardware
@@ -185,7 +185,7 @@ class StepLog:
                 self.out(f"step {event.step} | loss {event.loss:.6f} | lr {event.lr:.3e} | "
                          f"{event.tokens_per_s:,.0f} tok/s | batch {event.batch}/{event.n_batches}")
         elif self.every and isinstance(event, EpochStarted):
-            self.out(f"Epoch {event.epoch + 1}/{event.epochs}: {event.n_batches} batches")
+            self.out(f"{epoch_label(event)}: {event.n_batches} batches")
         else:
             self.bar(event)
 
