@@ -2,9 +2,10 @@
 
 The user says how long they can train; this module turns that into a model. It
 measures what this machine computes (a few training steps of a reference shape built
-with the run's block design, optimizer, context and precision, ``probe_flop_rate``), predicts the tokens each candidate shape would see in the
-budget, and picks by rules set from measurements (README, "Time budget", has the
-runs and says what is not yet swept):
+with the run's block design, optimizer, context and precision, ``probe_flop_rate``),
+predicts the tokens each candidate shape would see in the budget, and picks by rules
+set from measurements (README, "Time budget", has the runs and says what is not yet
+swept):
 
 * Size: the largest shape on the ladder that still sees ``TOKENS_PER_PARAM`` training
   tokens per parameter of its blocks in the time. Less than that and a bigger model

@@ -186,8 +186,8 @@ class Planner:
         batch, times the processes), and the schedule follows it as for one process.
         """
         world_size = self.world_size
-        batch_size = config.batch_size or world_size * hardware.default_batch_size(
-            self.runtime, model.d_model, dataset.window, n_layer=model.n_layer, vocab_size=model.vocab_size)
+        batch_size = config.batch_size or world_size * self.batch_per_process(
+            config, model.d_model, dataset.window, model.n_layer, model.vocab_size)
         check_batch_splits(dataset, batch_size, config.seed, world_size, resumed=False)
         steps_per_epoch = dataset.epoch_plan(config.seed, 0, batch_size).n_batches
         total_steps = epochs * steps_per_epoch
