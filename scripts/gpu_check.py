@@ -89,7 +89,7 @@ from bench import flops_per_token  # noqa: E402
 from engine.data.sources import source_from_text  # noqa: E402
 from engine.runtime import hardware  # noqa: E402
 from engine.training.events import MemoryBackoff  # noqa: E402
-from engine.training.step import is_out_of_memory, release_memory  # noqa: E402
+from engine.training.step import backing_off  # noqa: E402
 from model import GPT, ModelConfig  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
 from trainer import TrainConfig, Trainer, make_optimizer, train_step  # noqa: E402
@@ -131,26 +131,23 @@ def steps_backing_off(forward, optimizer, x: torch.Tensor, runtime: hardware.Run
     """``steps`` training steps on the batch ``x``: losses, step times and micro-batches.
 
     Out of memory, a step is retried in twice as many micro-batches, as the Trainer
-    does, so a check measures the largest slice that fits instead of failing.
+    does (``backing_off``), so a check measures the largest slice that fits instead of
+    failing. Only the try that fitted is timed.
     """
-    micro, losses, times = 1, [], []
-    while len(losses) < steps:
+    def timed_step(micro_batches: int) -> tuple[float, float]:
         sync()
         t0 = time.perf_counter()
-        try:
-            losses.append(train_step(forward, optimizer, x, x, 3e-4, runtime, 1.0, scaler, micro))
-            out_of_memory = False
-        except Exception as error:
-            if not is_out_of_memory(error) or micro >= x.shape[0]:
-                raise
-            out_of_memory = True  # freed below, once the exception no longer holds the step's tensors
-        if out_of_memory:
-            optimizer.zero_grad(set_to_none=True)
-            release_memory(runtime)
-            micro *= 2
-            continue
+        loss = train_step(forward, optimizer, x, x, 3e-4, runtime, 1.0, scaler, micro_batches)
         sync()
-        times.append(time.perf_counter() - t0)
+        return loss, time.perf_counter() - t0
+
+    micro, losses, times = 1, [], []
+    for _ in range(steps):
+        (loss, seconds), micro = backing_off(timed_step, micro, x.shape[0], optimizer, runtime,
+                                             f"out of memory on {runtime.device} even with one sequence per "
+                                             "micro-batch")
+        losses.append(loss)
+        times.append(seconds)
     return losses, times, micro
 
 

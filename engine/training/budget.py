@@ -38,7 +38,7 @@ from engine.model.gpt import GPT
 from engine.runtime import hardware
 from engine.training.checkpoint import TrainingState
 from engine.training.config import TrainConfig
-from engine.training.step import is_out_of_memory, release_memory, train_step
+from engine.training.step import backing_off, is_out_of_memory, release_memory, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -219,26 +219,21 @@ class ProbeSteps:
         self.micro_batches = 1
 
     def run(self) -> None:
-        """One step, retried with twice the micro-batches after running out of memory."""
-        rows = self.x.shape[0]
-        state = self.state
-        while True:
-            try:
-                train_step(state.model, state.optimizer, self.x, self.x, PROBE_LR, self.runtime, self.grad_clip,
-                           state.scaler, self.micro_batches)  # the loss is read: the step has finished
-                return
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-            # Out of the except block: its traceback holds the failed pass's activations.
-            state.optimizer.zero_grad(set_to_none=True)
-            release_memory(self.runtime)
-            if self.micro_batches >= rows:
-                raise MemoryError(f"out of memory on {self.runtime.device} even with one sequence per micro-batch "
-                                  "while measuring this machine's speed; choose a smaller model or context")
-            self.micro_batches = min(2 * self.micro_batches, rows)
-            logger.info("the probe ran out of memory: %d micro-batches of %d sequences", self.micro_batches,
-                        -(-rows // self.micro_batches))
+        """One step, retried with twice the micro-batches after running out of memory (``backing_off``)."""
+        rows, state = self.x.shape[0], self.state
+
+        def attempt(micro_batches: int) -> float:  # the loss is read: the step has finished
+            return train_step(state.model, state.optimizer, self.x, self.x, PROBE_LR, self.runtime, self.grad_clip,
+                              state.scaler, micro_batches)
+
+        def backed_off(micro_batches: int) -> None:
+            logger.info("the probe ran out of memory: %d micro-batches of %d sequences", micro_batches,
+                        -(-rows // micro_batches))
+
+        _, self.micro_batches = backing_off(
+            attempt, self.micro_batches, rows, state.optimizer, self.runtime,
+            f"out of memory on {self.runtime.device} even with one sequence per micro-batch while measuring this "
+            "machine's speed; choose a smaller model or context", backed_off)
 
 
 def tokens_in(minutes: float, flop_rate: float, shape: Shape, vocab_size: int) -> int:

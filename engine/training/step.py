@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch.optim.adamw import adamw
@@ -280,6 +280,40 @@ def release_memory(runtime: hardware.Runtime) -> None:
         torch.cuda.empty_cache()
 
 
+Result = TypeVar("Result")
+
+
+def backing_off(attempt: Callable[[int], Result], micro_batches: int, most: int, optimizer: torch.optim.Optimizer,
+                runtime: hardware.Runtime, give_up: str,
+                on_back_off: Callable[[int], None] = lambda micro_batches: None) -> tuple[Result, int]:
+    """``attempt(micro_batches)``, retried in twice the micro-batches while it runs out of memory.
+
+    ``attempt`` runs a step's forward and backward passes over its batch in that many
+    slices (``accumulate_gradients``, ``train_step``). A smaller slice changes memory use,
+    not what is learned, so the same step is tried again: the partial gradients dropped,
+    the failed pass's memory freed, and ``on_back_off`` told the new count. Returns what
+    ``attempt`` gave and the micro-batches it ran in. Out of memory at ``most``
+    micro-batches (the batch's rows: one sequence each, or fewer where the caller cannot
+    change the slices) raises ``MemoryError(give_up)``. Any other error passes through.
+    The one back-off of the training step (``StepRunner``), the time budget's probe and
+    scripts/gpu_check.py.
+    """
+    while True:
+        try:
+            return attempt(micro_batches), micro_batches
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+        # Out of the except block, so that the exception's traceback, which holds the
+        # activations of the failed pass, is freed first.
+        optimizer.zero_grad(set_to_none=True)
+        release_memory(runtime)
+        if micro_batches >= most:
+            raise MemoryError(give_up)
+        micro_batches = min(2 * micro_batches, most)
+        on_back_off(micro_batches)
+
+
 class StepRunner:
     """The optimizer step of one run, with its fallbacks.
 
@@ -322,42 +356,45 @@ class StepRunner:
         error: the other ranks would wait for this one in the gradient exchange, which is
         why ``agree_on_micro_batches`` finds a size that fits before the first step.
         """
+        rows = x.shape[0]
+        most, give_up = self._memory_limit(rows, run, global_step)
+
+        def backed_off(micro_batches: int) -> None:
+            run.micro_batches = micro_batches
+            on_event(MemoryBackoff(micro_batches, -(-rows // micro_batches), rows))
+
         while True:
-            micro = run.micro_batches
             try:
-                loss = self._accumulate(x, y, micro, segments)
+                loss, _ = backing_off(lambda micro: self._accumulate(x, y, micro, segments), run.micro_batches,
+                                      most, self.optimizer, self.runtime, give_up, backed_off)
                 break
             except Exception as error:
-                oom = is_out_of_memory(error)
-                if not oom and self.compiled is None:
+                if self.compiled is None or isinstance(error, MemoryError):  # MemoryError: backing_off gave up
                     raise
                 reason = _one_line(error)
-            # Handled outside the except block, so that the exception's traceback, which
-            # holds the activations of the failed pass, is freed first.
+            # Out of the except block, as in ``backing_off``.
             self.optimizer.zero_grad(set_to_none=True)  # drop any partial gradients
             release_memory(self.runtime)
-            if not oom:
-                self.compiled = None
-                on_event(CompileFailed(reason))
-                continue
-            self._back_off(x.shape[0], run, on_event, global_step)
+            self.compiled = None
+            on_event(CompileFailed(reason))
         if self.dist is not None:
             loss = self._agree_after_step(loss)
         apply_update(self.model, self.optimizer, lr, self.grad_clip, self.scaler)
         return checked_loss(loss)
 
-    def _back_off(self, rows: int, run: RunState, on_event: OnEvent, global_step: int) -> None:
-        """Double the micro-batches after running out of memory, or say why that cannot help."""
+    def _memory_limit(self, rows: int, run: RunState, global_step: int) -> tuple[int, str]:
+        """The most micro-batches a step may back off to, and what to say when even those run out of memory.
+
+        A distributed run cannot back off inside a step (see ``step``): the micro-batches
+        in force are the most, and running out of memory is an error at once.
+        """
         if self.dist is not None:
-            raise MemoryError(f"rank {self.dist.rank} ran out of memory ({self.runtime.device}) at step "
-                              f"{global_step + 1} although the first step fitted; the last checkpoint is "
-                              "intact: run the same command to go on from it, or start a new run with a "
-                              "smaller --batch-size")
-        if run.micro_batches >= rows:
-            raise MemoryError(f"out of memory even with one sequence per micro-batch; use a smaller "
-                              f"model or context (the last checkpoint, step {global_step}, is intact)")
-        run.micro_batches = min(2 * run.micro_batches, rows)
-        on_event(MemoryBackoff(run.micro_batches, -(-rows // run.micro_batches), rows))
+            return run.micro_batches, (
+                f"rank {self.dist.rank} ran out of memory ({self.runtime.device}) at step {global_step + 1} "
+                "although the first step fitted; the last checkpoint is intact: run the same command to go "
+                "on from it, or start a new run with a smaller --batch-size")
+        return rows, (f"out of memory even with one sequence per micro-batch; use a smaller model or context "
+                      f"(the last checkpoint, step {global_step}, is intact)")
 
     def _accumulate(self, x: torch.Tensor, y: torch.Tensor, micro: int,
                     segments: torch.Tensor | None) -> torch.Tensor:
