@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _, d_model, n_layer, n_head = hardware.preset_by_name("large")
         cfg = ModelConfig(vocab_size=8000, context=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
-        batch = hardware.default_batch_size(runtime, cfg.d_model, cfg.context, n_layer=cfg.n_layer,
-                                            vocab_size=cfg.vocab_size)
+        batch = hardware.default_batch_size(runtime, cfg)
         # ~1.2M tokens: enough 1024-token windows for one batch of 1024 sequences,
         # which needs several times an H100's memory at this size.
         steps, big_batch, lines = args.steps, 1024, 100_000

@@ -152,8 +152,9 @@ def check_multi_rank(runtime: hardware.Runtime, smoke: bool) -> dict:
 
 def check_budget(runtime: hardware.Runtime, smoke: bool) -> dict:
     """The time-budget probe and plans on this device, then a short real budget run."""
-    batch = hardware.default_batch_size(runtime, 256, 256, n_layer=4, vocab_size=8000)
-    rate = budget.probe_flop_rate(runtime, ModelConfig(vocab_size=8000), batch)  # the reference shape, 256 x 4
+    reference = ModelConfig(vocab_size=8000)  # the probe's reference shape, 256 x 4 at context 256
+    batch = hardware.default_batch_size(runtime, reference)
+    rate = budget.probe_flop_rate(runtime, reference, batch)
     plans = {minutes: budget.plan_budget(minutes, rate, 300_000, 8000, batch) for minutes in (3, 10, 30)}
     out = {"probe_tflops": rate / 1e12, "batch": batch,
            "plans": {m: {"shape": vars(p.shape), "lr": p.learning_rate, "dropout": p.dropout,

@@ -151,24 +151,30 @@ def test_cards_get_the_preset_of_the_memory_they_are_sold_with(monkeypatch, memo
     assert hardware.pick_preset(cuda_runtime())[0] == preset
 
 
+def large_preset(n_layer: int = 12, vocab_size: int = 8000, context: int = 1024) -> ModelConfig:
+    """The large preset's width (d1024, 16 heads) at ``n_layer`` layers."""
+    return ModelConfig(vocab_size=vocab_size, context=context, d_model=1024, n_layer=n_layer, n_head=16)
+
+
 def test_the_automatic_batch_shrinks_as_the_model_deepens(monkeypatch):
     FakeCuda(monkeypatch, [(9, 0)], [79.1])
     runtime = cuda_runtime()
-    batches = [hardware.default_batch_size(runtime, 1024, 1024, n_layer=n, vocab_size=8000) for n in (2, 6, 12, 24, 48)]
+    batches = [hardware.default_batch_size(runtime, large_preset(n)) for n in (2, 6, 12, 24, 48)]
     assert batches == sorted(batches, reverse=True) and batches[-1] < batches[0]
     # The large preset at context 1024 on an 80 GB card: 128 sequences nearly filled it.
-    assert hardware.default_batch_size(runtime, 1024, 1024, n_layer=12, vocab_size=8000) <= 64
+    assert hardware.default_batch_size(runtime, large_preset()) == 64
     # A larger vocabulary means more logits per token; fp32 activations twice the bytes.
-    assert hardware.default_batch_size(runtime, 1024, 1024, n_layer=12, vocab_size=64_000) < batches[2]
-    assert hardware.default_batch_size(cuda_runtime(None), 1024, 1024, n_layer=12) < batches[2]
+    assert hardware.default_batch_size(runtime, large_preset(vocab_size=64_000)) < batches[2]
+    assert hardware.default_batch_size(cuda_runtime(None), large_preset()) < batches[2]
 
 
 def test_the_automatic_batch_fits_what_it_plans_for_on_every_preset(monkeypatch):
     for memory_gib in (7.8, 11.7, 23.6, 79.1):
         FakeCuda(monkeypatch, [(9, 0)], [memory_gib])
-        name, d_model, n_layer, _ = hardware.pick_preset(cuda_runtime())
+        name, d_model, n_layer, n_head = hardware.pick_preset(cuda_runtime())
         for context in (256, 1024):
-            batch = hardware.default_batch_size(cuda_runtime(), d_model, context, n_layer=n_layer, vocab_size=8000)
+            model = ModelConfig(vocab_size=8000, context=context, d_model=d_model, n_layer=n_layer, n_head=n_head)
+            batch = hardware.default_batch_size(cuda_runtime(), model)
             per_token = (n_layer * hardware.ACTIVATION_VALUES_PER_LAYER * d_model * 2
                          + 8000 * hardware.LOGIT_BYTES)
             assert batch * context * per_token <= hardware.GPU_MEMORY_SHARE * memory_gib * 2**30, (name, context)
@@ -177,17 +183,18 @@ def test_the_automatic_batch_fits_what_it_plans_for_on_every_preset(monkeypatch)
 
 def test_the_cpu_batch_is_unchanged():
     cpu = hardware.detect_runtime("cpu", "fp32")
-    assert hardware.default_batch_size(cpu, 256, 256) == 8  # the compact model, as the trainer calls it
-    assert hardware.default_batch_size(cpu, 256, 256, n_layer=4, vocab_size=8000) == 8
+    assert hardware.default_batch_size(cpu, ModelConfig(vocab_size=8000)) == 8  # the compact model
+    assert hardware.default_batch_size(cpu, large_preset()) == 8
 
 
-def test_the_old_call_guesses_the_depth_from_the_preset_of_that_width(monkeypatch):
+def test_the_automatic_batch_is_sized_for_the_windows_that_train(monkeypatch):
+    """Data whose windows are shorter than the model's context holds fewer activations per sequence."""
     FakeCuda(monkeypatch, [(9, 0)], [23.6])
     runtime = cuda_runtime()
-    assert hardware.default_batch_size(runtime, 1024, 1024) == hardware.default_batch_size(
-        runtime, 1024, 1024, n_layer=12, vocab_size=8000)
-    assert hardware.default_batch_size(runtime, 256, 1024) == hardware.default_batch_size(
-        runtime, 256, 1024, n_layer=4, vocab_size=8000)
+    assert hardware.default_batch_size(runtime, large_preset(), window=1024) == hardware.default_batch_size(
+        runtime, large_preset())
+    assert hardware.default_batch_size(runtime, large_preset(), window=256) == hardware.default_batch_size(
+        runtime, large_preset(context=256)) > hardware.default_batch_size(runtime, large_preset())
 
 
 # -- the generation Decoder in fp16 and bf16 ----------------------------------------------

@@ -13,6 +13,7 @@ from test_gpu_paths import FakeCuda
 
 from engine.data.sources import source_from_text
 from engine.folder.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder
+from engine.model.config import ModelConfig
 from engine.runtime import hardware
 from engine.training import budget
 from engine.training.checkpoint import restore_rng, rng_state
@@ -173,20 +174,20 @@ def test_a_budget_on_a_24gb_card_probes_the_large_preset_with_the_batch_it_will_
     Planner(runtime, "large").budget_plan(10, 1_000_000, 8000, TrainConfig())
     (batch, shape), = probes
     assert (shape.d_model, shape.n_layer) == (1024, 12)
-    assert batch == hardware.default_batch_size(runtime, 1024, 256, n_layer=12, vocab_size=8000) < 256
-    assert batch < hardware.default_batch_size(runtime, 256, 256)  # the batch it used to probe with
+    large = ModelConfig(vocab_size=8000, context=256, d_model=1024, n_layer=12, n_head=16)
+    assert batch == hardware.default_batch_size(runtime, large) < 256
+    assert batch < hardware.default_batch_size(runtime, ModelConfig(vocab_size=8000))  # the d256 x 4 it used to probe
 
 
 def test_a_new_run_sizes_its_batch_for_the_model_it_trains(monkeypatch):
     from engine.folder.records import RunKind
-    from engine.model.config import ModelConfig
 
     asked = []
-    monkeypatch.setattr(hardware, "default_batch_size", lambda *args, **kwargs: asked.append((args[1:], kwargs)) or 8)
+    monkeypatch.setattr(hardware, "default_batch_size", lambda *args: asked.append(args[1:]) or 8)
     dataset = FakeData()
     model = ModelConfig(vocab_size=5000, context=64, d_model=128, n_layer=3, n_head=4)
     Planner(cpu_runtime()).new_run(dataset, "d", "c.bin", 1, RunKind.TEXT, TrainConfig(), model, 0)
-    assert asked == [((128, 48), {"n_layer": 3, "vocab_size": 5000})]  # the window in force: 48
+    assert asked == [(model, 48)]  # the window in force: 48
 
 
 class FakeData:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine.model.config import ModelConfig
 from engine.model.products import half_products_work
 
 # (minimum accelerator memory in GiB, name, d_model, n_layer, n_head), largest first.
@@ -274,34 +275,27 @@ PARAMETER_BYTES = 16
 # The share of the card's memory a step may plan on; the rest is the CUDA context,
 # the allocator's fragmentation, evaluation batches and the cuBLAS/attention workspaces.
 GPU_MEMORY_SHARE = 0.7
-DEFAULT_VOCAB = 8000  # the tokenizer's default target size (TrainConfig.target_vocab_size)
 
 
-def default_batch_size(runtime: Runtime, d_model: int, context: int, *, n_layer: int | None = None,
-                       vocab_size: int | None = None) -> int:
+def default_batch_size(runtime: Runtime, model: ModelConfig, window: int | None = None) -> int:
     """A micro-batch that keeps the device busy without running out of memory.
 
     On the CPU (and MPS) a small fixed batch, 8, is fastest per token seen. On a GPU
     the largest power of two (at most 256) whose step fits ``GPU_MEMORY_SHARE`` of the
-    card: per sequence, ``context`` tokens of activations (``n_layer`` layers of
+    card: per sequence, ``window`` tokens (the model's context unless the data's
+    windows are shorter) of activations (``model.n_layer`` layers of
     ``ACTIVATION_VALUES_PER_LAYER * d_model`` values) and logits (``vocab_size *
-    LOGIT_BYTES``), after the weights and the optimizer's state.
-
-    Callers should pass the model's ``n_layer`` and ``vocab_size``. Left out, they
-    are guessed: the depth of the preset of this width (12, the deepest, for any
-    other width) and the default vocabulary of 8000.
+    LOGIT_BYTES``), after the weights and the optimizer's state
+    (``n_params_estimate`` x ``PARAMETER_BYTES``).
     """
     memory = accelerator_memory_gib(runtime)
     if memory is None:
         return 8
-    if n_layer is None:
-        n_layer = next((p[3] for p in PRESETS if p[2] == d_model), PRESETS[0][3])
-    vocab = DEFAULT_VOCAB if vocab_size is None else vocab_size
+    window = model.context if window is None else window
     element = 4 if runtime.autocast_dtype is None else 2
-    per_token = n_layer * ACTIVATION_VALUES_PER_LAYER * d_model * element + vocab * LOGIT_BYTES
-    parameters = 12 * n_layer * d_model**2 + (vocab + context) * d_model
-    free = memory * 2**30 * GPU_MEMORY_SHARE - parameters * PARAMETER_BYTES
-    batch = max(1, int(free // (per_token * context)))
+    per_token = model.n_layer * ACTIVATION_VALUES_PER_LAYER * model.d_model * element + model.vocab_size * LOGIT_BYTES
+    free = memory * 2**30 * GPU_MEMORY_SHARE - model.n_params_estimate() * PARAMETER_BYTES
+    batch = max(1, int(free // (per_token * window)))
     # round down to a power of two, a friendly size for the kernels
     return min(256, 1 << (batch.bit_length() - 1))
 

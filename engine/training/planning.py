@@ -152,16 +152,17 @@ class Planner:
         the run's optimizer (``config``).
         """
         model = self.config_for(vocab_size, self.pinned_shape() or budget.Shape(*budget.PROBE_SHAPE, self.context()))
-        batch = self.batch_per_process(config, model.d_model, model.context, model.n_layer, vocab_size)
+        batch = self.batch_per_process(config, model, model.context)
         if self.flop_rate is None:
             self.probe(model, config, batch, minutes)
         return batch
 
-    def batch_per_process(self, config: TrainConfig, d_model: int, window: int, n_layer: int, vocab_size: int) -> int:
-        """The sequences one process trains per step: its share of the batch the user set, else the device's."""
+    def batch_per_process(self, config: TrainConfig, model: ModelConfig, window: int) -> int:
+        """The sequences of ``window`` tokens one process trains per step: its share of the batch the
+        user set, else the device's for ``model``."""
         if config.batch_size:
             return max(1, config.batch_size // self.world_size)
-        return hardware.default_batch_size(self.runtime, d_model, window, n_layer=n_layer, vocab_size=vocab_size)
+        return hardware.default_batch_size(self.runtime, model, window)
 
     def probe(self, model: ModelConfig, config: TrainConfig, batch_per_process: int, minutes: float) -> float:
         """The job's training FLOP/s (``flop_rate``): this process's probe of ``model`` at its share of the batch."""
@@ -186,8 +187,7 @@ class Planner:
         batch, times the processes), and the schedule follows it as for one process.
         """
         world_size = self.world_size
-        batch_size = config.batch_size or world_size * self.batch_per_process(
-            config, model.d_model, dataset.window, model.n_layer, model.vocab_size)
+        batch_size = config.batch_size or world_size * self.batch_per_process(config, model, dataset.window)
         check_batch_splits(dataset, batch_size, config.seed, world_size, resumed=False)
         steps_per_epoch = dataset.epoch_plan(config.seed, 0, batch_size).n_batches
         total_steps = epochs * steps_per_epoch
