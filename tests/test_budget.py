@@ -435,7 +435,7 @@ def test_less_than_a_pass_trains_on_a_random_sample_and_the_held_out_split_stays
         data = ChatDataset.load(folder / "cache" / run.cache_file)
         assert run.epoch == 0 and len(rows[-1]) < len(data.train_ids)  # less than one pass
         record = next(r for r in ModelFolder(str(folder)).read_datasets() if r.id == dataset_id_of(run.cache_file))
-        held_out.append((ModelFolder(str(folder)).read_dataset_texts(record)["conversations"], data.val_ids))
+        held_out.append((ModelFolder(str(folder)).read_dataset_texts(record).conversations, data.val_ids))
         texts = [trainer.tokenizer.decode(data.train_ids[r].tolist()) for r in rows[-1]]
         trained.append(sorted(int(n) for text in texts for n in re.findall(r"Question (\d+)", text)))
     first, second = rows
@@ -445,7 +445,7 @@ def test_less_than_a_pass_trains_on_a_random_sample_and_the_held_out_split_stays
     assert min(trained[0]) < 50 and max(trained[0]) > 150  # ... but conversations from all over the set
     assert held_out[0][0] == held_out[1][0] and np.array_equal(held_out[0][1], held_out[1][1])
     _, expected = split_conversations(source.conversations, trainer.config.seed)
-    assert held_out[0][0] == [[m.to_dict() for m in conv] for conv in expected]
+    assert held_out[0][0] == [list(conv) for conv in expected]  # every role and content
     held_out_numbers = {int(re.search(r"\d+", conv[0].content)[0]) for conv in expected}
     assert len(held_out_numbers) == 20 and not held_out_numbers & set(trained[1])  # never trained on
 

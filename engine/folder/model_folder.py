@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from engine.data.tokenizer import BaseTokenizer, normalize_kind, tokenizer_class, tokenizer_from_bytes
-from engine.folder.records import DatasetRecord, FolderMeta, FolderStatus, History, ModelSummary
+from engine.folder.records import DatasetRecord, DatasetTexts, FolderMeta, FolderStatus, History, ModelSummary
 from engine.model.gpt import GPT
 from engine.runtime import storage
 
@@ -161,10 +161,10 @@ class ModelFolder:
                  MANIFEST_FILE: json.dumps(manifest, indent=1)}
         storage.commit_files(self.path, files)
 
-    def write_dataset_texts(self, dataset_id: str, texts: dict) -> str:
+    def write_dataset_texts(self, dataset_id: str, texts: DatasetTexts) -> str:
         """Save a data set's held-out text and rehearsal sample; returns its relative path."""
         relative = f"{DATASETS_DIR}/{dataset_id}.json"
-        storage.write_json(self.path / relative, texts)
+        storage.write_json(self.path / relative, texts.to_dict())
         return relative
 
     # -- reading ------------------------------------------------------------------------
@@ -234,12 +234,12 @@ class ModelFolder:
         path = self.file(DATASETS_FILE)
         return [DatasetRecord.from_dict(d) for d in storage.read_json(path)] if path.exists() else []
 
-    def read_dataset_texts(self, record: DatasetRecord) -> dict:
-        """A data set's saved texts: {"val": [...], "rehearsal": [...]} (empty if gone)."""
+    def read_dataset_texts(self, record: DatasetRecord) -> DatasetTexts:
+        """A data set's saved texts (all empty if the file is gone)."""
         path = self.path / record.file
         if not path.exists():
-            return {"val": [], "rehearsal": []}
-        return storage.read_json(path)
+            return DatasetTexts()
+        return DatasetTexts.from_dict(storage.read_json(path))
 
     def status(self) -> FolderStatus | None:
         """Progress summary for the Training Status screen (reads the folder only)."""

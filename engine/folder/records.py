@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from engine.data.chat_format import Message
 from engine.model.config import ModelConfig
 
 
@@ -88,6 +89,36 @@ class DatasetRecord:
         latest = d.get("latest")
         return cls(id=d["id"], name=d["name"], file=d["file"], added=d.get("added", ""),
                    latest=EvalResult.from_dict(latest) if latest else None, kind=d.get("kind", "text"))
+
+
+@dataclass
+class DatasetTexts:
+    """What a data set leaves in ``datasets/<id>.json`` (``DatasetRecord.file``): raw text, so that
+    it outlives a tokenizer that grows.
+
+    A text data set keeps held-out documents (``val``) and a rehearsal sample of its training
+    part; a conversation set keeps its held-out ``conversations`` instead (and the two lists
+    empty). ``conversations`` is None for a text data set, whose file has no such key.
+    """
+
+    name: str = ""
+    val: list[str] = field(default_factory=list)
+    rehearsal: list[str] = field(default_factory=list)
+    conversations: list[list[Message]] | None = None
+
+    def to_dict(self) -> dict:
+        saved: dict[str, Any] = {"name": self.name, "val": self.val, "rehearsal": self.rehearsal}
+        if self.conversations is not None:
+            saved["conversations"] = [[m.to_dict() for m in conv] for conv in self.conversations]
+        return saved
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetTexts:
+        saved = d.get("conversations")
+        conversations = None if saved is None else [[Message(m["role"], m["content"]) for m in conv]
+                                                    for conv in saved]
+        return cls(name=d.get("name", ""), val=d.get("val", []), rehearsal=d.get("rehearsal", []),
+                   conversations=conversations)
 
 
 @dataclass(frozen=True)

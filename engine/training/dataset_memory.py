@@ -19,7 +19,7 @@ from engine.data.chat_format import Message
 from engine.data.tokenizer import BaseTokenizer
 from engine.data.windows import TokenDataset, encode_documents, split_documents
 from engine.folder.model_folder import ModelFolder
-from engine.folder.records import DatasetRecord, EvalResult, RunKind
+from engine.folder.records import DatasetRecord, DatasetTexts, EvalResult, RunKind
 
 VAL_TOKENS_KEPT = 200_000
 REHEARSAL_CHUNKS, REHEARSAL_CHUNK_TOKENS = 400, 512
@@ -49,8 +49,7 @@ class DatasetMemory:
         n_chunks = min(REHEARSAL_CHUNKS, max(1, len(train) // REHEARSAL_CHUNK_TOKENS))
         starts = np.linspace(0, max(0, len(train) - REHEARSAL_CHUNK_TOKENS), n_chunks).astype(np.int64)
         rehearsal = [doc for s in starts for doc in split_documents(tok, train[s:s + REHEARSAL_CHUNK_TOKENS])]
-        relative = self.folder.write_dataset_texts(dataset_id, {"name": name, "val": val_docs,
-                                                                "rehearsal": rehearsal})
+        relative = self.folder.write_dataset_texts(dataset_id, DatasetTexts(name, val_docs, rehearsal))
         self.records.append(DatasetRecord(dataset_id, name, relative, time.strftime("%Y-%m-%d %H:%M:%S")))
 
     def register_conversations(self, name: str, cache_file: str, held_out: list[list[Message]]) -> None:
@@ -58,15 +57,13 @@ class DatasetMemory:
         dataset_id = dataset_id_of(cache_file)
         if any(r.id == dataset_id for r in self.records):
             return
-        texts = {"name": name, "val": [], "rehearsal": [],
-                 "conversations": [[m.to_dict() for m in conv] for conv in held_out]}
-        relative = self.folder.write_dataset_texts(dataset_id, texts)
+        relative = self.folder.write_dataset_texts(dataset_id, DatasetTexts(name, conversations=held_out))
         self.records.append(DatasetRecord(dataset_id, name, relative, time.strftime("%Y-%m-%d %H:%M:%S"),
                                           kind=RunKind.CHAT))
 
     def held_out_texts(self) -> list[tuple[DatasetRecord, list[str]]]:
         """Every text data set's held-out documents (those that have any)."""
-        texts = [(r, self.folder.read_dataset_texts(r)["val"]) for r in self.records if r.kind is RunKind.TEXT]
+        texts = [(r, self.folder.read_dataset_texts(r).val) for r in self.records if r.kind is RunKind.TEXT]
         return [(record, docs) for record, docs in texts if docs]
 
     def held_out_conversations(self) -> list[tuple[DatasetRecord, list[list[Message]]]]:
@@ -74,8 +71,7 @@ class DatasetMemory:
         found = []
         for record in self.records:
             if record.kind is RunKind.CHAT:
-                saved = self.folder.read_dataset_texts(record).get("conversations", [])
-                convs = [[Message(m["role"], m["content"]) for m in conv] for conv in saved]
+                convs = self.folder.read_dataset_texts(record).conversations or []
                 if convs:
                     found.append((record, convs))
         return found
@@ -83,7 +79,7 @@ class DatasetMemory:
     def rehearsal_pool(self, tok: BaseTokenizer, exclude_cache_file: str, min_tokens: int) -> np.ndarray | None:
         """Token ids of every other data set's rehearsal sample (None if too little to replay)."""
         exclude = dataset_id_of(exclude_cache_file)
-        docs = [doc for r in self.records if r.id != exclude for doc in self.folder.read_dataset_texts(r)["rehearsal"]]
+        docs = [doc for r in self.records if r.id != exclude for doc in self.folder.read_dataset_texts(r).rehearsal]
         if not docs:
             return None
         pool = encode_documents(tok, docs)
