@@ -288,14 +288,16 @@ class RunPackage:
     All they need, so that they never open the model folder: the settings, the
     tokenizer, where the run stands, the optimizer's state, the data and the rehearsal
     sample. The weights travel separately: DistributedDataParallel copies rank 0's to
-    every rank when it wraps the model.
+    every rank when it wraps the model. ``Distributed.announce`` pickles the package as
+    it sends it, so the configs and the progress go as they are (dataclasses pickle),
+    and a rank > 0 gets its own copies of them.
     """
 
-    model_config: dict
-    train_config: dict
+    model_config: ModelConfig
+    train_config: TrainConfig
     tokenizer_kind: str
     tokenizer: bytes
-    progress: dict  # Progress.to_dict(), the run included
+    progress: Progress  # the run included
     resumed: bool
     optimizer: dict  # its state_dict, on the CPU
     scaler: dict | None
@@ -306,8 +308,8 @@ class RunPackage:
     @classmethod
     def of(cls, state: TrainingState, config: TrainConfig, tokenizer: BaseTokenizer, resumed: bool,
            rng_ranks: list[dict] | None, data: SharedFile, rehearsal_pool: np.ndarray | None) -> RunPackage:
-        return cls(model_config=state.model.config.to_dict(), train_config=config.to_dict(),
-                   tokenizer_kind=tokenizer.kind, tokenizer=tokenizer.to_bytes(), progress=state.progress.to_dict(),
+        return cls(model_config=state.model.config, train_config=config,
+                   tokenizer_kind=tokenizer.kind, tokenizer=tokenizer.to_bytes(), progress=state.progress,
                    resumed=resumed, optimizer=state_on_cpu(state.optimizer.state_dict()),
                    scaler=state.scaler.state_dict() if state.scaler is not None else None, rng_ranks=rng_ranks,
                    data=data, rehearsal_pool=rehearsal_pool)
@@ -319,10 +321,10 @@ class RunPackage:
         """
         runtime = dist.runtime
         tokenizer = tokenizer_from_bytes(self.tokenizer_kind, self.tokenizer, "rank 0's tokenizer")
-        config = TrainConfig.from_dict(self.train_config)
+        config = self.train_config
         # Any weights do: DistributedDataParallel copies rank 0's into this model when it wraps it.
-        model = GPT(ModelConfig.from_dict(self.model_config)).to(runtime.device)
-        state = TrainingState.fresh(model, config, runtime, Progress.from_dict(self.progress))
+        model = GPT(self.model_config).to(runtime.device)
+        state = TrainingState.fresh(model, config, runtime, self.progress)
         state.optimizer.load_state_dict(self.optimizer)
         if state.scaler is not None and self.scaler:
             state.scaler.load_state_dict(self.scaler)
