@@ -207,16 +207,22 @@ class History:
         self.evals = [e for e in self.evals if e.step <= step]
 
 
-@dataclass(frozen=True)
+@dataclass
 class SavedProgress:
-    """The model's counters as ``config.json`` shows them (the checkpoint holds the full state)."""
+    """The model's counters over its whole life, as ``config.json`` shows them.
+
+    Training's ``Progress`` is these counters and the run in progress (training's
+    ``RunState``, which this package, below training, does not know); the checkpoint
+    holds all of it, config.json the counters alone.
+    """
 
     step: int = 0
     tokens_seen: int = 0
     epochs_done: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """config.json's ``progress``: the counters, named one by one (``Progress`` adds its run to them)."""
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "epochs_done": self.epochs_done}
 
     @classmethod
     def from_dict(cls, d: dict) -> SavedProgress:

@@ -17,7 +17,7 @@ import torch
 
 from engine.data.tokenizer import BaseTokenizer, tokenizer_from_bytes
 from engine.folder.model_folder import CHECKPOINT_FILE, WEIGHTS_FILE, ModelFolder, load_state
-from engine.folder.records import DatasetRecord, FolderMeta, History, SavedProgress, VocabExpansion
+from engine.folder.records import DatasetRecord, FolderMeta, History, VocabExpansion
 from engine.model.config import ModelConfig
 from engine.model.gpt import GPT
 from engine.runtime import hardware
@@ -213,10 +213,9 @@ class Checkpointer:
         }
         if rng_ranks is not None:
             ckpt["rng_ranks"] = rng_ranks
-        progress = state.progress
         meta.model = state.model.config
         meta.training = config.to_dict()
-        meta.progress = SavedProgress(progress.step, progress.tokens_seen, progress.epochs_done)
+        meta.progress = state.progress.saved()
         self.folder.commit_save(weights, ckpt, meta, state.history, datasets,
                                 {**self.pending_files, **(extra_files or {})})
         self.pending_files = {}

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from engine.folder.records import RunKind, TextEnum
+from engine.folder.records import RunKind, SavedProgress, TextEnum
 from engine.training.config import MAX_EPOCHS
 
 if TYPE_CHECKING:
@@ -248,17 +248,18 @@ class BestWeights:
 
 
 @dataclass
-class Progress:
-    """Counters over the model's whole life, and the current run."""
+class Progress(SavedProgress):
+    """The model's counters over its whole life (``SavedProgress``: step, tokens seen, epochs
+    done), and the current run."""
 
-    step: int = 0
-    tokens_seen: int = 0
-    epochs_done: int = 0
     run: RunState | None = None
 
+    def saved(self) -> SavedProgress:
+        """The counters alone, for config.json (which never holds the run)."""
+        return SavedProgress(self.step, self.tokens_seen, self.epochs_done)
+
     def to_dict(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "epochs_done": self.epochs_done,
-                "run": self.run.to_dict() if self.run else None}
+        return {**super().to_dict(), "run": self.run.to_dict() if self.run else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> Progress:
