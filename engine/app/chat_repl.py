@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Callable, Iterator
 
-from engine.app.console import Console
+from engine.app.console import USER_ERRORS, Console
 from engine.app.session import Session
 from engine.data.conversations import append_conversation, last_conversation
 from engine.generation.generator import ChatSession
@@ -147,7 +147,7 @@ class ChatLoop:
                 self.out(f"(loaded {len(session.messages) // 2} exchange(s) from {value}; go on)")
             else:
                 self.out(f"Unknown command {name}; /help lists them.")
-        except (ValueError, FileNotFoundError, OSError) as exc:
+        except USER_ERRORS as exc:
             self.out(f"Error: {exc}")
         return True
 
