@@ -90,7 +90,7 @@ class TrainingState:
         self.optimizer.load_state_dict(state)
         if scaler_state:
             self.scaler.load_state_dict(scaler_state)
-        if self.progress.run and not self.progress.run.finished:
+        if self.progress.run:
             self.progress.run.finished = True
         self.history.expansions.append(VocabExpansion(self.progress.step, added, vocab_size))
 
