@@ -175,6 +175,7 @@ def main() -> None:
             rows.append(row)
             print(f"{variant:22} lr {lr:<7g} {row['bpb']:.4f} bits/byte  {row['steps']:5d} steps  "
                   f"{row['params']:,} parameters", flush=True)
+            Path(args.json).write_text(json.dumps(rows, indent=2))  # each run kept as it ends
     baseline = next((r for r in rows if r["variant"] == "gpt2-adamw"), None)
     if baseline is not None:
         target = smoothed(baseline["losses"])[-1]
@@ -183,7 +184,7 @@ def main() -> None:
             reached = steps_to_reach(r["losses"], target)
             r["steps_to_baseline"] = reached
             print(f"  {r['variant']:22} lr {r['lr']:<7g} {reached if reached else 'not reached':>11} of {r['steps']}")
-    Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "losses"} for r in rows], indent=2))
+    Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
