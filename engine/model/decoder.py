@@ -221,15 +221,12 @@ class Decoder:
                            for b in model.h]
             self.ln_f = (vec(model.ln_f.weight), vec(model.ln_f.bias))
             self.head = product(model.lm_head)
-        # One sequence's token at a time on the CPU: _gpt2_row, or _llama_row where its
-        # residual products can add in place (fp16 weights through FBGEMM's plain door).
-        self.llama_adds_in_place = self.rotary and all(isinstance(p, _HalfProduct) and p.adds_in_place
-                                                       for blk in self.layers for p in (blk.proj, blk.fc_proj))
         self.eps = model.ln_f.eps
         # With fp16 weights the step is approximate already (logits move by ~1e-3), and
         # the tanh form of GELU, which differs from the exact one by at most ~5e-4, costs
         # half as much at batch 1 (5 against 11 us for a 1024-wide row, four times a token).
         self.gelu = functools.partial(F.gelu, approximate="tanh") if half else F.gelu
+        self.row = self._row_path()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config, self.device, self.dtype)
@@ -237,19 +234,22 @@ class Decoder:
     def step(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         """Run ``ids`` (the tokens the cache has not seen) and return fp32 logits (vocab,)
         for the token after the last of them."""
+        if self.row is not None and len(ids) == 1 and cache.pos < cache.context:
+            with torch.inference_mode():  # the menu's token: straight to the row path
+                return self.row(ids[0], cache)[0]
         return self.step_many([Feed(ids, cache)])[0]
 
-    def _row_path(self, feeds: Sequence[Feed]) -> Callable[[int, KVCache], torch.Tensor] | None:
-        """The single-row step for this batch, when it is one sequence feeding one token on
-        the CPU with an fp32 stream (else None: ``step_many``'s general path)."""
-        if len(feeds) != 1 or len(feeds[0].ids) != 1 or self.device.type != "cpu" or self.cast:
+    def _row_path(self) -> Callable[[int, KVCache], torch.Tensor] | None:
+        """The step for one sequence feeding one token, on the CPU with an fp32 stream
+        (None elsewhere: ``step_many``'s general path serves that case too)."""
+        if self.device.type != "cpu" or self.cast:
             return None
-        if feeds[0].cache.pos >= feeds[0].cache.context:
-            raise ValueError(f"cannot attend to {feeds[0].cache.pos + 1} tokens; "
-                             f"the context is {feeds[0].cache.context}")
         if not self.rotary:
             return self._gpt2_row
-        return self._llama_row if self.llama_adds_in_place else None
+        # llama's residual products add in place: fp16 weights through FBGEMM's plain door.
+        adds_in_place = all(isinstance(p, _HalfProduct) and p.adds_in_place
+                            for blk in self.layers for p in (blk.proj, blk.fc_proj))
+        return self._llama_row if adds_in_place else None
 
     def _gpt2_row(self, token: int, cache: KVCache) -> torch.Tensor:
         """``step_many`` for one sequence and one token of a gpt2 on the CPU: logits (1, vocab).
@@ -262,10 +262,11 @@ class Decoder:
         C, start = self.config.d_model, cache.pos
         width, eps, gelu, sdpa = (C,), self.eps, self.gelu, F.scaled_dot_product_attention
         x = torch.add(self.wte[token], self.wpe[start]).view(1, C)  # (1, C), a new row: added to in place
-        for blk, at in zip(self.layers, cache.at(start)):
-            blk.qkv(torch.layer_norm(x, width, blk.ln_1_weight, blk.ln_1_bias, eps), out=at.row)
-            x.add_(blk.proj(sdpa(at.q, at.k, at.v).view(1, C)))  # (1, H, 1, D) is already laid out as (1, C)
-            x.add_(blk.fc_proj(gelu(blk.fc(torch.layer_norm(x, width, blk.ln_2_weight, blk.ln_2_bias, eps)))))
+        for (ln_1_weight, ln_1_bias, qkv, proj, ln_2_weight, ln_2_bias, fc, fc_proj), at in zip(self.layers,
+                                                                                               cache.at(start)):
+            qkv(torch.layer_norm(x, width, ln_1_weight, ln_1_bias, eps), out=at.row)
+            x.add_(proj(sdpa(at.q, at.k, at.v).view(1, C)))  # (1, H, 1, D) is already laid out as (1, C)
+            x.add_(fc_proj(gelu(fc(torch.layer_norm(x, width, ln_2_weight, ln_2_bias, eps)))))
         cache.pos = start + 1
         return self.head(torch.layer_norm(x, width, self.ln_f[0], self.ln_f[1], eps))
 
@@ -284,34 +285,38 @@ class Decoder:
         """
         C, start = self.config.d_model, cache.pos
         end = start + 1
-        rows = [torch.empty(1, C, device=self.device) for _ in range(2)]  # the stream's two buffers
-        x = self.wte[token].view(1, C)  # read only (the norm, a bias): the embedding row itself
+        # The stream's two buffers, taken in turn, each as a row (1, C) and as the (C,)
+        # vector the products add; the first x is the embedding row itself, read only.
+        rows = [torch.empty(C, device=self.device) for _ in range(2)]
+        rows = [(row.view(1, C), row) for row in rows]
+        x, x_flat = self.wte[token].view(1, C), self.wte[token]
         up_gate = torch.empty(1, 2 * self.config.d_ff, device=self.device)
         gate = up_gate[:, self.config.d_ff:]
         span = _Span(0, start, end, None, self.turns[start:end])
-        rms, sdpa = self.norm, F.scaled_dot_product_attention
+        sdpa, glu, vector_norm, hypot = F.scaled_dot_product_attention, F.glu, torch.linalg.vector_norm, torch.hypot
+        root_eps = self.norm.root_eps  # RowRMSNorm written out: x / hypot(|x|, sqrt(C * eps))
         for layer, (blk, at) in enumerate(zip(self.layers, cache.at(start))):
-            blk.qkv(rms(x), out=at.row)
+            blk.qkv(x / hypot(vector_norm(x, 2, -1, True), root_eps), out=at.row)
             if self.qk_norm is None and at.pairs is not None:  # as _attend does, written out
                 at.pairs.mul_(span.turns)
             else:
                 self._turn(layer, cache, span)
-            blk.proj.add_to(x.view(C), sdpa(at.q, at.k, at.v).view(1, C), rows[0])  # rows[0] = x + proj(attention)
-            x, rows = rows[0], [rows[1], rows[0]]
-            blk.fc(rms(x), out=up_gate)
-            blk.fc_proj.add_to(x.view(C), F.glu(up_gate, -1).mul_(gate), rows[0])
-            x, rows = rows[0], [rows[1], rows[0]]
+            blk.proj.add_to(x_flat, sdpa(at.q, at.k, at.v).view(1, C), rows[0][0])  # x + proj(attention)
+            (x, x_flat), rows = rows[0], rows[::-1]
+            blk.fc(x / hypot(vector_norm(x, 2, -1, True), root_eps), out=up_gate)
+            blk.fc_proj.add_to(x_flat, glu(up_gate, -1).mul_(gate), rows[0][0])
+            (x, x_flat), rows = rows[0], rows[::-1]
         cache.pos = end
-        return self.head(rms(x))
+        return self.head(self.norm(x))
 
     @torch.inference_mode()
     def step_many(self, feeds: Sequence[Feed]) -> torch.Tensor:
         """One pass for several sequences: fp32 logits (B, vocab), row b for the token after
         ``feeds[b].ids``. Each sequence brings its own cache; their new rows share the
         matrix products, and each attends to its own cache alone."""
-        row = self._row_path(feeds)
-        if row is not None:
-            return row(feeds[0].ids[0], feeds[0].cache)
+        if self.row is not None and len(feeds) == 1 and len(feeds[0].ids) == 1 \
+                and feeds[0].cache.pos < feeds[0].cache.context:
+            return self.row(feeds[0].ids[0], feeds[0].cache)
         spans = self._spans(feeds)
         rows = spans[-1].first + spans[-1].end - spans[-1].start
         x = self._embed(feeds, spans, rows)  # the residual stream, in stream_dtype
