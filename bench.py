@@ -11,6 +11,8 @@ never at the same time, and prints the ratios ours/theirs.
     python bench.py --quality          # adds a 165 s training run on tinyshakespeare
     python bench.py --json out.json    # also write every number as JSON
     python bench.py --skip train,gen,data,reference   # only the server load run (16 clients x 4 requests)
+    python bench.py --skip train,gen,data,reference,server --llama-cpp --llama-cpp-model DIR
+                                       # only the race against llama.cpp on DIR's GGUF exports
 
 The sections live in ``benchlib/`` (one module each); this script parses the flags,
 runs them (``benchlib.sections``) and prints the report (``benchlib.report``).
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
+    p.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="block design of the model (gpt2)")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch", type=int, default=8)
@@ -92,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-max-tokens", type=int, default=64, help="max_tokens of each request (64)")
     p.add_argument("--server-model", metavar="DIR",
                    help="serve this model folder (default: train the model size above briefly on the corpus)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also race the menu's generation against llama.cpp on the model's GGUF exports")
+    p.add_argument("--llama-cpp-model", metavar="DIR",
+                   help="the model folder to race (default: --server-model, else the one the server section trains)")
+    p.add_argument("--llama-cpp-types", default="f16,f32", help="GGUF weight types to race (f16,f32; q8_0 too)")
+    p.add_argument("--llama-cpp-threads", type=int,
+                   help="threads on both sides (default: what the menu uses, all usable cores)")
+    p.add_argument("--llama-cpp-sampling", default="plain", choices=("plain", "default"),
+                   help="plain: temperature 0.8, top-k 50, top-p 0.95, no repetition penalty; default: "
+                        "+ our repetition penalty 1.1 (both sides alike)")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="text for the data and quality sections")
     p.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="the reference script")
     p.add_argument("--wait-idle", type=float, default=60.0,

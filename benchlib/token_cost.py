@@ -6,7 +6,7 @@ CPU clock, so other processes on the machine do not count:
 
 - the decode step (``Decoder.step``): the network;
 - take: drawing the token (``TokenLoop.choose``: top-k, top-p, the draw) and turning
-  it into text (``TextStreamer``), which is also timed alone over the same ids;
+  it into text (``TextStreamer.push``, timed on its own where it runs);
 - the loop around them (``Reply.feed`` and the bookkeeping of ``take``).
 
 A second run under ``torch.profiler`` splits the step by kind of operation (matrix
@@ -26,7 +26,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from engine.generation.generator import ResponseGenerator
 from engine.generation.prompts import PreparedRequest
 from engine.generation.sampling import GenerationConfig
-from engine.generation.streaming import TextStreamer
 from engine.generation.token_loop import Reply
 
 STEP_LABEL = "decode step"
@@ -46,12 +45,21 @@ def op_kind(name: str) -> str:
 
 
 def _timed_reply(gen: ResponseGenerator, request: PreparedRequest) -> tuple[list[int], list[float]]:
-    """One reply through the menu's loop: the ids drawn and the CPU us of step, take, loop."""
+    """One reply through the menu's loop: the ids drawn and the CPU us a generated token
+    spent in the step, in take (sampling and streaming), in streaming alone, in the loop."""
     decoder = gen.decoder()
     reply = Reply(request, gen.tokenizer, gen.context, decoder.new_cache())
     clock = time.thread_time_ns
-    spent = [0, 0, 0]
-    ids: list[int] = []
+    spent = [0, 0, 0, 0]
+    push = reply.streamer.push
+
+    def timed_push(token_id: int) -> str:  # the streamer's share of take, timed where it runs
+        began = clock()
+        text = push(token_id)
+        spent[2] += clock() - began
+        return text
+
+    reply.streamer.push = timed_push
     while not reply.done:
         t0 = clock()
         feed = reply.feed()
@@ -63,22 +71,9 @@ def _timed_reply(gen: ResponseGenerator, request: PreparedRequest) -> tuple[list
         if len(feed.ids) == 1:  # a generating step (the prompt's steps are left out)
             spent[0] += t2 - t1
             spent[1] += t3 - t2
-            spent[2] += t1 - t0
-        ids = reply.loop.visible[len(request.ids):]
+            spent[3] += t1 - t0
+    ids = reply.loop.visible[len(request.ids):]
     return ids, [t / 1e3 / max(1, len(ids) - 1) for t in spent]
-
-
-def _streaming_us(gen: ResponseGenerator, ids: list[int], repeats: int = 5) -> float:
-    """CPU us per id of pushing ``ids`` through a ``TextStreamer`` alone."""
-    times = []
-    for _ in range(repeats):
-        streamer = TextStreamer(gen.tokenizer)
-        t0 = time.thread_time_ns()
-        for i in ids:
-            streamer.push(i)
-        streamer.flush()
-        times.append((time.thread_time_ns() - t0) / 1e3 / max(1, len(ids)))
-    return statistics.median(times)
 
 
 def _step_profile(gen: ResponseGenerator, request: PreparedRequest) -> dict[str, float]:
@@ -121,8 +116,7 @@ def token_cost(gen: ResponseGenerator, prompt: str, cfg: GenerationConfig, repli
     request = gen.prompts.complete(prompt, cfg)
     _timed_reply(gen, request)  # warm-up
     runs = [_timed_reply(gen, request) for _ in range(replies)]
-    step, take, loop = (statistics.median(parts[i] for _, parts in runs) for i in range(3))
-    streaming = _streaming_us(gen, runs[0][0])
+    step, take, streaming, loop = (statistics.median(parts[i] for _, parts in runs) for i in range(4))
     return {"tokens": len(runs[0][0]), "threads": torch.get_num_threads(), "step_us": step,
             "sampling_us": max(0.0, take - streaming), "streaming_us": streaming, "loop_us": loop,
             "token_us": step + take + loop, "step_by_kind": _step_profile(gen, request)}
