@@ -321,17 +321,18 @@ class Decoder:
         rows = spans[-1].first + spans[-1].end - spans[-1].start
         x = self._embed(feeds, spans, rows)  # the residual stream, in stream_dtype
         alone = len(feeds) == 1
+        sizes = [span.end - span.start for span in spans]
+        # A generating sequence's views of its one new position (KVCache.at), looked up once.
+        ats = [feed.cache.at(span.start) if size == 1 else None for feed, span, size in zip(feeds, spans, sizes)]
         for layer, blk in enumerate(self.layers):
             h = self._low(self.norm(x, blk.ln_1_weight, blk.ln_1_bias))
             if alone:  # the product writes into the cache rows itself
                 blk.qkv(h, out=feeds[0].cache.rows[layer, spans[0].start:spans[0].end])
             else:
-                qkv = blk.qkv(h)
-                for feed, span in zip(feeds, spans):
-                    target = feed.cache.at(span.start)[layer].row if span.end - span.start == 1 else \
-                        feed.cache.rows[layer, span.start:span.end]
-                    target.copy_(qkv[span.first:span.first + span.end - span.start])
-            ys = [self._attend(layer, feed.cache, span) for feed, span in zip(feeds, spans)]
+                for feed, span, at, new in zip(feeds, spans, ats, blk.qkv(h).split(sizes)):
+                    (feed.cache.rows[layer, span.start:span.end] if at is None else at[layer].row).copy_(new)
+            ys = [self._attend(layer, feed.cache, span, None if at is None else at[layer])
+                  for feed, span, at in zip(feeds, spans, ats)]
             x = x + blk.proj(ys[0] if alone else torch.cat(ys))  # a low-precision product added to the fp32 stream
             x = x + self._mlp(blk, self._low(self.norm(x, blk.ln_2_weight, blk.ln_2_bias)))
         for feed, span in zip(feeds, spans):
@@ -380,11 +381,11 @@ class Decoder:
         positions = [p for span in spans for p in range(span.start, span.end)]
         return x + self.wpe[torch.tensor(positions, device=self.device)]
 
-    def _attend(self, layer: int, cache: KVCache, span: _Span) -> torch.Tensor:
-        """Attention of the rows ``span`` (already in the cache) over the cache: (T, C)."""
+    def _attend(self, layer: int, cache: KVCache, span: _Span, at: PositionViews | None) -> torch.Tensor:
+        """Attention of the rows ``span`` (already in the cache) over the cache: (T, C).
+        ``at``: the layer's views of the one position a generating sequence feeds (else None)."""
         start, end = span.start, span.end
         T, C = end - start, self.config.d_model
-        at = cache.at(start)[layer] if T == 1 else None
         if self.rotary:
             if self.qk_norm is None and cache.pairs is not None:  # fp32: one complex multiplication in place
                 (cache.pairs[layer][start:end] if at is None else at.pairs).mul_(span.turns)
