@@ -38,6 +38,7 @@ from pathlib import Path
 
 from benchlib.data_path import bench_data
 from benchlib.generation import NoEndTokenizer, bench_generation, bench_half_weights
+from benchlib.llama_race import race_llama_cpp
 from benchlib.machine import (
     BUSY_WARNING,
     CPU_FLAGS,
@@ -53,6 +54,7 @@ from benchlib.reference import race, run_reference
 from benchlib.report import print_report
 from benchlib.sections import Plan, run_benchmark
 from benchlib.server_load import bench_server, server_model
+from benchlib.token_cost import op_kind, token_cost
 from benchlib.training import STEP_CATEGORIES, bench_training, flops_per_token, step_breakdown, step_category
 from engine.runtime import hardware
 
@@ -61,8 +63,8 @@ from engine.runtime import hardware
 __all__ = ["BUSY_WARNING", "CPU_FLAGS", "ISA_CAPS", "NoEndTokenizer", "OtherLoad", "STEP_CATEGORIES", "bench_data",
            "bench_generation", "bench_half_weights", "bench_matmul", "bench_quality", "bench_server",
            "bench_training", "build_parser", "cpu_instruction_sets", "flops_per_token", "main", "measure_when_quiet",
-           "print_report", "race", "run_reference", "server_model", "step_breakdown", "step_category",
-           "wait_until_idle"]
+           "op_kind", "print_report", "race", "race_llama_cpp", "run_reference", "server_model", "step_breakdown",
+           "step_category", "token_cost", "wait_until_idle"]
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
