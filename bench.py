@@ -11,6 +11,8 @@ never at the same time, and prints the ratios ours/theirs.
     python bench.py --quality          # adds a 165 s training run on tinyshakespeare
     python bench.py --json out.json    # also write every number as JSON
     python bench.py --skip train,gen,data,reference   # only the server load run (16 clients x 4 requests)
+    python bench.py --skip train,gen,data,reference,server --llama-cpp --llama-cpp-model DIR
+                                       # only the race against llama.cpp on DIR's GGUF exports
 
 The sections live in ``benchlib/`` (one module each); this script parses the flags,
 runs them (``benchlib.sections``) and prints the report (``benchlib.report``).
@@ -36,6 +38,7 @@ from pathlib import Path
 
 from benchlib.data_path import bench_data
 from benchlib.generation import NoEndTokenizer, bench_generation, bench_half_weights
+from benchlib.llama_race import race_llama_cpp
 from benchlib.machine import (
     BUSY_WARNING,
     CPU_FLAGS,
@@ -51,6 +54,7 @@ from benchlib.reference import race, run_reference
 from benchlib.report import print_report
 from benchlib.sections import Plan, run_benchmark
 from benchlib.server_load import bench_server, server_model
+from benchlib.token_cost import op_kind, token_cost
 from benchlib.training import STEP_CATEGORIES, bench_training, flops_per_token, step_breakdown, step_category
 from engine.runtime import hardware
 
@@ -59,8 +63,8 @@ from engine.runtime import hardware
 __all__ = ["BUSY_WARNING", "CPU_FLAGS", "ISA_CAPS", "NoEndTokenizer", "OtherLoad", "STEP_CATEGORIES", "bench_data",
            "bench_generation", "bench_half_weights", "bench_matmul", "bench_quality", "bench_server",
            "bench_training", "build_parser", "cpu_instruction_sets", "flops_per_token", "main", "measure_when_quiet",
-           "print_report", "race", "run_reference", "server_model", "step_breakdown", "step_category",
-           "wait_until_idle"]
+           "op_kind", "print_report", "race", "race_llama_cpp", "run_reference", "server_model", "step_breakdown",
+           "step_category", "token_cost", "wait_until_idle"]
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
@@ -78,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int)
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-head", type=int)
+    p.add_argument("--arch", default="gpt2", choices=("gpt2", "llama"), help="block design of the model (gpt2)")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch", type=int, default=8)
@@ -92,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-max-tokens", type=int, default=64, help="max_tokens of each request (64)")
     p.add_argument("--server-model", metavar="DIR",
                    help="serve this model folder (default: train the model size above briefly on the corpus)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also race the menu's generation against llama.cpp on the model's GGUF exports")
+    p.add_argument("--llama-cpp-model", metavar="DIR",
+                   help="the model folder to race (default: --server-model, else the one the server section trains)")
+    p.add_argument("--llama-cpp-types", default="f16,f32", help="GGUF weight types to race (f16,f32; q8_0 too)")
+    p.add_argument("--llama-cpp-threads", type=int,
+                   help="threads on both sides (default: what the menu uses, all usable cores)")
+    p.add_argument("--llama-cpp-sampling", default="plain", choices=("plain", "default"),
+                   help="plain: temperature 0.8, top-k 50, top-p 0.95, no repetition penalty; default: "
+                        "+ our repetition penalty 1.1 (both sides alike)")
     p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="text for the data and quality sections")
     p.add_argument("--reference", default=str(DEFAULT_REFERENCE), help="the reference script")
     p.add_argument("--wait-idle", type=float, default=60.0,

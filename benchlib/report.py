@@ -40,7 +40,8 @@ def print_environment(env: dict) -> None:
         ("CPU", f"{env['cpu']} ({env['cores']} cores, torch threads {env['threads']}, "
                 f"native bf16: {'yes' if env['native_bf16'] else 'no'})"),
         ("software", f"Python {env['python']}, torch {env['torch']}"),
-        ("model", f"d_model {env['config']['d_model']}, {env['config']['n_layer']} layers, "
+        ("model", f"{env['config'].get('arch', 'gpt2')}, d_model {env['config']['d_model']}, "
+                  f"{env['config']['n_layer']} layers, "
                   f"{env['config']['n_head']} heads, context {env['config']['context']}, "
                   f"vocab {env['config']['vocab']}, batch {env['config']['batch']}, dropout {env['config']['dropout']}"),
     ])
@@ -158,6 +159,44 @@ def print_server(sv: dict) -> None:
               f"{p50:>15} {p95:>7} {row['requests'] - row['succeeded']:>6}" + load_note(row["other_load"]))
 
 
+def print_llama_race(r: dict) -> None:
+    """Ours against llama.cpp, per GGUF type: the medians, the ratio of each round, the load."""
+    print(f"\n== Race against llama.cpp ({r['arch']}, {r['params'] / 1e6:.2f}M parameters, {r['threads']} "
+          f"thread(s) on both sides, {r['new_tokens']} tokens after a {r['prompt_tokens']}-token prompt, "
+          f"{r['rounds']} alternating rounds)")
+    print(f"  sampling: {r['sampling']}; ours: the menu's completion path with {r['ours_weights']} weights; "
+          "llama.cpp: Llama.generate, each token detokenized")
+    print(f"  load average {r['load_average_before']} before, {r['load_average_after']} after"
+          + load_note(r["other_load"]))
+    ours = r["ours"]
+    print(f"  {'GGUF':<6} {'file MB':>8} {'llama.cpp tok/s':>16} {'ours tok/s':>11} {'ours/theirs':>12}  "
+          "ratio in each round")
+    for dtype, row in r["files"].items():
+        if row["skipped"]:
+            print(f"  {dtype:<6} {row['bytes'] / 1e6:>8.1f}  skipped: {row['skipped']}")
+            continue
+        rounds = " ".join(f"{x:.2f}" for x in row["ratio"]["all"])
+        print(f"  {dtype:<6} {row['bytes'] / 1e6:>8.1f} {row['theirs']['median']:>16,.0f} {ours['median']:>11,.0f} "
+              f"{row['ratio']['median']:>11.2f}x  {rounds}")
+    if r.get("token_cost"):
+        print_token_cost(r["token_cost"])
+
+
+def print_token_cost(c: dict) -> None:
+    """What one of our tokens costs (CPU time of the generating thread) and where a step's time goes."""
+    rows = [("a token", f"{c['token_us']:.0f} us ({c['threads']} thread(s), median of the replies)"),
+            ("  decode step", f"{c['step_us']:.0f} us"),
+            ("  sampling", f"{c['sampling_us']:.0f} us (top-k, top-p, the draw)"),
+            ("  text streaming", f"{c['streaming_us']:.0f} us"),
+            ("  the loop around them", f"{c['loop_us']:.0f} us")]
+    kinds = c["step_by_kind"]
+    profiled = kinds["profiled step"]
+    rows += [(f"  step: {kind}", f"{us:.0f} us ({us / profiled:.0%})") for kind, us in kinds.items()
+             if kind != "profiled step"]
+    _table(f"Where a token's time goes ({c['tokens']} tokens; the step's split from torch.profiler, which adds "
+           f"~1 us an op: {profiled:.0f} us a profiled step)", rows)
+
+
 def print_quality(q: dict) -> None:
     c, h = q["config"], q.get("half_weights")
     rows = [
@@ -197,5 +236,10 @@ def print_report(r: dict) -> None:
         print_server(r["server"])
     elif r.get("server_note"):
         _note("Server under load", r["server_note"])
+    llama = r.get("llama_cpp", {})
+    if llama.get("skipped") or r.get("llama_cpp_note"):
+        _note("Race against llama.cpp", f"skipped: {llama.get('skipped') or r['llama_cpp_note']}")
+    elif llama:
+        print_llama_race(llama)
     if r.get("quality"):
         print_quality(r["quality"])

@@ -18,13 +18,16 @@ import torch
 
 from benchlib.data_path import bench_data
 from benchlib.generation import NoEndTokenizer, bench_generation
+from benchlib.llama_race import RACE_PROMPT, RaceSampling, race_llama_cpp
 from benchlib.machine import bench_matmul, cpu_instruction_sets, measure_when_quiet, wait_until_idle
 from benchlib.quality import bench_quality
 from benchlib.reference import race
 from benchlib.server_load import bench_server, server_model
+from benchlib.token_cost import token_cost
 from benchlib.training import bench_training
 from engine.data.sources import open_source
 from engine.data.tokenizer import train_tokenizer
+from engine.generation.generator import ResponseGenerator
 from engine.runtime import hardware
 from model import ModelConfig
 
@@ -51,6 +54,11 @@ class Plan:
     server_requests: int  # per client
     server_max_tokens: int
     server_model: Path | None
+    llama_cpp: bool = False  # race against llama.cpp
+    llama_cpp_model: Path | None = None
+    llama_cpp_types: tuple[str, ...] = ("f16", "f32")
+    llama_cpp_threads: int | None = None  # None: the menu's threads
+    llama_cpp_sampling: RaceSampling = RaceSampling()
     new_tokens: int = 200  # generated per timed run
     prompt_len: int = 10
 
@@ -58,7 +66,8 @@ class Plan:
     def from_args(cls, args: argparse.Namespace) -> Plan:
         _, d_model, n_layer, n_head = hardware.preset_by_name(args.preset)
         cfg = ModelConfig(vocab_size=args.vocab, context=args.context, d_model=args.d_model or d_model,
-                          n_layer=args.n_layer or n_layer, n_head=args.n_head or n_head, dropout=args.dropout)
+                          n_layer=args.n_layer or n_layer, n_head=args.n_head or n_head, dropout=args.dropout,
+                          arch=args.arch)
         return cls(cfg=cfg, batch=args.batch, steps=args.steps or (5 if args.quick else 10), warmup=args.warmup,
                    rounds=args.rounds or (1 if args.quick else 5), gen_repeats=2 if args.quick else 3,
                    skip=frozenset(s.strip() for s in args.skip.split(",") if s.strip()), quick=args.quick,
@@ -66,7 +75,13 @@ class Plan:
                    corpus=Path(args.corpus), reference=Path(args.reference), wait_idle=args.wait_idle,
                    server_clients=args.server_clients, server_requests=args.server_requests,
                    server_max_tokens=args.server_max_tokens,
-                   server_model=Path(args.server_model) if args.server_model else None)
+                   server_model=Path(args.server_model) if args.server_model else None,
+                   llama_cpp=args.llama_cpp,
+                   llama_cpp_model=Path(args.llama_cpp_model) if args.llama_cpp_model else None,
+                   llama_cpp_types=tuple(t.strip() for t in args.llama_cpp_types.split(",") if t.strip()),
+                   llama_cpp_threads=args.llama_cpp_threads,
+                   llama_cpp_sampling=RaceSampling(repetition_penalty=1.1 if args.llama_cpp_sampling == "default"
+                                                   else 1.0))
 
 
 def cpu_name() -> str:
@@ -86,7 +101,7 @@ def environment(plan: Plan) -> dict:
         "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "native_bf16": hardware.cpu_has_native_bf16(), "python": platform.python_version(),
         "torch": torch.__version__, "quick": plan.quick,
-        "config": {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+        "config": {"arch": cfg.arch, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                    "context": cfg.context, "vocab": cfg.vocab_size, "batch": plan.batch,
                    "dropout": cfg.dropout},
     }
@@ -110,6 +125,7 @@ class Sections:
         self.report: dict = {"environment": environment(plan)}
         self.tokenizer = None  # a BPE tokenizer of the corpus, for generation and the race
         self.gen_cfg = plan.cfg  # the model size with the tokenizer's vocabulary
+        self._served: Path | None = None  # the model folder of the server and llama.cpp sections
 
     def run(self) -> dict:
         skip = self.plan.skip
@@ -127,6 +143,8 @@ class Sections:
             self.reference_race()
         if "server" not in skip:
             self.server()
+        if self.plan.llama_cpp:
+            self.llama_cpp_race()
         if self.plan.quality:
             self.quality()
         return self.report
@@ -187,14 +205,45 @@ class Sections:
                                             p.wait_idle)
         self.report["reference"] = result.pop("reference", result)  # a skipped race is its own reference
 
+    def served_model(self) -> Path | None:
+        """The model folder the server and llama.cpp sections run: ``--server-model``, else the
+        benchmark's model size trained briefly on the corpus (once); None without either."""
+        p = self.plan
+        if self._served is None:
+            if p.server_model is not None:
+                self._served = p.server_model
+            elif p.corpus.exists():
+                self._served = server_model(p.corpus, p.cfg, p.batch, self.workdir)
+        return self._served
+
     def server(self) -> None:
         p = self.plan
-        if p.server_model is None and not p.corpus.exists():
+        model_dir = self.served_model()
+        if model_dir is None:
             self.report["server_note"] = f"skipped: {p.corpus} not found (or give --server-model DIR)"
             return
-        model_dir = p.server_model or server_model(p.corpus, p.cfg, p.batch, self.workdir)
         self.report["server"] = measure_when_quiet(lambda: bench_server(
             model_dir, p.server_clients, p.server_requests, p.server_max_tokens, self.workdir), p.wait_idle)
+
+    def llama_cpp_race(self) -> None:
+        """Ours against llama.cpp on the same model, alternating; then what one of our tokens costs."""
+        p = self.plan
+        model_dir = p.llama_cpp_model or self.served_model()
+        if model_dir is None:
+            self.report["llama_cpp_note"] = f"{p.corpus} not found (or give --llama-cpp-model DIR)"
+            return
+        self.idle()
+        race = self.report["llama_cpp"] = race_llama_cpp(model_dir, p.llama_cpp_types, p.llama_cpp_threads,
+                                                         p.rounds, p.new_tokens, sampling=p.llama_cpp_sampling)
+        if race.get("skipped"):
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(race["threads"])
+        try:
+            gen = ResponseGenerator(str(model_dir), hardware.detect_runtime("cpu"))
+            race["token_cost"] = token_cost(gen, RACE_PROMPT, p.llama_cpp_sampling.ours(p.new_tokens, 0))
+        finally:
+            torch.set_num_threads(previous)
 
     def quality(self) -> None:
         p = self.plan

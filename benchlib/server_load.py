@@ -42,7 +42,7 @@ def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> P
     folder = workdir / "server_model"
     text = corpus.read_text(encoding="utf-8", errors="replace")[:SERVER_TRAIN_CHARS]
     Trainer(str(folder), "bpe", model_overrides={"d_model": cfg.d_model, "n_layer": cfg.n_layer,
-                                                 "n_head": cfg.n_head, "context": cfg.context},
+                                                 "n_head": cfg.n_head, "context": cfg.context, "arch": cfg.arch},
             train_overrides={"target_vocab_size": cfg.vocab_size, "batch_size": batch}).train(
         source_from_text(text), 1)
     return folder

@@ -85,3 +85,43 @@ def test_the_cpu_instruction_sets_are_reported():
     assert isa["torch_capability"]
     assert isa["flags"] is None or set(isa["flags"]) == set(bench.CPU_FLAGS)
     assert set(isa["caps_set"]) <= set(bench.ISA_CAPS)
+
+
+def test_a_tokens_cost_is_split_into_its_parts_and_the_step_by_kind_of_op(trained_once):
+    import pytest
+
+    from response_generator import GenerationConfig, ResponseGenerator
+
+    gen = ResponseGenerator(str(trained_once("bpe", 1)))
+    cfg = GenerationConfig(max_new_tokens=12, temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.0, seed=0)
+    cost = bench.token_cost(gen, "The river", cfg, replies=1)
+    assert cost["tokens"] > 1 and min(cost["step_us"], cost["sampling_us"] + cost["streaming_us"]) > 0
+    assert cost["token_us"] == pytest.approx(cost["step_us"] + cost["sampling_us"] + cost["streaming_us"]
+                                             + cost["loop_us"])
+    kinds = cost["step_by_kind"]
+    assert kinds["matrix products"] > 0 and kinds["attention"] > 0
+    assert sum(us for kind, us in kinds.items() if kind != "profiled step") == pytest.approx(kinds["profiled step"])
+
+
+def test_op_kinds_follow_the_aten_name():
+    assert bench.op_kind("aten::fbgemm_linear_fp16_weight_fp32_activation") == "matrix products"
+    assert bench.op_kind("aten::addmm") == "matrix products"
+    assert bench.op_kind("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert bench.op_kind("aten::native_layer_norm") == bench.op_kind("aten::hypot") == "norms"
+    assert bench.op_kind("aten::gelu") == bench.op_kind("aten::add_") == "element-wise passes"
+    assert bench.op_kind("aten::slice").startswith("tensor bookkeeping")
+
+
+def test_the_llama_cpp_race_alternates_rounds_on_each_export(trained_once):
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra (scripts/install_llama_cpp.sh)")
+    pytest.importorskip("gguf", reason="the gguf package is an optional extra (requirements-export.txt)")
+    race = bench.race_llama_cpp(trained_once("bpe", 1), dtypes=("f16", "f32"), threads=1, rounds=2, new_tokens=6)
+    assert race["threads"] == 1 and len(race["ours"]["all"]) == 2 and race["ours"]["median"] > 0
+    for dtype in ("f16", "f32"):
+        row = race["files"][dtype]
+        assert row["skipped"] is None, row["skipped"]
+        assert len(row["theirs"]["all"]) == len(row["ratio"]["all"]) == 2
+        assert 0 < row["tokens"] <= 6
+    assert race["files"]["f32"]["bytes"] > race["files"]["f16"]["bytes"]

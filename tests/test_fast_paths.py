@@ -290,3 +290,21 @@ def test_windowed_streamer_equals_decoding_everything(kind):
 def test_cpu_allocator_setting_is_harmless():
     assert hardware.configure_cpu_allocator() in (True, False)
     assert torch.ones(1 << 22).sum().item() == float(1 << 22)  # a 16 MB tensor still allocates
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_a_caches_position_views_are_made_once_and_see_its_rows(block):
+    """KVCache.at: per layer, the row a step at a position writes and the q, k, v it reads,
+    made on first use and then the very same views."""
+    model = model_of(block, d_model=32, n_head=2, context=12)
+    cache = Decoder(model, matrix_dtype=torch.float16).new_cache()
+    views = cache.at(4)
+    assert cache.at(4) is views and len(views) == model.config.n_layer
+    C, H = model.config.d_model, model.config.n_head
+    for layer, at in enumerate(views):
+        at.row.copy_(torch.arange(3 * C, dtype=at.row.dtype).view(1, 3 * C))
+        assert torch.equal(at.q.reshape(-1), cache.rows[layer, 4, :C])
+        assert at.k.shape == at.v.shape == (1, H, 5, C // H)  # positions 0..4
+        assert torch.equal(at.k[0, :, 4].reshape(-1), cache.rows[layer, 4, C:2 * C])
+        assert torch.equal(at.v[0, :, 4].reshape(-1), cache.rows[layer, 4, 2 * C:])
+        assert (at.pairs is not None) == (block != "gpt2")  # llama in fp32: its complex pairs

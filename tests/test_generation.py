@@ -96,6 +96,26 @@ def test_seed_makes_answers_repeatable(generator):
     assert "".join(generator.complete("In spring", cfg)) == "".join(generator.complete("In spring", cfg))
 
 
+def test_replies_reuse_one_cache_but_two_at_once_never_share_it(generator):
+    """A reply that has ended leaves its KV cache (and its views) to the next; one that
+    is still running keeps it, so interleaved replies get what each gets alone, and a
+    reply abandoned half-way leaves nothing behind for the next."""
+    first, second = GenerationConfig(max_new_tokens=30, seed=1), GenerationConfig(max_new_tokens=30, seed=2)
+    alone = ["".join(generator.complete("In spring", first)), "".join(generator.complete("The storm", second))]
+    a, b = generator.complete("In spring", first), generator.complete("The storm", second)
+    pieces: list[list[str]] = [[], []]
+    for pair in zip(a, b):
+        for got, piece in zip(pieces, pair):
+            got.append(piece)
+    pieces[0] += list(a)
+    pieces[1] += list(b)
+    assert ["".join(p) for p in pieces] == alone
+    abandoned = generator.complete("The storm", second)
+    next(abandoned)  # stopped after one piece, as Ctrl+C does
+    abandoned.close()
+    assert "".join(generator.complete("In spring", first)) == alone[0]
+
+
 def test_ids_stay_inside_the_vocabulary(generator):
     cfg = GenerationConfig(max_new_tokens=40, temperature=2.0, top_k=0, top_p=1.0, seed=5)
     ids = list(generator.generate_ids([5, 6, 7], cfg))

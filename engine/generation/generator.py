@@ -21,7 +21,7 @@ from engine.generation.prompts import CHAT_STOPS, QA_STOPS, PreparedRequest, Pro
 from engine.generation.sampling import GenerationConfig
 from engine.generation.token_loop import GenerationStats, Reply, TokenLoop
 from engine.model.config import ModelConfig
-from engine.model.decoder import Decoder
+from engine.model.decoder import Decoder, KVCache
 from engine.model.gpt import GPT
 from engine.runtime import hardware
 
@@ -65,6 +65,7 @@ class ResponseGenerator:
         self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
         self.finish_reason = "length"  # why the last generation ended
         self.last_stats: GenerationStats | None = None
+        self._spare_cache: tuple[Decoder, KVCache] | None = None  # the last reply's, for the next
 
     @classmethod
     def from_model(cls, model: GPT, tokenizer: BaseTokenizer,
@@ -79,6 +80,7 @@ class ResponseGenerator:
         self.notices = []
         self.finish_reason = "length"
         self.last_stats = None
+        self._spare_cache = None
         return self
 
     @property
@@ -118,21 +120,25 @@ class ResponseGenerator:
         """
         self.finish_reason = "length"
         decoder = self._decoder() if use_cache else None
-        loop = TokenLoop(prompt_ids, cfg, self.context, self.tokenizer.eot_id, stop_ids,
-                         decoder.new_cache() if decoder is not None else None)
-        while not loop.done:
-            if decoder is not None:
-                logits = decoder.step(loop.next_ids(), loop.cache)
-                if not loop.ready:  # more of the prompt to feed first
-                    continue
-            else:
-                with self.runtime.generation_autocast():
-                    logits, _ = self.model(torch.tensor([loop.visible], device=self.runtime.device), last_only=True)
-                logits = logits[0, -1].float()
-            next_id = loop.choose(logits)
-            if next_id is None:
-                break
-            yield next_id
+        cache = self._borrow_cache(decoder) if decoder is not None else None
+        loop = TokenLoop(prompt_ids, cfg, self.context, self.tokenizer.eot_id, stop_ids, cache)
+        try:
+            while not loop.done:
+                if decoder is not None:
+                    logits = decoder.step(loop.next_ids(), loop.cache)
+                    if not loop.ready:  # more of the prompt to feed first
+                        continue
+                else:
+                    with self.runtime.generation_autocast():
+                        logits, _ = self.model(torch.tensor([loop.visible], device=self.runtime.device),
+                                               last_only=True)
+                    logits = logits[0, -1].float()
+                next_id = loop.choose(logits)
+                if next_id is None:
+                    break
+                yield next_id
+        finally:
+            self._return_cache(decoder, cache)
         self.finish_reason = loop.finish_reason or "length"
 
     def _decoder(self) -> Decoder:
@@ -142,6 +148,20 @@ class ResponseGenerator:
             self._decoder_obj = Decoder(self.model, self.runtime.decode_dtype, self.runtime.decode_weights)
             self._decoder_key = key
         return self._decoder_obj
+
+    def _borrow_cache(self, decoder: Decoder) -> KVCache:
+        """A KV cache for ``decoder``: the last reply's, reset, when it was ``decoder``'s and
+        that reply has ended (its views, ``KVCache.at``, are made already), else a new one."""
+        spare, self._spare_cache = self._spare_cache, None
+        if spare is not None and spare[0] is decoder:
+            spare[1].reset()
+            return spare[1]
+        return decoder.new_cache()
+
+    def _return_cache(self, decoder: Decoder, cache: KVCache | None) -> None:
+        """Keep ``cache`` for the next reply (one is enough: a generator's replies run one at a time)."""
+        if cache is not None:
+            self._spare_cache = (decoder, cache)
 
     def decoder(self) -> Decoder:
         """The Decoder generation runs on (the server's batch scheduler takes it from here)."""
@@ -165,7 +185,7 @@ class ResponseGenerator:
         self.last_stats = None
         self.finish_reason = "length"
         decoder = self._decoder()
-        reply = Reply(request, self.tokenizer, self.context, decoder.new_cache())
+        reply = Reply(request, self.tokenizer, self.context, self._borrow_cache(decoder))
         try:
             while not reply.done:
                 feed = reply.feed()
@@ -175,6 +195,7 @@ class ResponseGenerator:
         finally:  # also when the caller stops early (Ctrl+C, a client that went away)
             self.finish_reason = reply.finish_reason or "length"
             self.last_stats = reply.stats
+            self._return_cache(decoder, reply.loop.cache)
 
     # -- the three modes -----------------------------------------------------------------------
     def answer(self, question: str, cfg: GenerationConfig) -> Iterator[str]:

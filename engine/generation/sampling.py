@@ -106,9 +106,12 @@ def best_candidates(logits: torch.Tensor, k: int, penalty: float = 1.0,
     else:
         values, ids = top
     if penalty != 1.0 and recent:
-        values = [penalised(v, penalty) if i in recent else v for v, i in zip(values, ids)]
-        order = sorted(range(len(ids)), key=values.__getitem__, reverse=True)
-        values, ids = [values[j] for j in order], [ids[j] for j in order]
+        hit = [i in recent for i in ids]
+        if any(hit):  # else nothing moves: the candidates are in order already
+            # penalised(), written out: this runs for every candidate of every token
+            values = [(v / penalty if v > 0 else v * penalty) if h else v for v, h in zip(values, hit)]
+            order = sorted(range(len(ids)), key=values.__getitem__, reverse=True)
+            values, ids = [values[j] for j in order], [ids[j] for j in order]
     return values[:k], ids[:k]
 
 

@@ -21,7 +21,7 @@ default where the kernel exists). Each part of the step is row-wise there:
   thread's share (d_ff is 4 x d_model, or a multiple of 64 for llama; so: d_model a
   multiple of 16, one or two generation threads, as the server has on machines up to
   three cores). Measured: bit-identical for 1 to 300 rows, one and two threads.
-- llama's single-row path (``_llama_row``) makes the same operations on the same rows.
+- The single-row paths (``_gpt2_row``, ``_llama_row``) make the same operations on the same rows.
 
 Not guaranteed: fp32 weights (MKL takes a matrix-vector kernel for one row and picks
 its blocking and threading by the number of rows: a row moves by ~1e-6 between 1 and 2
@@ -45,7 +45,19 @@ from engine.model.config import ModelConfig
 from engine.model.gpt import GPT, rotary_tables
 from engine.model.products import _HalfProduct, _Product, half_products_work
 
-__all__ = ["Decoder", "Feed", "KVCache", "half_products_work"]
+__all__ = ["Decoder", "Feed", "KVCache", "PositionViews", "half_products_work"]
+
+
+class PositionViews(NamedTuple):
+    """One layer's views of a cache for a one-token step at position p: the row the fused
+    q|k|v product writes, q of p, k and v of 0..p (each (1, H, ., D)), and for llama in
+    fp32 the q|k part of the row as complex pairs (1, 2H, D/2), rotated in place."""
+
+    row: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pairs: torch.Tensor | None
 
 
 class KVCache:
@@ -75,9 +87,27 @@ class KVCache:
         if config.arch == "llama" and dtype == torch.float32:
             self.pairs = [torch.view_as_complex(self.rows[i, :, :2 * C].view(S, 2 * H, config.head_dim // 2, 2))
                           for i in range(config.n_layer)]
+        self._at: list[list[PositionViews] | None] = [None] * S
 
     def reset(self) -> None:
         self.pos = 0
+
+    def at(self, pos: int) -> list[PositionViews]:
+        """Per layer, the views a one-token step at ``pos`` uses, made on first use and kept.
+
+        Slicing five views a layer cost ~50 us of a ~950 us token (CPU time, the compact
+        gpt2 in the menu's loop); kept, a cache that serves the next reply too (the
+        generator's and the server's caches are reused) slices nothing. At most
+        ``context`` lists of n_layer views (~1 MB at context 256 and 4 layers).
+        """
+        views = self._at[pos]
+        if views is None:
+            end = pos + 1
+            views = self._at[pos] = [
+                PositionViews(self.rows[i, pos:end], self.q[i][:, :, pos:end], self.k[i][:, :, :end],
+                              self.v[i][:, :, :end], None if self.pairs is None else self.pairs[i][pos:end])
+                for i in range(len(self.q))]
+        return views
 
 
 @dataclass(frozen=True)
@@ -191,14 +221,12 @@ class Decoder:
                            for b in model.h]
             self.ln_f = (vec(model.ln_f.weight), vec(model.ln_f.bias))
             self.head = product(model.lm_head)
-        # llama, one row at a time on the CPU with fp16 weights: see _llama_row.
-        self.row_path = (self.rotary and self.device.type == "cpu" and self.dtype == torch.float32
-                         and all(isinstance(p, _HalfProduct) and p.adds_in_place
-                                 for blk in self.layers for p in (blk.proj, blk.fc_proj)))
+        self.eps = model.ln_f.eps
         # With fp16 weights the step is approximate already (logits move by ~1e-3), and
         # the tanh form of GELU, which differs from the exact one by at most ~5e-4, costs
         # half as much at batch 1 (5 against 11 us for a 1024-wide row, four times a token).
         self.gelu = functools.partial(F.gelu, approximate="tanh") if half else F.gelu
+        self.row = self._row_path()
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config, self.device, self.dtype)
@@ -206,9 +234,42 @@ class Decoder:
     def step(self, ids: list[int], cache: KVCache) -> torch.Tensor:
         """Run ``ids`` (the tokens the cache has not seen) and return fp32 logits (vocab,)
         for the token after the last of them."""
+        if self.row is not None and len(ids) == 1 and cache.pos < cache.context:
+            with torch.inference_mode():  # the menu's token: straight to the row path
+                return self.row(ids[0], cache)[0]
         return self.step_many([Feed(ids, cache)])[0]
 
-    @torch.inference_mode()
+    def _row_path(self) -> Callable[[int, KVCache], torch.Tensor] | None:
+        """The step for one sequence feeding one token, on the CPU with an fp32 stream
+        (None elsewhere: ``step_many``'s general path serves that case too)."""
+        if self.device.type != "cpu" or self.cast:
+            return None
+        if not self.rotary:
+            return self._gpt2_row
+        # llama's residual products add in place: fp16 weights through FBGEMM's plain door.
+        adds_in_place = all(isinstance(p, _HalfProduct) and p.adds_in_place
+                            for blk in self.layers for p in (blk.proj, blk.fc_proj))
+        return self._llama_row if adds_in_place else None
+
+    def _gpt2_row(self, token: int, cache: KVCache) -> torch.Tensor:
+        """``step_many`` for one sequence and one token of a gpt2 on the CPU: logits (1, vocab).
+
+        The same operations on the same row as ``step_many``, bit for bit, with fewer of
+        them around: the stream is one row added to in place, the cache's views come
+        from ``KVCache.at``, and nothing is gathered for a batch. In the menu's loop the
+        compact model made 1.05x the tokens/s through here (CPU time, 7 alternating rounds).
+        """
+        C, start = self.config.d_model, cache.pos
+        width, eps, gelu, sdpa = (C,), self.eps, self.gelu, F.scaled_dot_product_attention
+        x = torch.add(self.wte[token], self.wpe[start]).view(1, C)  # (1, C), a new row: added to in place
+        for (ln_1_weight, ln_1_bias, qkv, proj, ln_2_weight, ln_2_bias, fc, fc_proj), at in zip(self.layers,
+                                                                                               cache.at(start)):
+            qkv(torch.layer_norm(x, width, ln_1_weight, ln_1_bias, eps), out=at.row)
+            x.add_(proj(sdpa(at.q, at.k, at.v).view(1, C)))  # (1, H, 1, D) is already laid out as (1, C)
+            x.add_(fc_proj(gelu(fc(torch.layer_norm(x, width, ln_2_weight, ln_2_bias, eps)))))
+        cache.pos = start + 1
+        return self.head(torch.layer_norm(x, width, self.ln_f[0], self.ln_f[1], eps))
+
     def _llama_row(self, token: int, cache: KVCache) -> torch.Tensor:
         """``step_many`` for one sequence and one token of a llama on the CPU: logits (1, vocab).
 
@@ -224,48 +285,54 @@ class Decoder:
         """
         C, start = self.config.d_model, cache.pos
         end = start + 1
-        rows = [torch.empty(1, C, device=self.device) for _ in range(2)]  # the stream's two buffers
-        x = self.wte[token].view(1, C)  # read only (the norm, a bias): the embedding row itself
+        # The stream's two buffers, taken in turn, each as a row (1, C) and as the (C,)
+        # vector the products add; the first x is the embedding row itself, read only.
+        rows = [torch.empty(C, device=self.device) for _ in range(2)]
+        rows = [(row.view(1, C), row) for row in rows]
+        x, x_flat = self.wte[token].view(1, C), self.wte[token]
         up_gate = torch.empty(1, 2 * self.config.d_ff, device=self.device)
         gate = up_gate[:, self.config.d_ff:]
         span = _Span(0, start, end, None, self.turns[start:end])
-        rms, turn = self.norm, self.qk_norm is None and cache.pairs is not None
-        for layer, blk in enumerate(self.layers):
-            blk.qkv(rms(x), out=cache.rows[layer, start:end])
-            if turn:  # as _attend does, written out: this runs 4 times a token
-                cache.pairs[layer][start:end].mul_(span.turns)
+        sdpa, glu, vector_norm, hypot = F.scaled_dot_product_attention, F.glu, torch.linalg.vector_norm, torch.hypot
+        root_eps = self.norm.root_eps  # RowRMSNorm written out: x / hypot(|x|, sqrt(C * eps))
+        for layer, (blk, at) in enumerate(zip(self.layers, cache.at(start))):
+            blk.qkv(x / hypot(vector_norm(x, 2, -1, True), root_eps), out=at.row)
+            if self.qk_norm is None and at.pairs is not None:  # as _attend does, written out
+                at.pairs.mul_(span.turns)
             else:
                 self._turn(layer, cache, span)
-            y = F.scaled_dot_product_attention(cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end],
-                                               cache.v[layer][:, :, :end])
-            blk.proj.add_to(x.view(C), y.view(1, C), rows[0])  # rows[0] = x + proj(attention)
-            x, rows = rows[0], [rows[1], rows[0]]
-            blk.fc(rms(x), out=up_gate)
-            blk.fc_proj.add_to(x.view(C), F.glu(up_gate, -1).mul_(gate), rows[0])
-            x, rows = rows[0], [rows[1], rows[0]]
+            blk.proj.add_to(x_flat, sdpa(at.q, at.k, at.v).view(1, C), rows[0][0])  # x + proj(attention)
+            (x, x_flat), rows = rows[0], rows[::-1]
+            blk.fc(x / hypot(vector_norm(x, 2, -1, True), root_eps), out=up_gate)
+            blk.fc_proj.add_to(x_flat, glu(up_gate, -1).mul_(gate), rows[0][0])
+            (x, x_flat), rows = rows[0], rows[::-1]
         cache.pos = end
-        return self.head(rms(x))
+        return self.head(self.norm(x))
 
     @torch.inference_mode()
     def step_many(self, feeds: Sequence[Feed]) -> torch.Tensor:
         """One pass for several sequences: fp32 logits (B, vocab), row b for the token after
         ``feeds[b].ids``. Each sequence brings its own cache; their new rows share the
         matrix products, and each attends to its own cache alone."""
-        if self.row_path and len(feeds) == 1 and len(feeds[0].ids) == 1:
-            return self._llama_row(feeds[0].ids[0], feeds[0].cache)
+        if self.row is not None and len(feeds) == 1 and len(feeds[0].ids) == 1 \
+                and feeds[0].cache.pos < feeds[0].cache.context:
+            return self.row(feeds[0].ids[0], feeds[0].cache)
         spans = self._spans(feeds)
         rows = spans[-1].first + spans[-1].end - spans[-1].start
         x = self._embed(feeds, spans, rows)  # the residual stream, in stream_dtype
         alone = len(feeds) == 1
+        sizes = [span.end - span.start for span in spans]
+        # A generating sequence's views of its one new position (KVCache.at), looked up once.
+        ats = [feed.cache.at(span.start) if size == 1 else None for feed, span, size in zip(feeds, spans, sizes)]
         for layer, blk in enumerate(self.layers):
             h = self._low(self.norm(x, blk.ln_1_weight, blk.ln_1_bias))
             if alone:  # the product writes into the cache rows itself
                 blk.qkv(h, out=feeds[0].cache.rows[layer, spans[0].start:spans[0].end])
             else:
-                qkv = blk.qkv(h)
-                for feed, span in zip(feeds, spans):
-                    feed.cache.rows[layer, span.start:span.end].copy_(qkv[span.first:span.first + span.end - span.start])
-            ys = [self._attend(layer, feed.cache, span) for feed, span in zip(feeds, spans)]
+                for feed, span, at, new in zip(feeds, spans, ats, blk.qkv(h).split(sizes)):
+                    (feed.cache.rows[layer, span.start:span.end] if at is None else at[layer].row).copy_(new)
+            ys = [self._attend(layer, feed.cache, span, None if at is None else at[layer])
+                  for feed, span, at in zip(feeds, spans, ats)]
             x = x + blk.proj(ys[0] if alone else torch.cat(ys))  # a low-precision product added to the fp32 stream
             x = x + self._mlp(blk, self._low(self.norm(x, blk.ln_2_weight, blk.ln_2_bias)))
         for feed, span in zip(feeds, spans):
@@ -314,17 +381,21 @@ class Decoder:
         positions = [p for span in spans for p in range(span.start, span.end)]
         return x + self.wpe[torch.tensor(positions, device=self.device)]
 
-    def _attend(self, layer: int, cache: KVCache, span: _Span) -> torch.Tensor:
-        """Attention of the rows ``span`` (already in the cache) over the cache: (T, C)."""
+    def _attend(self, layer: int, cache: KVCache, span: _Span, at: PositionViews | None) -> torch.Tensor:
+        """Attention of the rows ``span`` (already in the cache) over the cache: (T, C).
+        ``at``: the layer's views of the one position a generating sequence feeds (else None)."""
         start, end = span.start, span.end
         T, C = end - start, self.config.d_model
         if self.rotary:
             if self.qk_norm is None and cache.pairs is not None:  # fp32: one complex multiplication in place
-                cache.pairs[layer][start:end].mul_(span.turns)
+                (cache.pairs[layer][start:end] if at is None else at.pairs).mul_(span.turns)
             else:
                 self._turn(layer, cache, span)
         # q of the new positions, k and v of all so far: (1, H, T or end, D).
-        q, k, v = cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        if at is None:
+            q, k, v = cache.q[layer][:, :, start:end], cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+        else:
+            q, k, v = at.q, at.k, at.v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=span.mask, is_causal=T > 1 and start == 0)
         # (1, H, 1, D) is already laid out as (1, C); only a chunk needs the transpose.
         return y.view(1, C) if T == 1 else y.transpose(1, 2).reshape(T, C)

@@ -1,7 +1,7 @@
 """What every request passes before the server reads it, and how a refusal is sent.
 
-``Gate`` is ASGI middleware in front of the app: it checks the API key, then reads
-the body up to the size limit. Two requests pass without the key: ``/health`` (a
+``Gate`` is ASGI middleware in front of the app: it checks the size of the headers and
+the API key, then reads the body up to the size limit. Two requests pass without the key: ``/health`` (a
 load balancer's probe) and ``GET /``, the chat page, which holds no secret and asks
 for the key when its first API call is refused. ``ApiError`` is any refusal, sent in
 the OpenAI error shape with its HTTP status; a 4xx is the client's mistake, a 5xx
@@ -25,6 +25,11 @@ from engine.serving.openai_wire import describe_validation_errors, error_body
 
 log = logging.getLogger(__name__)
 
+# The headers of one request, names and values together. The HTTP layer (h11) refuses a
+# header that arrives in pieces beyond 16 KiB, but takes one that arrives whole at any
+# size; nginx's default limit is 32 KiB too.
+MAX_HEADER_BYTES = 32 * 1024
+
 
 class ApiError(Exception):
     """A request the server refuses: sent as the OpenAI error shape with ``status``."""
@@ -45,7 +50,7 @@ def needs_key(method: str, path: str) -> bool:
 
 
 class Gate:
-    """ASGI middleware: checks the API key, then reads the body up to the size limit.
+    """ASGI middleware: checks the headers' size and the API key, then reads the body up to the size limit.
 
     The key is checked first, so a client without it cannot make the server read a
     large body. The size is checked twice: the declared Content-Length, and the
@@ -62,6 +67,9 @@ class Gate:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+                raise ApiError(431, f"the request's headers are larger than this server accepts "
+                                    f"({MAX_HEADER_BYTES} bytes)", code="headers_too_large")
             if self.api_key and needs_key(scope["method"], scope["path"]):
                 self._check_key(headers.get("authorization", ""))
             body = await self._read_body(headers.get("content-length"), receive)

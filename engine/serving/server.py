@@ -67,6 +67,8 @@ class ServeSettings:
             problems.append("--max-tokens-cap must be from 1 to 100000")
         if self.max_waiting < 1:
             problems.append("--max-waiting must be at least 1")
+        if not 0 < self.body_timeout_s <= 3600:
+            problems.append("--body-timeout must be above 0 and at most 3600 seconds")
         if self.api_key is not None and not self.api_key.strip():
             problems.append("--api-key is empty")
         if problems:
@@ -76,7 +78,7 @@ class ServeSettings:
     def from_args(cls, args: argparse.Namespace) -> ServeSettings:
         return cls(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                    max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
-                   max_waiting=args.max_waiting)
+                   max_waiting=args.max_waiting, body_timeout_s=args.body_timeout)
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -107,6 +109,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                    help="largest max_tokens a request may ask for; more is a 400 (default %(default)s)")
     g.add_argument("--max-waiting", type=int, default=d.max_waiting,
                    help="requests that may wait for their turn; more get a 503 (default %(default)s)")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="SECONDS",
+                   help="a request body must arrive within this time, else 408 (default %(default)g)")
 
 
 def _prepare(model_dir: Path, settings: ServeSettings | argparse.Namespace,
