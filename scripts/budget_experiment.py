@@ -3,6 +3,7 @@
     python scripts/budget_experiment.py [--minutes 3 10 30] [--data ../shared/data/tinyshakespeare.txt]
     python scripts/budget_experiment.py --minutes 3 --shapes 128x4 192x4 256x4   # a sweep, for the rules
     python scripts/budget_experiment.py --minutes 3 --vocab-sizes auto 1024 2048 4096 8000   # EMBED_SHARE
+    python scripts/budget_experiment.py --minutes 3 10 --recipes before-22 default --no-compact   # issue 22's goal
 
 For every budget it runs the real command line, one run at a time, in turns:
 
@@ -11,6 +12,13 @@ For every budget it runs the real command line, one run at a time, in turns:
   --target-vocab-size 8000``: today's fixed CPU model with today's settings, its schedule
   fitted to the same minutes;
 * with ``--shapes``, each ``DxL`` shape pinned the same way (heads of 64 dimensions).
+
+With ``--recipes`` the budget mode runs once per recipe (``RECIPES`` below): ``default``
+is whatever a new model gets today (``NEW_MODEL_RECIPE``); ``before-22`` is the recipe
+new models had before the llama block (the GPT-2 block, AdamW, an 8,000-token
+vocabulary); the others name a block and an optimizer and leave the vocabulary to the
+plan. ``--precision fp32`` goes to every run (with ``ATEN_CPU_CAPABILITY=avx2`` in the
+environment: an AVX2-only CPU).
 
 With ``--vocab-sizes`` each of those runs once per size: a number pins the vocabulary
 (``--target-vocab-size``, which turns the plan's vocabulary rule off: the tokenizer is
@@ -35,6 +43,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+RECIPES = {
+    "default": [],
+    "before-22": ["--arch", "gpt2", "--optimizer", "adamw", "--target-vocab-size", "8000"],
+    "gpt2-adamw": ["--arch", "gpt2", "--optimizer", "adamw"],
+    "llama-adamw": ["--arch", "llama", "--optimizer", "adamw"],
+    "llama-muon": ["--arch", "llama", "--optimizer", "muon"],
+}
 
 
 def train(data: Path, minutes: float, folder: Path, flags: list[str]) -> dict:
@@ -51,7 +66,7 @@ def train(data: Path, minutes: float, folder: Path, flags: list[str]) -> dict:
     plan = next((line for line in lines if "time budget" in line), "")
     kept = next((line for line in lines if "kept the weights of pass" in line), "")
     m = info["model"]
-    return {"shape": f"d{m['d_model']} x{m['n_layer']} ctx{m['context']} drop{m['dropout']}",
+    return {"shape": f"{m.get('arch', 'gpt2')} d{m['d_model']} x{m['n_layer']} ctx{m['context']} drop{m['dropout']}",
             "vocab": m["vocab_size"],
             "bpb": info["last_eval"]["bpb"], "steps": info["steps"], "tokens": info["tokens_seen"],
             "wall_s": round(wall, 1), "plan": plan.strip(), "kept": kept.strip()}
@@ -76,12 +91,17 @@ def main() -> None:
     p.add_argument("--no-compact", action="store_true", help="skip the fixed compact preset")
     p.add_argument("--vocab-sizes", nargs="+", default=["auto"], metavar="V",
                    help="run each configuration once per vocabulary: a size pins it, 'auto' lets the plan choose")
+    p.add_argument("--recipes", nargs="+", default=["default"], choices=sorted(RECIPES),
+                   help="run the budget mode once per recipe")
+    p.add_argument("--precision", help="--precision for every run (fp32: as an AVX2-only CPU trains)")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="budget-experiment-"))
     rows = []
     for minutes in args.minutes:
-        runs = [] if args.no_auto else [("budget mode", [])]
+        runs = [] if args.no_auto else [
+            ("budget mode" if len(args.recipes) == 1 else f"budget {recipe}", RECIPES[recipe])
+            for recipe in args.recipes]
         if not args.no_compact:
             runs.append(("compact preset", ["--preset", "compact", "--dropout", "0.1", "--lr", "1e-3",
                                             "--target-vocab-size", "8000"]))
@@ -90,18 +110,19 @@ def main() -> None:
             for size in args.vocab_sizes:
                 name = label if len(args.vocab_sizes) == 1 else f"{label} v{size}"
                 folder = work / f"{name.replace(' ', '_')}_{minutes:g}"
+                precision = ["--precision", args.precision] if args.precision else []
                 row = {"minutes": minutes, "run": name,
-                       **train(args.data, minutes, folder, flags + vocab_flags(size))}
+                       **train(args.data, minutes, folder, flags + vocab_flags(size) + precision)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\n{'minutes':>7} | {'run':<22} | {'shape':<26} | {'vocab':>6} | {'steps':>6} | {'tokens':>10} | "
+                if args.json:  # each run kept as it ends
+                    args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{'minutes':>7} | {'run':<22} | {'shape':<32} | {'vocab':>6} | {'steps':>6} | {'tokens':>10} | "
           f"{'wall s':>6} | bpb")
     for r in rows:
         best = "  (best pass kept)" if r["kept"] else ""
-        print(f"{r['minutes']:>7g} | {r['run']:<22} | {r['shape']:<26} | {r['vocab']:>6} | {r['steps']:>6} | "
+        print(f"{r['minutes']:>7g} | {r['run']:<22} | {r['shape']:<32} | {r['vocab']:>6} | {r['steps']:>6} | "
               f"{r['tokens']:>10,} | {r['wall_s']:>6} | {r['bpb']:.4f}{best}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,11 @@ import pytest
 
 from engine.data.chat_format import Message
 from engine.generation.sampling import GenerationConfig
+from engine.generation.token_loop import FinishReason
 from engine.runtime import hardware
 from engine.serving.batching import BatchScheduler
 from engine.serving.job_queue import GenerationWorker, QueueFull
-from engine.serving.jobs import Failed, Finished, FinishReason, Job, Piece, Started, WorkerCounts
+from engine.serving.jobs import Failed, Finished, Job, Piece, Started, WorkerCounts
 from response_generator import ResponseGenerator
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN

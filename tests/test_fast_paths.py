@@ -8,7 +8,7 @@ from engine.data.tokenizer import chunk_text, train_tokenizer
 from engine.model.decoder import Feed
 from engine.model.layers import causal_attention_with_dropout, cpu_dropout
 from engine.model.llama_layout import RowRMSNorm
-from engine.model.products import _HalfProduct, _Product, half_products_work
+from engine.model.products import HalfProduct, Product, half_products_work
 from engine.runtime import hardware
 from model import GPT, Decoder
 from response_generator import CHAT_STOPS, TextStreamer
@@ -79,7 +79,7 @@ def test_decoder_layouts_compute_f_linear():
     # Both stored layouts: widening (kept transposed) and narrowing (kept as is).
     for d_in, d_out, bias in ((16, 64, True), (64, 16, True), (16, 40, False)):
         layer = torch.nn.Linear(d_in, d_out, bias=bias)
-        product = _Product(layer, torch.float32)
+        product = Product(layer, torch.float32)
         assert product.transposed == (d_in <= d_out)
         x = torch.randn(3, d_in)
         with torch.no_grad():
@@ -112,8 +112,8 @@ def test_half_weight_decoder_stays_close_to_the_fp32_forward(block):
     x = torch.randint(0, model.config.vocab_size, (1, 16))
     full, _ = model(x)
     decoder = Decoder(model, matrix_dtype=torch.float16)
-    assert isinstance(decoder.head, _HalfProduct)
-    assert all(isinstance(p, _HalfProduct) for layer in decoder.layers for p in layer[2:4] + layer[6:])
+    assert isinstance(decoder.head, HalfProduct)
+    assert all(isinstance(p, HalfProduct) for layer in decoder.layers for p in layer[2:4] + layer[6:])
     cache = decoder.new_cache()
     got = [decoder.step(x[0, :9].tolist(), cache)] + [decoder.step([t], cache) for t in x[0, 9:].tolist()]
     for i, logits in zip(range(8, 16), got):
@@ -133,18 +133,18 @@ def test_weights_beyond_fp16_range_stay_fp32(block):
         model.h[0].mlp.c_fc.weight[0, 0] = 1e6
     decoder = Decoder(model, matrix_dtype=torch.float16)
     fc = decoder.layers[0][6]
-    assert isinstance(fc, _Product) and fc.weight.dtype == torch.float32
-    assert isinstance(decoder.layers[0][2], _HalfProduct)
+    assert isinstance(fc, Product) and fc.weight.dtype == torch.float32
+    assert isinstance(decoder.layers[0][2], HalfProduct)
 
 
 @needs_half_kernel
 def test_half_product_falls_back_to_the_quantized_operator(monkeypatch):
     layer = torch.nn.Linear(24, 40)
     x = torch.randn(3, 24)
-    fast = _HalfProduct(layer)
+    fast = HalfProduct(layer)
     assert fast.plain_tensors
     monkeypatch.delattr(torch, "fbgemm_pack_gemm_matrix_fp16")  # as a release without it would be
-    fallback = _HalfProduct(layer)
+    fallback = HalfProduct(layer)
     assert not fallback.plain_tensors
     with torch.no_grad():
         torch.testing.assert_close(fallback(x), fast(x), atol=1e-6, rtol=1e-6)  # the same kernel behind both
@@ -157,12 +157,12 @@ def test_half_product_falls_back_to_the_quantized_operator(monkeypatch):
 def test_big_half_products_use_the_threaded_operator(monkeypatch):
     layer = torch.nn.Linear(24, 40)
     x = torch.randn(3, 24)
-    monkeypatch.setattr(_HalfProduct, "THREADED_FROM", 24 * 40)  # as if this were an LM head
+    monkeypatch.setattr(HalfProduct, "THREADED_FROM", 24 * 40)  # as if this were an LM head
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    big = _HalfProduct(layer)
+    big = HalfProduct(layer)
     assert not big.plain_tensors
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: the cheaper call
-    assert _HalfProduct(layer).plain_tensors
+    assert HalfProduct(layer).plain_tensors
     with torch.no_grad():
         torch.testing.assert_close(big(x), layer(x), atol=2e-3, rtol=2e-3)
 
@@ -173,7 +173,7 @@ def test_packing_never_changes_the_models_weights():
     with torch.no_grad():
         layer.weight[0, 0] = 7e4  # beyond fp16: the packer clamps its input in place
     before = layer.weight.detach().clone()
-    _HalfProduct(layer)
+    HalfProduct(layer)
     assert torch.equal(layer.weight, before)
 
 

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.model.decoder import Decoder, _Product
+from engine.model.decoder import Decoder
+from engine.model.products import Product
 from engine.runtime import hardware
 from model import GPT, ModelConfig
 
@@ -232,7 +233,7 @@ def test_the_decoder_keeps_products_low_and_the_stream_in_fp32(small_model, dtyp
     assert all(t.dtype == torch.float32 for t in decoder.ln_f)
     for w1, b1, qkv, proj, w2, b2, fc, fc_proj in decoder.layers:
         assert {w1.dtype, b1.dtype, w2.dtype, b2.dtype} == {torch.float32}
-        assert all(isinstance(p, _Product) and p.weight.dtype == dtype for p in (qkv, proj, fc, fc_proj))
+        assert all(isinstance(p, Product) and p.weight.dtype == dtype for p in (qkv, proj, fc, fc_proj))
     assert decoder.head.weight.dtype == dtype and decoder.new_cache().rows.dtype == dtype
 
 

@@ -119,14 +119,14 @@ def parse(tok, chat_ids: ChatTokenIds, ids: list[int]) -> list[Message]:
     return messages
 
 
-def chat_ids_in_force(meta: dict, tok) -> ChatTokenIds | None:
+def chat_ids_in_force(chat_tuned: bool, tok) -> ChatTokenIds | None:
     """The chat tokens when the model has a chat format, else None.
 
-    A model has one once it is fine-tuned on conversations (``"chat_tuned"`` in its
+    A model has one once it is fine-tuned on conversations (``chat_tuned`` in its
     config.json) and its tokenizer holds the chat tokens; a model that never learned
     them gets the plain 'User:/AI:' prompt instead.
     """
-    if not meta.get("chat_tuned"):
+    if not chat_tuned:
         return None
     return tok.chat_token_ids()
 

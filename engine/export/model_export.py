@@ -137,7 +137,7 @@ def export_model(model_dir: str | Path, fmt: str, destination: str | Path, dtype
     dest = check_destination(fmt, destination, force, model_dir)
     _require_extra("safetensors" if fmt == "hf" else "gguf")
     model, tok, meta = folder.load_model("cpu")
-    chat_ids = chat_ids_in_force(meta.to_dict(), tok)  # the rule Chat follows: chat-tuned, with the tokens
+    chat_ids = chat_ids_in_force(meta.chat_tuned, tok)  # the rule Chat follows: chat-tuned, with the tokens
     chat = chat_ids is not None
     steps = meta.progress.step
     notes = []

@@ -19,7 +19,7 @@ from engine.data.tokenizer import BaseTokenizer
 from engine.folder.model_folder import ModelFolder
 from engine.generation.prompts import CHAT_STOPS, QA_STOPS, PreparedRequest, PromptBuilder, render_plain
 from engine.generation.sampling import GenerationConfig
-from engine.generation.token_loop import GenerationStats, Reply, TokenLoop
+from engine.generation.token_loop import FinishReason, GenerationStats, Reply, TokenLoop
 from engine.model.config import ModelConfig
 from engine.model.decoder import Decoder, KVCache
 from engine.model.gpt import GPT
@@ -58,30 +58,28 @@ class ResponseGenerator:
     """A trained model loaded for inference, in eval mode."""
 
     def __init__(self, model_dir: str, runtime: hardware.Runtime | None = None) -> None:
-        self.runtime = runtime or hardware.detect_runtime()
-        self.folder = ModelFolder(model_dir)
-        self.model, self.tokenizer, meta = self.folder.load_model(self.runtime.device)
-        self.meta = meta.to_dict()  # config.json's JSON
-        self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
-        self.finish_reason = "length"  # why the last generation ended
-        self.last_stats: GenerationStats | None = None
-        self._spare_cache: tuple[Decoder, KVCache] | None = None  # the last reply's, for the next
+        runtime = runtime or hardware.detect_runtime()
+        folder = ModelFolder(model_dir)
+        model, tokenizer, meta = folder.load_model(runtime.device)
+        self._hold(model, tokenizer, runtime, folder, chat_tuned=meta.chat_tuned, training_steps=meta.progress.step)
 
     @classmethod
     def from_model(cls, model: GPT, tokenizer: BaseTokenizer,
                    runtime: hardware.Runtime | None = None) -> ResponseGenerator:
         """A generator for a model already in memory (no model folder), e.g. for bench.py."""
         self = cls.__new__(cls)
-        self.runtime = runtime or hardware.detect_runtime()
-        self.folder = None
-        self.model = model.to(self.runtime.device).eval()
-        self.tokenizer = tokenizer
-        self.meta = {}
-        self.notices = []
-        self.finish_reason = "length"
-        self.last_stats = None
-        self._spare_cache = None
+        self._hold(model, tokenizer, runtime or hardware.detect_runtime(), None, chat_tuned=False, training_steps=0)
         return self
+
+    def _hold(self, model: GPT, tokenizer: BaseTokenizer, runtime: hardware.Runtime, folder: ModelFolder | None,
+              chat_tuned: bool, training_steps: int) -> None:
+        self.runtime, self.folder, self.tokenizer = runtime, folder, tokenizer
+        self.model = model.to(runtime.device).eval()
+        self.chat_tuned, self.training_steps = chat_tuned, training_steps
+        self.notices: list[str] = []  # what the last call had to adjust (e.g. truncation)
+        self.finish_reason = FinishReason.LENGTH  # why the last generation ended
+        self.last_stats: GenerationStats | None = None
+        self._spare_cache: tuple[Decoder, KVCache] | None = None  # the last reply's, for the next
 
     @property
     def context(self) -> int:
@@ -89,7 +87,7 @@ class ResponseGenerator:
 
     def info(self) -> ModelInfo:
         return ModelInfo(config=self.model.config, parameters=self.model.num_params(),
-                         tokenizer=self.tokenizer.kind, training_steps=self.meta.get("progress", {}).get("step", 0),
+                         tokenizer=self.tokenizer.kind, training_steps=self.training_steps,
                          device=str(self.runtime.device))
 
     # -- the token loop --------------------------------------------------------------------
@@ -118,7 +116,7 @@ class ResponseGenerator:
         When the context fills up, the oldest tokens are cropped (learned positions
         cannot roll) and the cache is refilled from the kept half (``TokenLoop``).
         """
-        self.finish_reason = "length"
+        self.finish_reason = FinishReason.LENGTH
         decoder = self._decoder() if use_cache else None
         cache = self._borrow_cache(decoder) if decoder is not None else None
         loop = TokenLoop(prompt_ids, cfg, self.context, self.tokenizer.eot_id, stop_ids, cache)
@@ -171,11 +169,6 @@ class ResponseGenerator:
         """Yield the completion of ``prompt`` as text pieces, as soon as they are safe to show."""
         return self.run(self.prompts.complete(prompt, cfg, stop_strings))
 
-    def stream_ids(self, prompt_ids: list[int], cfg: GenerationConfig, stop_strings: tuple[str, ...] = (),
-                   stop_ids: frozenset[int] = frozenset()) -> Iterator[str]:
-        """Yield the text that follows ``prompt_ids``; ``self.last_stats`` is set when it ends."""
-        return self._pieces(PreparedRequest(list(prompt_ids), cfg, tuple(stop_strings), stop_ids))
-
     def run(self, request: PreparedRequest) -> Iterator[str]:
         """Yield the answer ``request`` describes; its notices become ``self.notices``."""
         self.notices = list(request.notices)
@@ -183,7 +176,7 @@ class ResponseGenerator:
 
     def _pieces(self, request: PreparedRequest) -> Iterator[str]:
         self.last_stats = None
-        self.finish_reason = "length"
+        self.finish_reason = FinishReason.LENGTH
         decoder = self._decoder()
         reply = Reply(request, self.tokenizer, self.context, self._borrow_cache(decoder))
         try:
@@ -193,7 +186,7 @@ class ResponseGenerator:
                 if piece:
                     yield piece
         finally:  # also when the caller stops early (Ctrl+C, a client that went away)
-            self.finish_reason = reply.finish_reason or "length"
+            self.finish_reason = reply.finish_reason or FinishReason.LENGTH
             self.last_stats = reply.stats
             self._return_cache(decoder, reply.loop.cache)
 
@@ -209,7 +202,7 @@ class ResponseGenerator:
     @property
     def chat_ids(self) -> ChatTokenIds | None:
         """The chat tokens, when this model has been fine-tuned on conversations (else None)."""
-        return chat_ids_in_force(self.meta, self.tokenizer)
+        return chat_ids_in_force(self.chat_tuned, self.tokenizer)
 
     def chat(self, messages: list[Message], cfg: GenerationConfig,
              stop_strings: tuple[str, ...] = ()) -> Iterator[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
@@ -39,13 +40,21 @@ from engine.model.decoder import Feed, KVCache
 PREFILL_CHUNK = 64
 
 
+class FinishReason(str, Enum):
+    """Why a reply's text ended; the values are the OpenAI API's ``finish_reason``."""
+
+    STOP = "stop"  # end of text, end of turn, or a stop string
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # whoever drove the reply stopped it (the server: its client left)
+
+
 @dataclass(frozen=True)
 class GenerationStats:
     """How a generation went: what a server reports as usage and finish reason."""
 
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop": end-of-text, end of turn or a stop string; "length": max_new_tokens
+    finish_reason: FinishReason
 
 
 class TokenLoop:
@@ -73,7 +82,7 @@ class TokenLoop:
         self.visible = list(prompt_ids)[-context:] or [eot_id]  # what the model sees
         self.pending = list(self.visible)  # the ids the cache has not seen yet
         self.produced = 0
-        self.finish_reason: str | None = None  # "stop" or "length" once done
+        self.finish_reason: FinishReason | None = None  # set once done
 
     @property
     def done(self) -> bool:
@@ -103,13 +112,13 @@ class TokenLoop:
         next_id = sample_next_token(logits, self.rng, cfg.temperature, cfg.top_k, cfg.top_p,
                                     cfg.repetition_penalty, recent, top)
         if next_id == self.eot_id or next_id in self.stop_ids:
-            self.finish_reason = "stop"
+            self.finish_reason = FinishReason.STOP
             return None
         self.produced += 1
         self.visible.append(next_id)
         self.pending = [next_id]
         if self.produced >= cfg.max_new_tokens:
-            self.finish_reason = "length"
+            self.finish_reason = FinishReason.LENGTH
         elif len(self.visible) > self.context:  # crop, and feed the kept half again
             self.visible = self.visible[-(self.context // 2):]
             self.pending = list(self.visible)
@@ -132,7 +141,7 @@ class Reply:
         self.loop = TokenLoop(request.ids, request.cfg, context, tokenizer.eot_id, request.stop_ids, cache, chunk)
         self.streamer = TextStreamer(tokenizer, request.stop_strings)
         self.leading = LeadingSpace() if request.strip_leading_space else None
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
 
     @property
     def done(self) -> bool:
@@ -156,7 +165,7 @@ class Reply:
         if token_id is not None:
             text = self.streamer.push(token_id)
             if self.streamer.stopped:
-                self.finish_reason = "stop"
+                self.finish_reason = FinishReason.STOP
         if self.loop.done and not self.done:
             self.finish_reason = self.loop.finish_reason
             text += self.streamer.flush()  # a held-back tail that was no stop string after all

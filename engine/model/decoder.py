@@ -11,7 +11,7 @@ default where the kernel exists). Each part of the step is row-wise there:
 
 - FBGEMM's fp16-weight product computes every output row on its own, in one order
   over the inputs whatever the number of rows (measured for 1 to 257 rows, one and two
-  threads, both of ``_HalfProduct``'s entry points: bit-identical).
+  threads, both of ``HalfProduct``'s entry points: bit-identical).
 - LayerNorm and RMSNorm (``llama_layout.RowRMSNorm``) normalise each row by itself.
 - Rotation, attention and writing the cache run per sequence, with the very calls
   that sequence makes alone.
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from engine.model import llama_layout
 from engine.model.config import ModelConfig
 from engine.model.gpt import GPT, rotary_tables
-from engine.model.products import _HalfProduct, _Product, half_products_work
+from engine.model.products import HalfProduct, Product
 
-__all__ = ["Decoder", "Feed", "KVCache", "PositionViews", "half_products_work"]
+__all__ = ["Decoder", "Feed", "KVCache", "PositionViews"]
 
 
 class PositionViews(NamedTuple):
@@ -139,12 +139,12 @@ class _Block(NamedTuple):
 
     ln_1_weight: torch.Tensor | None
     ln_1_bias: torch.Tensor | None
-    qkv: _Product | _HalfProduct
-    proj: _Product | _HalfProduct
+    qkv: Product | HalfProduct
+    proj: Product | HalfProduct
     ln_2_weight: torch.Tensor | None
     ln_2_bias: torch.Tensor | None
-    fc: _Product | _HalfProduct
-    fc_proj: _Product | _HalfProduct
+    fc: Product | HalfProduct
+    fc_proj: Product | HalfProduct
 
 
 Norm = Callable[[torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
@@ -177,7 +177,7 @@ class Decoder:
     addition would round to 8 bits. The same holds for both blocks; a llama's rotation
     is computed in fp32 too and stored in the cache's dtype, as autocast's fp32 rotary
     tables made it in training. ``matrix_dtype=torch.float16`` on the CPU keeps the
-    weight matrices in fp16 and computes in fp32 (``_HalfProduct``;
+    weight matrices in fp16 and computes in fp32 (``HalfProduct``;
     ``hardware.Runtime.decode_weights`` says whether this machine has the kernel).
     """
 
@@ -193,8 +193,8 @@ class Decoder:
         def vec(t: torch.Tensor) -> torch.Tensor:  # an fp32 model's own tensor: no copy
             return t.detach().to(self.stream_dtype)
 
-        def product(layer: nn.Linear) -> _Product | _HalfProduct:
-            return _HalfProduct(layer) if half and _HalfProduct.fits(layer) else _Product(layer, self.dtype)
+        def product(layer: nn.Linear) -> Product | HalfProduct:
+            return HalfProduct(layer) if half and HalfProduct.fits(layer) else Product(layer, self.dtype)
 
         self.wte = vec(model.wte.weight)
         self.wpe = None if model.wpe is None else vec(model.wpe.weight)
@@ -246,8 +246,8 @@ class Decoder:
             return None
         if not self.rotary:
             return self._gpt2_row
-        # llama's residual products add in place: fp16 weights through FBGEMM's plain door.
-        adds_in_place = all(isinstance(p, _HalfProduct) and p.adds_in_place
+        # llama's residual products add in place: fp16 weights through FBGEMM's plain-tensor call.
+        adds_in_place = all(isinstance(p, HalfProduct) and p.adds_in_place
                             for blk in self.layers for p in (blk.proj, blk.fc_proj))
         return self._llama_row if adds_in_place else None
 
@@ -277,7 +277,7 @@ class Decoder:
         and the llama block has more of them than GPT-2's (RMSNorm, the rotation, the
         gate): through ``step_many`` it made ~11% fewer tokens/s than a GPT-2 of the
         same size. Here the residual stream is a 1-D row that the products add to
-        themselves (``_HalfProduct.add_to``: the bias slot, which llama leaves empty),
+        themselves (``HalfProduct.add_to``: the bias slot, which llama leaves empty),
         in two buffers taken in turn, and c_fc writes into a buffer whose gate half is a
         view made once: two passes fewer a layer. The values are ``step_many``'s, bit
         for bit (the additions and the norms are the same operations on the same rows;

@@ -1,7 +1,7 @@
 """Generation's matrix products: one linear layer in the layout that is fastest for a few rows.
 
-``_Product`` keeps the weight in the compute dtype (transposed where that is faster);
-``_HalfProduct`` keeps it in fp16 on the CPU and multiplies in fp32 (FBGEMM's kernel).
+``Product`` keeps the weight in the compute dtype (transposed where that is faster);
+``HalfProduct`` keeps it in fp16 on the CPU and multiplies in fp32 (FBGEMM's kernel).
 ``half_products_work`` tells whether this machine has that kernel.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class _Product:
+class Product:
     """One linear layer, stored in the layout that is fastest for a few rows."""
 
     def __init__(self, layer: nn.Linear, dtype: torch.dtype) -> None:
@@ -34,7 +34,7 @@ class _Product:
         return torch.addmm(self.bias, x, self.weight, out=out)
 
 
-class _HalfProduct:
+class HalfProduct:
     """One linear layer whose weight is held in fp16 and multiplied in fp32 (CPU only).
 
     FBGEMM widens the fp16 weights inside its kernel; rows, bias and sums stay fp32,
@@ -42,7 +42,7 @@ class _HalfProduct:
     batch 1 a product costs what reading its weight costs: with half the bytes the
     compact model's decode steps ran 2.4x faster (median of 10 alternating rounds).
 
-    Two doors lead to the same kernel. ``torch.fbgemm_linear_fp16_weight_fp32_activation``
+    Two entry points reach the same kernel. ``torch.fbgemm_linear_fp16_weight_fp32_activation``
     (or, in releases before it, ``torch.fbgemm_linear_fp16_weight``) takes plain
     tensors and costs ~2 us a call, but runs on one thread;
     ``torch.ops.quantized.linear_dynamic_fp16`` passes a TorchScript object and costs
@@ -71,7 +71,7 @@ class _HalfProduct:
                 try:
                     self.packed = torch.fbgemm_pack_gemm_matrix_fp16(weight)
                     self.linear = getattr(torch, "fbgemm_linear_fp16_weight_fp32_activation", None)
-                    if self.linear is None:  # the older door wants a bias vector, zeros for none
+                    if self.linear is None:  # the older function wants a bias vector, zeros for none
                         self.linear = torch.fbgemm_linear_fp16_weight
                         bias = torch.zeros(weight.shape[0]) if bias is None else bias
                     self.bias, self.plain_tensors = bias, True
@@ -96,13 +96,13 @@ class _HalfProduct:
 
     @property
     def adds_in_place(self) -> bool:
-        """Whether ``add_to`` works: the plain door, and no bias of the layer's own."""
+        """Whether ``add_to`` works: the plain-tensor call, and no bias of the layer's own."""
         return self.plain_tensors and not self.biased
 
     def add_to(self, residual: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out (1, N) = residual (N,) + self(x) for one row x (1, K), in one pass.
 
-        The plain door adds its bias vector after the sum over the inputs; a layer
+        The plain-tensor call adds its bias vector after the sum over the inputs; a layer
         without a bias (llama's) hands it the residual row instead: the addition
         ``residual + self(x)`` would make, bit for bit, without a pass of its own.
         """
@@ -110,7 +110,7 @@ class _HalfProduct:
 
 
 def half_products_work() -> bool:
-    """Whether ``_HalfProduct`` runs here and gets a small product right (FBGEMM is
+    """Whether ``HalfProduct`` runs here and gets a small product right (FBGEMM is
     x86 with AVX2; Arm builds and older CPUs lack it)."""
     layer = nn.Linear(16, 8)
     with torch.no_grad():
@@ -118,7 +118,7 @@ def half_products_work() -> bool:
         layer.bias.copy_(torch.linspace(0, 1, 8))
         x = torch.linspace(1, -1, 16).reshape(1, 16)
         try:
-            got = _HalfProduct(layer)(x)
+            got = HalfProduct(layer)(x)
         except Exception:  # a missing operator, no FBGEMM engine, an unsupported CPU
             return False
         return got.shape == (1, 8) and torch.allclose(got, layer(x), atol=1e-2)

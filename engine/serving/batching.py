@@ -30,9 +30,9 @@ import logging
 from dataclasses import dataclass
 
 from engine.generation.generator import ResponseGenerator
-from engine.generation.token_loop import PREFILL_CHUNK, Reply, take_all
+from engine.generation.token_loop import PREFILL_CHUNK, FinishReason, Reply, take_all
 from engine.model.decoder import KVCache
-from engine.serving.jobs import Failed, Finished, FinishReason, Job, Piece, Started, WorkerCounts
+from engine.serving.jobs import Failed, Finished, Job, Piece, Started, WorkerCounts
 
 log = logging.getLogger(__name__)
 

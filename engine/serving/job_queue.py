@@ -20,8 +20,9 @@ from collections import deque
 from enum import Enum
 from typing import Any, Callable
 
+from engine.generation.token_loop import FinishReason
 from engine.serving.batching import MAX_BATCH, BatchScheduler
-from engine.serving.jobs import Event, Failed, Finished, FinishReason, Job, Piece, Started, WorkerCounts
+from engine.serving.jobs import Event, Failed, Finished, Job, Piece, Started, WorkerCounts
 
 # The names the endpoints take from here; the jobs and their events live in ``jobs``.
 __all__ = ["Event", "Failed", "Finished", "FinishReason", "GenerationWorker", "Job", "Piece", "QueueFull", "Started",

@@ -10,22 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass
-from enum import Enum
 from typing import Callable
 
 from engine.generation.prompts import PreparedRequest, PromptBuilder
-
-
-class FinishReason(str, Enum):
-    """Why a job's text ended; the values are the OpenAI API's ``finish_reason``.
-
-    STOP and LENGTH are the generator's own (``GenerationStats.finish_reason``, a plain
-    string in ``engine.generation``); CANCELLED is the worker's: the client left.
-    """
-
-    STOP = "stop"  # end of text, end of turn, or a stop string
-    LENGTH = "length"  # max_tokens reached
-    CANCELLED = "cancelled"
+from engine.generation.token_loop import FinishReason
 
 
 @dataclass(frozen=True)

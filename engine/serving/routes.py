@@ -11,12 +11,13 @@ its job at once (``ClientWatch`` before the answer starts, the stream after).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.data.chat_format import Message
+from engine.generation.prompts import PreparedRequest, PromptBuilder
 from engine.generation.sampling import GenerationConfig
 from engine.serving.api_guard import ApiError
 from engine.serving.chat_page import PAGE_PATH, ChatPage
@@ -214,18 +215,18 @@ class Routes:
         cfg = generation_config(body, self.gen_defaults, self.max_tokens_cap)
         prompt, stops = body.prompt, body.stop
         return await self.respond(request, body, ResponseShape(chat=False, model=self.model_id),
-                                  lambda gen: gen.complete(prompt, cfg, stops))
+                                  lambda prompts: prompts.complete(prompt, cfg, stops))
 
     async def chat_completions(self, body: ChatRequest, request: Request) -> Response:
         self.check_ready(body.model)
         cfg = generation_config(body, self.gen_defaults, self.max_tokens_cap)
         messages, stops = chat_messages(body), body.stop
         return await self.respond(request, body, ResponseShape(chat=True, model=self.model_id),
-                                  lambda gen: gen.chat(messages, cfg, stops))
+                                  lambda prompts: prompts.chat(messages, cfg, stops))
 
     async def respond(self, request: Request, body: GenerationFields, shape: ResponseShape,
-                      start: Callable[[Any], Iterator[str]]) -> Response:
-        """Queues the generation ``start`` describes and answers with its text."""
+                      start: Callable[[PromptBuilder], PreparedRequest]) -> Response:
+        """Queues the generation ``start`` describes (see ``Job``) and answers with its text."""
         job = Job(start)
         try:
             self.worker.submit(job)

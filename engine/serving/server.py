@@ -28,7 +28,7 @@ from typing import Callable
 import uvicorn
 from fastapi import FastAPI
 
-from engine.folder.model_folder import ModelFolder
+from engine.folder.model_folder import WEIGHTS_FILE, ModelFolder
 from engine.generation.generator import ResponseGenerator
 from engine.generation.sampling import GenerationConfig
 from engine.runtime import hardware
@@ -155,7 +155,7 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
                 server.should_exit = True
 
     worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), settings.max_waiting, on_loaded)
-    weights = model_dir / "model.pth"
+    weights = model_dir / WEIGHTS_FILE
     created = int(weights.stat().st_mtime) if weights.exists() else 0
     app = create_app(worker, model_id, settings, gen_defaults or GenerationConfig(), created)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
