@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.data.chat_format import render  # noqa: E402
-from engine.data.chat_windows import ChatDataset, split_conversations  # noqa: E402
-from engine.data.conversations import builtin_conversations  # noqa: E402
+from engine.data.chat_windows import ChatDataset  # noqa: E402
+from engine.data.conversations import builtin_conversations, split_conversations  # noqa: E402
 from engine.data.sources import builtin_source  # noqa: E402
 from engine.runtime import hardware  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator, render_plain  # noqa: E402

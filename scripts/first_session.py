@@ -1,7 +1,7 @@
 """A new user's first session as one command: train, fine-tune, chat, then measure the replies.
 
     python scripts/first_session.py [--label L] [--json rows.jsonl] [--workdir DIR]
-        [--mode menu|commands] [--text builtin|conversations|both|PATH]
+        [--mode menu|commands] [--text builtin|conversations|pydoc|both|PATH]
         [--conversations builtin|chatterbot|PATH] [--text-length 6m] [--chat-length 4m]
         [--tokenizer bpe|sentencepiece] [--say MESSAGE ...] [--openings N] [--dry-run]
         [-- FLAGS FOR interface.py]
@@ -25,11 +25,13 @@ The lengths are what a user would type at the length questions: empty (Enter, th
 default), a number of epochs, or minutes such as ``6m`` (a time budget; the planner
 then picks the model's shape). The data:
 
-- ``--text``: ``builtin`` (Enter: the Python documentation), a file or folder, or
+- ``--text``: ``builtin`` (Enter: the built-in corpus), a file or folder, or
   ``conversations``: the built-in conversations as plain text, one conversation a
   paragraph and one utterance a line (only the conversations fine-tuning trains on:
-  the ones it holds out stay unseen, so their bits per byte still mean something), or
-  ``both``: a folder with the documentation topics and that text.
+  the ones it holds out stay unseen, so their bits per byte still mean something;
+  today's built-in corpus holds the same text, one conversation a document), or
+  ``pydoc``: the Python documentation topics that every CPython ships (the built-in
+  corpus before issue 21), one topic a file, or ``both``: those topics and that text.
 - ``--conversations``: ``builtin`` (Enter: the Chit-Chat Challenge set), a JSONL file,
   or ``chatterbot``: the older chatterbot-corpus set, written to a JSONL file first.
 
@@ -66,8 +68,12 @@ sys.path.insert(0, str(ROOT))
 
 from engine.app.console import DEFAULT_EPOCHS, parse_training_length  # noqa: E402
 from engine.data.chat_format import Message  # noqa: E402
-from engine.data.chat_windows import split_conversations  # noqa: E402
-from engine.data.conversations import builtin_conversations, chatterbot_conversations, open_conversations  # noqa: E402
+from engine.data.conversations import (  # noqa: E402
+    builtin_conversations,
+    chatterbot_conversations,
+    open_conversations,
+    split_conversations,
+)
 from engine.folder.model_folder import ModelFolder  # noqa: E402
 from engine.runtime.hardware import usable_cpu_cores  # noqa: E402
 from engine.training.config import TrainConfig  # noqa: E402
@@ -379,20 +385,21 @@ def text_answer(choice: str, workdir: Path, seed: int, write: bool) -> str:
     """What to type at the text question for ``--text``; writes the file or folder it names."""
     if choice == "builtin":
         return ""
-    if choice not in ("conversations", "both"):
+    if choice not in ("conversations", "both", "pydoc"):
         return str(Path(choice).expanduser().resolve())
-    target = workdir / ("conversations.txt" if choice == "conversations" else "text-both")
+    target = workdir / {"conversations": "conversations.txt", "both": "text-both", "pydoc": "text-pydoc"}[choice]
     if write:
         text = conversations_as_text(training_conversations(seed))
         if choice == "conversations":
             target.write_text(text, encoding="utf-8")
-        else:  # each documentation topic its own file, as the built-in corpus has each its own document
+        else:  # each documentation topic its own file: one document each
             from pydoc_data.topics import topics
 
             (target / "python-docs").mkdir(parents=True, exist_ok=True)
             for i, name in enumerate(sorted(topics)):
                 (target / "python-docs" / f"{i:03d}.txt").write_text(topics[name], encoding="utf-8")
-            (target / "conversations.txt").write_text(text, encoding="utf-8")
+            if choice == "both":
+                (target / "conversations.txt").write_text(text, encoding="utf-8")
     return str(target)
 
 
@@ -577,7 +584,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--mode", choices=("menu", "commands"), default="menu")
     p.add_argument("--workdir", help="a folder for the model and the data files (default: a new temporary one)")
     p.add_argument("--json", metavar="FILE", help="append the row here as a JSON line")
-    p.add_argument("--text", default="builtin", help="builtin, conversations, both, or a file or folder")
+    p.add_argument("--text", default="builtin", help="builtin, conversations, pydoc, both, or a file or folder")
     p.add_argument("--conversations", default="builtin", help="builtin, chatterbot, or a JSONL file")
     p.add_argument("--text-length", type=length_answer, default="", help="typed at the text's length question")
     p.add_argument("--chat-length", type=length_answer, default="", help="typed at the conversations' length")

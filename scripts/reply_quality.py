@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.data.chat_format import Message, render  # noqa: E402
-from engine.data.chat_windows import ChatDataset, split_conversations  # noqa: E402
-from engine.data.conversations import open_conversations  # noqa: E402
+from engine.data.chat_windows import ChatDataset  # noqa: E402
+from engine.data.conversations import open_conversations, split_conversations  # noqa: E402
 from engine.runtime import hardware  # noqa: E402
 from response_generator import GenerationConfig, ResponseGenerator  # noqa: E402
 from trainer import Trainer, estimate_loss  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.app.console import Console, parse_whole_number
+from engine.app.console import BUILTIN_TEXT_LENGTH, Console, parse_whole_number
 from engine.app.display import ConsoleOutput
 from engine.folder.model_folder import ModelFolder
 from interface import main
@@ -244,11 +244,15 @@ def test_sigterm_during_training_saves_and_exits(tmp_path, sample_file):
 
 @pytest.mark.slow
 def test_enter_at_the_file_prompt_trains_on_the_builtin_corpus(tmp_path):
-    # A time budget keeps this short; the corpus itself is ~460 KB of Python docs.
-    code, out = run_app(tmp_path, ["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "6", "5"],
-                        "--max-minutes", "0.05")
+    # A time limit keeps this short; the corpus itself is ~10 MB of conversations. Its length
+    # question offers the first session's minutes, a file's offers epochs.
+    answers = Script(["", "1", "1", "", "1", "6", "2", "3", "The with statement", "", "6", "5"])
+    out = []
+    code = main(["--model-dir", str(tmp_path / "model"), *TINY_CLI, "--max-minutes", "0.05"], answers, out.append)
+    out = "\n".join(out)
     assert code == 0
-    assert "built-in corpus (Python documentation topics)" in out
+    assert "built-in corpus (everyday conversations as plain text)" in out
+    assert f"[default: {BUILTIN_TEXT_LENGTH.describe()}]" in answers.prompts[4] and "minutes" in answers.prompts[4]
     assert "Training stopped (time limit reached)" in out
     assert "Validation at step" in out and "bits/byte" in out
     assert "Error" not in out

@@ -28,8 +28,6 @@ from engine.data.windows import EpochPlan
 from engine.runtime import storage
 
 IGNORE = -1  # the target value the loss skips
-CHAT_VAL_FRACTION = 0.1  # a tenth of the conversations is held out
-MIN_TO_HOLD_OUT = 10
 
 
 @dataclass
@@ -117,21 +115,6 @@ def inputs_and_targets(ids: np.ndarray, targets: np.ndarray) -> tuple[torch.Tens
     y = torch.from_numpy(np.where(targets[:, 1:], ids[:, 1:], IGNORE))
     segments = torch.from_numpy(np.cumsum(ids[:, :-1] == EOT_ID, axis=1))
     return x, y, segments
-
-
-def split_conversations(conversations: list[list[Message]],
-                        seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
-    """(training, held-out): a seeded shuffle, then a tenth held out.
-
-    Fewer than ``MIN_TO_HOLD_OUT`` conversations are all trained on, and the "held-out"
-    loss is then measured on them too: holding out one of three would teach a third
-    less and measure nothing useful.
-    """
-    order = np.random.default_rng([seed, 7]).permutation(len(conversations))
-    n_val = int(len(conversations) * CHAT_VAL_FRACTION) if len(conversations) >= MIN_TO_HOLD_OUT else 0
-    val = [conversations[i] for i in order[:n_val]]
-    train = [conversations[i] for i in order[n_val:]]
-    return train, val or train
 
 
 class ChatDataset:

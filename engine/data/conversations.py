@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from engine.data.chat_format import Message
 from engine.data.conversation_formats import ConversationForm, Reading, detect_form, read_record
 from engine.runtime import storage
@@ -37,6 +39,11 @@ CONVERSATION_SUFFIXES = (".jsonl", ".json", ".parquet")
 MAX_PROBLEMS_SHOWN = 5
 PARQUET_EXTRA = "requirements-parquet.txt"
 BUILTIN_CONVERSATIONS_NAME = "built-in conversations (Chit-Chat Challenge, English)"
+CHAT_VAL_FRACTION = 0.1  # a tenth of the conversations is held out
+MIN_TO_HOLD_OUT = 10
+# TrainConfig's default seed. The built-in text leaves out the conversations that fine-tuning
+# with it holds out, so their held-out loss measures conversations the model never saw.
+DEFAULT_SEED = 1337
 BUILTIN_CITATION = ("the Chit-Chat Challenge dataset of BYU's Perception, Control and Cognition lab "
                     "(pypi.org/project/chitchat-dataset, MIT licence)")
 
@@ -282,3 +289,28 @@ def last_conversation(path: str | Path) -> list[Message]:
     """The last valid conversation in a conversation file (to continue it); a file with none
     is refused as ``open_conversation_files`` refuses it."""
     return open_conversation_files(str(path)).conversations[-1]
+
+
+def split_conversations(conversations: list[list[Message]],
+                        seed: int) -> tuple[list[list[Message]], list[list[Message]]]:
+    """(training, held-out): a seeded shuffle, then a tenth held out.
+
+    Fewer than ``MIN_TO_HOLD_OUT`` conversations are all trained on, and the "held-out"
+    loss is then measured on them too: holding out one of three would teach a third
+    less and measure nothing useful.
+    """
+    order = np.random.default_rng([seed, 7]).permutation(len(conversations))
+    n_val = int(len(conversations) * CHAT_VAL_FRACTION) if len(conversations) >= MIN_TO_HOLD_OUT else 0
+    val = [conversations[i] for i in order[:n_val]]
+    train = [conversations[i] for i in order[n_val:]]
+    return train, val or train
+
+
+def conversation_document(conversation: list[Message]) -> str:
+    """A conversation as plain text to pretrain on: one turn a line (a turn's own lines kept), no role names."""
+    return "\n".join(line.strip() for m in conversation for line in m.content.splitlines() if line.strip())
+
+
+def builtin_conversation_documents(seed: int = DEFAULT_SEED) -> list[str]:
+    """The built-in conversations fine-tuning trains on (with ``seed``), each one document of plain text."""
+    return [conversation_document(c) for c in split_conversations(builtin_conversations().conversations, seed)[0]]

@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from engine.data.chat_format import ChatTokenIds, Message
-from engine.data.chat_windows import ChatDataset, split_conversations
-from engine.data.conversations import ConversationSource
+from engine.data.chat_windows import ChatDataset
+from engine.data.conversations import ConversationSource, split_conversations
 from engine.data.sources import Source
 from engine.data.tokenizer import BaseTokenizer, supported_vocab_size, train_tokenizer
 from engine.data.vocab_growth import Expansion, expand_tokenizer, tokenization_drift, tokens_per_byte
