@@ -90,15 +90,17 @@ def trained_once(tmp_path_factory):
     from engine.data.sources import source_from_text
     from trainer import Trainer
 
-    made: dict[tuple[str, int], Path] = {}
+    made: dict[tuple[str, int, str | None], Path] = {}
 
-    def get(kind: str = "bpe", epochs: int = 1) -> Path:
-        if (kind, epochs) not in made:
-            folder = tmp_path_factory.mktemp(f"trained-{kind}-{epochs}") / "model"
-            Trainer(str(folder), kind, model_overrides=TINY_MODEL, train_overrides=TINY_TRAIN).train(
+    def get(kind: str = "bpe", epochs: int = 1, arch: str | None = None) -> Path:
+        """``arch`` None: the block a new model gets (``NEW_MODEL_RECIPE``); or pinned, e.g. "gpt2"."""
+        if (kind, epochs, arch) not in made:
+            folder = tmp_path_factory.mktemp(f"trained-{kind}-{epochs}-{arch or 'new'}") / "model"
+            overrides = TINY_MODEL if arch is None else {**TINY_MODEL, "arch": arch}
+            Trainer(str(folder), kind, model_overrides=overrides, train_overrides=TINY_TRAIN).train(
                 source_from_text(SAMPLE_TEXT), epochs)
-            made[kind, epochs] = folder
-        return made[kind, epochs]
+            made[kind, epochs, arch] = folder
+        return made[kind, epochs, arch]
 
     return get
 

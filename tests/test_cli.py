@@ -74,7 +74,7 @@ def test_train_ctrl_c_resume_status_generate_export(tmp_path, capsys):
     assert exported.returncode == 0 and "Exported to" in exported.stdout, exported.stderr
     from gguf import GGUFReader
 
-    assert GGUFReader(str(tmp_path / "model.gguf")).fields["general.architecture"].contents() == "gpt2"
+    assert GGUFReader(str(tmp_path / "model.gguf")).fields["general.architecture"].contents() == "llama"  # the block a new model gets
 
 
 def test_errors_are_one_line_with_the_exit_status(tmp_path, trained_once, capsys, monkeypatch):
@@ -206,10 +206,18 @@ def test_finetune_on_a_conversation_file_makes_a_chat_model(trained_copy, tmp_pa
     assert bad.returncode == 1 and "no usable conversation" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_each_command_has_its_own_epochs_default():
-    """finetune --epochs is honoured (it was once silently replaced by --chat-epochs' default)."""
-    assert cli.parse(["train", "x.txt"]).epochs == cli.DEFAULT_EPOCHS
-    assert cli.parse(["finetune"]).epochs == cli.DEFAULT_CHAT_EPOCHS
+def test_each_command_has_its_own_length_default():
+    """A file trains for epochs, the built-in text and conversations for the first session's minutes; a
+    length given is honoured (finetune --epochs was once silently replaced by --chat-epochs' default)."""
+    def length(argv: list[str]) -> tuple[int, float]:
+        args = cli.parse(argv)
+        return args.epochs, args.minutes
+
+    assert length(["train", "x.txt"]) == (cli.DEFAULT_EPOCHS, 0)
+    assert length(["train"]) == (cli.BUILTIN_TEXT_LENGTH.epochs, cli.BUILTIN_TEXT_LENGTH.minutes)
+    assert length(["finetune"]) == (cli.DEFAULT_CHAT_LENGTH.epochs, cli.DEFAULT_CHAT_LENGTH.minutes)
+    assert cli.BUILTIN_TEXT_LENGTH.minutes + cli.DEFAULT_CHAT_LENGTH.minutes < 10  # tokenizers and loading fit too
+    assert length(["train", "--epochs", "2"]) == (2, 0) and length(["finetune", "--minutes", "1"])[1] == 1
     assert cli.parse(["finetune", "--epochs", "2"]).epochs == 2
     assert cli.parse(["finetune", "--chat-epochs", "4"]).epochs == 4
     assert cli.parse(["continue", "x.txt", "--epochs", "5"]).epochs == 5

@@ -1,4 +1,5 @@
-"""Export: the Hugging Face folder in real transformers, the GGUF file read back and in llama.cpp,
+"""Export of the GPT-2 block (old folders, --arch gpt2; tests/test_llama_export.py has the llama one): the
+Hugging Face folder in real transformers, the GGUF file read back and in llama.cpp,
 and the rules for where an export may be written."""
 import shutil
 
@@ -31,7 +32,7 @@ def chat_model(trained_once, tmp_path_factory):
     def get(kind):
         if kind not in made:
             folder = tmp_path_factory.mktemp(f"chat-{kind}") / "model"
-            shutil.copytree(trained_once(kind, 2), folder)
+            shutil.copytree(trained_once(kind, 2, arch="gpt2"), folder)
             meta = storage.read_json(folder / "config.json")
             storage.write_json(folder / "config.json", dict(meta, chat_tuned=True))
             made[kind] = folder
@@ -90,14 +91,14 @@ def test_hf_export_is_our_model_in_transformers(chat_model, tmp_path, kind):
 
 
 def test_a_model_without_chat_format_exports_no_template(trained_once, tmp_path):
-    report = export_model(trained_once("bpe", 2), "hf", tmp_path / "hf")
+    report = export_model(trained_once("bpe", 2, arch="gpt2"), "hf", tmp_path / "hf")
     config = storage.read_json(tmp_path / "hf" / "tokenizer_config.json")
     assert not report.chat_template and "chat_template" not in config
     assert config["eos_token"] == "<|endoftext|>" and config["add_bos_token"] is False
     from safetensors.torch import load_file
 
     weights = load_file(tmp_path / "hf" / "model.safetensors")
-    model, _, _ = ModelFolder(trained_once("bpe", 2)).load_model()
+    model, _, _ = ModelFolder(trained_once("bpe", 2, arch="gpt2")).load_model()
     assert "lm_head.weight" not in weights and "transformer.lm_head.weight" not in weights
     assert torch.equal(weights["transformer.h.0.attn.c_attn.weight"], model.h[0].attn.c_attn.weight.t())
     assert torch.equal(weights["transformer.wte.weight"], model.wte.weight)
@@ -253,7 +254,7 @@ def test_llama_cpp_continues_like_ours(trained_once, tmp_path, monkeypatch, dtyp
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra "
                                     "(requirements-llama.txt, scripts/install_llama_cpp.sh)")
     without_amx_repacking(llama_cpp, monkeypatch)
-    folder = trained_once("bpe", 2)
+    folder = trained_once("bpe", 2, arch="gpt2")
     export_model(folder, "gguf", tmp_path / "model.gguf", dtype)
     ours = ResponseGenerator(str(folder), hardware.detect_runtime("cpu", "fp32"))
     round_like_the_file(ours.model, dtype)
@@ -287,7 +288,7 @@ def test_llama_cpp_continues_like_ours(trained_once, tmp_path, monkeypatch, dtyp
 
 
 def test_where_an_export_may_go(trained_once, tmp_path):
-    folder = trained_once("bpe", 2)
+    folder = trained_once("bpe", 2, arch="gpt2")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from engine.data.conversations import DEFAULT_SEED
 from engine.model.config import ARCHS
 
 MAX_EPOCHS = 100_000
@@ -45,7 +46,7 @@ class TrainConfig:
     eval_batches: int = 50
     target_vocab_size: int = 8000  # requested; lowered when the data cannot support it
     rehearsal: float = 0.2  # share of each batch replayed from earlier datasets
-    seed: int = 1337
+    seed: int = DEFAULT_SEED
     max_minutes: float = 0.0  # 0: no time limit
     compile: bool = False  # torch.compile the training forward; eager if it is unavailable or fails
     # "muon": Muon for the matrices inside the blocks, AdamW for embeddings and norms
@@ -109,9 +110,9 @@ class Recipe:
         return {"optimizer": self.optimizer, "learning_rate": self.learning_rate}
 
 
-# What a new model trains with. Flip here, e.g. to
-# Recipe(arch="llama", qk_norm=True, optimizer="muon", learning_rate=...), once the sweep decides.
-NEW_MODEL_RECIPE = Recipe()
+# What a new model trains with: the llama block under AdamW (README "Block and optimizer":
+# at equal wall time it beat the GPT-2 block by 0.16 bits/byte, and Muon by 0.04).
+NEW_MODEL_RECIPE = Recipe(arch="llama", optimizer="adamw", learning_rate=1e-3)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
