@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 from engine.app import cli, screens
 from engine.app.chat_repl import run_chat
 from engine.app.console import (
+    BUILTIN_TEXT_LENGTH,
     DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
     DEFAULT_NEW_TOKENS,
@@ -35,7 +36,7 @@ from engine.app.display import ConsoleOutput
 from engine.app.flags import add_all_flags
 from engine.app.session import Session
 from engine.data.conversations import open_conversations
-from engine.data.sources import Source, open_source, source_from_text
+from engine.data.sources import BUILTIN_NAME, Source, open_source, source_from_text
 from engine.export.model_export import DestinationInUse, default_destination
 from engine.generation.sampling import GenerationConfig
 from engine.runtime.distributed import launched_by_torchrun
@@ -106,13 +107,14 @@ class Menu:
     def training_menu(self) -> None:
         self.menu_loop(TRAINING_MENU)
 
-    def ask_length(self) -> TrainingLength:
-        return self.console.ask_length(self.session.args.epochs or DEFAULT_EPOCHS)
+    def ask_length(self, default: TrainingLength | None = None) -> TrainingLength:
+        """The length question; --epochs given to the menu is its default, else ``default``, else DEFAULT_EPOCHS."""
+        return self.console.ask_length(self.session.args.epochs or default or DEFAULT_EPOCHS)
 
     def train_from_file(self) -> None:
         source = open_source(self.console.ask("File or folder path (press Enter for the built-in corpus): "))
         self.out(screens.source_summary(source))
-        self.session.train_on(source, self.ask_length())
+        self.session.train_on(source, self.ask_length(BUILTIN_TEXT_LENGTH if source.name == BUILTIN_NAME else None))
 
     def train_from_input(self) -> None:
         source = source_from_text(self.console.read_typed_text())

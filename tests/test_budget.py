@@ -417,7 +417,8 @@ def test_less_than_a_pass_trains_on_a_random_sample_and_the_held_out_split_stays
     """Two budgets shorter than a pass over 200 conversations: each trains on rows drawn in one
     seeded shuffled order (the longer run sees more of the same order), never on the first rows
     in the data's order, and both hold out the same conversations."""
-    from engine.data.chat_windows import ChatDataset, split_conversations
+    from engine.data.chat_windows import ChatDataset
+    from engine.data.conversations import split_conversations
     from engine.training.dataset_memory import dataset_id_of
 
     source = numbered_conversations(200)
@@ -493,7 +494,7 @@ def test_the_menu_takes_minutes_for_conversations(trained_copy, monkeypatch):
     out = []
     assert interface.main(["--model-dir", str(folder)], input_fn, out.append) == 0
     assert [(length.epochs, length.minutes) for length in asked] == [(30, 2.0)]
-    assert "Training length: epochs, or minutes such as 10m for a time budget [default: 30 epochs]: " in prompts
+    assert "Training length: epochs, or minutes such as 10m for a time budget [default: 5 minutes]: " in prompts
     assert any("Invalid length: a time budget is a number of minutes" in line for line in out)
 
 

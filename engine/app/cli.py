@@ -33,6 +33,7 @@ from typing import Callable
 from engine.app import screens
 from engine.app.chat_repl import run_chat
 from engine.app.console import (
+    BUILTIN_TEXT_LENGTH,
     DEFAULT_CHAT_EPOCHS,  # noqa: F401 -- cli.DEFAULT_CHAT_EPOCHS, as before
     DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
@@ -111,7 +112,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                         "them; nothing: the built-in conversations")
     p.add_argument("--chat-epochs", dest="epochs", type=whole_number(1, MAX_TYPED_EPOCHS, "the number of epochs"),
                    metavar="N", help=f"the same as --epochs: passes over the conversations "
-                                     f"(default {DEFAULT_CHAT_LENGTH.describe()})")
+                                     f"(without it or --minutes: {DEFAULT_CHAT_LENGTH.describe()})")
 
 
 def _ask_args(p: argparse.ArgumentParser) -> None:
@@ -380,8 +381,11 @@ def build_parser() -> Parser:
 def parse(argv: list[str]) -> argparse.Namespace:
     """The subcommand's arguments on top of every flag's default (``Session`` reads them all)."""
     args = build_parser().parse_args(argv, namespace=all_defaults())
-    if args.command == "finetune" and args.epochs is None and not args.minutes:  # its default may be minutes
-        args.epochs, args.minutes = DEFAULT_CHAT_LENGTH.epochs, DEFAULT_CHAT_LENGTH.minutes
+    if args.epochs is None and not args.minutes:  # the first session's defaults are minutes
+        if args.command == "finetune":
+            args.epochs, args.minutes = DEFAULT_CHAT_LENGTH.epochs, DEFAULT_CHAT_LENGTH.minutes
+        elif args.command == "train" and not args.path:  # the built-in text
+            args.epochs, args.minutes = BUILTIN_TEXT_LENGTH.epochs, BUILTIN_TEXT_LENGTH.minutes
     if args.epochs is None:  # each command has its own default
         args.epochs = DEFAULT_CHAT_LENGTH.epochs if args.command == "finetune" else DEFAULT_EPOCHS
     return args

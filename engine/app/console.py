@@ -66,12 +66,16 @@ class TrainingLength:
         return f"{self.minutes:g} minutes" if self.minutes else f"{self.epochs} epochs"
 
 
-# Conversation sets are small: 30 passes ended 95% of held-out replies with <|end|>, 12 only
-# 84% (scripts/chat_experiment.py, README "Chat models").
-DEFAULT_CHAT_EPOCHS = 30
-# Fine-tuning's length when the user gives none (the menu's default answer, ``finetune``
-# without --epochs or --minutes); a time budget such as TrainingLength(DEFAULT_CHAT_EPOCHS, 10.0) works too.
-DEFAULT_CHAT_LENGTH = TrainingLength(DEFAULT_CHAT_EPOCHS)
+# The first session, Enter at every question: the built-in text for BUILTIN_TEXT_LENGTH, then
+# the built-in conversations for DEFAULT_CHAT_LENGTH. Both are time budgets, so the session
+# takes the same ten minutes on any machine (tokenizers included) and a faster machine gets a
+# bigger model and more passes, not a shorter wait. The split and the text were chosen by
+# scripts/first_session.py (README "A first session").
+BUILTIN_TEXT_LENGTH = TrainingLength(DEFAULT_EPOCHS, minutes=4.0)
+# A user's own text defaults to DEFAULT_EPOCHS passes; a user's own conversations to these
+# minutes, in which a small set gets many passes and the run keeps the best of them.
+DEFAULT_CHAT_EPOCHS = 30  # the number of passes shown where a length in epochs is asked for
+DEFAULT_CHAT_LENGTH = TrainingLength(DEFAULT_CHAT_EPOCHS, minutes=5.0)
 
 
 def parse_training_length(text: str, default: int | TrainingLength) -> TrainingLength:

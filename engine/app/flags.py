@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.app.console import (
+    BUILTIN_TEXT_LENGTH,
     DEFAULT_CHAT_LENGTH,
     DEFAULT_EPOCHS,
     MAX_TYPED_EPOCHS,
@@ -70,7 +71,8 @@ def add_model_size_flags(p: argparse.ArgumentParser) -> None:
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=whole_number(1, MAX_TYPED_EPOCHS, "the number of epochs"),
-                   help=f"passes over the data (the menu's default answer; default {DEFAULT_EPOCHS}, "
+                   help=f"passes over the data (the menu's default answer; without it or --minutes: {DEFAULT_EPOCHS} "
+                        f"epochs of a file, {BUILTIN_TEXT_LENGTH.describe()} of the built-in corpus, "
                         f"{DEFAULT_CHAT_LENGTH.describe()} for finetune)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float, help=f"peak learning rate (default {NEW_MODEL_RECIPE.learning_rate:g}; "
