@@ -308,3 +308,13 @@ def test_a_caches_position_views_are_made_once_and_see_its_rows(block):
         assert torch.equal(at.k[0, :, 4].reshape(-1), cache.rows[layer, 4, C:2 * C])
         assert torch.equal(at.v[0, :, 4].reshape(-1), cache.rows[layer, 4, 2 * C:])
         assert (at.pairs is not None) == (block != "gpt2")  # llama in fp32: its complex pairs
+
+
+def test_an_emulated_avx2_cpu_has_no_native_bf16(monkeypatch):
+    """ATEN_CPU_CAPABILITY=avx2 keeps PyTorch's kernels to AVX2: bf16 is then slow whatever
+    /proc/cpuinfo says, so the runtime trains in fp32, as on a real AVX2-only CPU."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert hardware.cpu_has_native_bf16() is False
+    assert hardware.detect_runtime("cpu").autocast_dtype is None
+    with pytest.raises(ValueError, match="no native bf16"):
+        hardware.detect_runtime("cpu", "bf16")

@@ -86,6 +86,14 @@ class Runtime:
 
 
 def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively, as PyTorch's kernels are allowed to use it.
+
+    ``ATEN_CPU_CAPABILITY=avx2`` (or lower) keeps PyTorch's kernels to AVX2 on a CPU that
+    has more, which is how an AVX2-only machine is emulated: bf16 then runs as slowly as
+    there, so the answer is no whatever the CPU's flags say.
+    """
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() in ("default", "avx2", "zvector"):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = f.read()
