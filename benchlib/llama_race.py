@@ -7,7 +7,7 @@ after the same prompt with the same sampling and the same number of threads:
 
 - ours: ``ResponseGenerator.complete``, the menu's completion path (prompt, KV cache,
   sampling, text streaming), tokens/s = completion tokens / wall time of the reply;
-- llama.cpp: ``Llama.generate`` (its leanest Python door: its own C sampler chain)
+- llama.cpp: ``Llama.generate`` (its leanest Python entry point: its own C sampler chain)
   with each token turned into text by ``Llama.detokenize``, stopped after as many
   tokens or at its end-of-text.
 
