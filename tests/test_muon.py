@@ -141,6 +141,13 @@ def test_the_recipe_decides_new_models_only_and_flipping_it_is_one_change(tmp_pa
     config = flags.planner.model_config(300)
     assert (config.arch, config.qk_norm) == ("gpt2", False)  # the recipe's QK-norm is llama's only
     assert (flags.config.optimizer, flags.config.learning_rate) == ("adamw", 5e-4)
+    # Another optimizer without --lr gets that optimizer's rate, not the one tuned for Muon,
+    # in the config and in a time budget's plan alike.
+    picked = Trainer(str(tmp_path / "picked"), "bpe", model_overrides=TINY_MODEL,
+                     train_overrides={**TINY_TRAIN, "optimizer": "adamw"})
+    adamw_rate = training_config.LEARNING_RATES["adamw"]
+    assert (picked.config.optimizer, picked.config.learning_rate) == ("adamw", adamw_rate) and adamw_rate != 2e-3
+    assert picked.planner.recipe.base_learning_rate(picked.planner.train_overrides) == adamw_rate
 
     again = Trainer(str(old), "bpe", train_overrides=TINY_TRAIN)
     again.train(src, 1)

@@ -20,7 +20,7 @@ from engine.app.console import (
 )
 from engine.model.config import ARCHS
 from engine.runtime import hardware
-from engine.training.config import NEW_MODEL_RECIPE, OPTIMIZERS
+from engine.training.config import LEARNING_RATES, NEW_MODEL_RECIPE, OPTIMIZERS
 
 # The project folder's custom_llm/ (engine/app/flags.py is two folders down from it).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[2] / "custom_llm"
@@ -75,8 +75,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         f"epochs of a file, {BUILTIN_TEXT_LENGTH.describe()} of the built-in corpus, "
                         f"{DEFAULT_CHAT_LENGTH.describe()} for finetune)")
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float, help=f"peak learning rate (default {NEW_MODEL_RECIPE.learning_rate:g}; "
-                   "with --minutes scaled to the planned width)")
+    t.add_argument("--lr", type=float, help="peak learning rate (a new model: " + ", ".join(
+                   f"{rate:g} with {name}" for name, rate in LEARNING_RATES.items()) + "; with --minutes scaled to "
+                   "the planned width; a model keeps its own)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="muon: Muon for the matrices in the blocks and AdamW "
                    "for the rest; adamw: AdamW for all (a new model's choice, default "
                    f"{NEW_MODEL_RECIPE.optimizer}; a model keeps its own)")

@@ -86,6 +86,13 @@ class TrainConfig:
         return cls(**d)
 
 
+# Each optimizer's peak learning rate at width 256 for a new model: the best of the
+# ablation's sweep (README "Block and optimizer": AdamW lost 0.011 bits/byte at 2e-3,
+# Muon 0.057 at 1e-3 and 0.002 at 4e-3). A time budget's plan scales it by
+# 1/sqrt(width / 256) (``budget.learning_rate_for``).
+LEARNING_RATES = {"adamw": 1e-3, "muon": 2e-3}
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A new model's block design, optimizer and learning rate (see the module's docstring)."""
@@ -93,27 +100,36 @@ class Recipe:
     arch: str = "gpt2"
     qk_norm: bool = False  # applies to llama blocks only; a user's --arch gpt2 drops it
     optimizer: str = "adamw"
-    # The peak learning rate. A time budget's plan takes it as the rate at width 256 and
-    # scales it by 1/sqrt(width / 256) (``budget.learning_rate_for``).
-    learning_rate: float = 1e-3
+    # None: the optimizer's rate in LEARNING_RATES. A number is the rate for the recipe's
+    # own optimizer; a user who picks the other optimizer gets that one's rate.
+    learning_rate: float | None = None
 
     def __post_init__(self) -> None:
-        assert self.arch in ARCHS and self.optimizer in OPTIMIZERS and self.learning_rate > 0, self
+        assert self.arch in ARCHS and self.optimizer in OPTIMIZERS, self
+        assert self.learning_rate is None or self.learning_rate > 0, self
 
     def model_settings(self, model_overrides: dict) -> dict:
         """``ModelConfig`` settings of a new model: the recipe's block design where the user chose none."""
         arch = model_overrides.get("arch", self.arch)
         return {"arch": arch, "qk_norm": self.qk_norm and arch == "llama"}
 
-    def train_settings(self) -> dict:
+    def base_learning_rate(self, train_overrides: dict) -> float:
+        """The peak rate at width 256 for the optimizer a new model will use (the user's, else the recipe's)."""
+        optimizer = train_overrides.get("optimizer", self.optimizer)
+        if optimizer == self.optimizer and self.learning_rate is not None:
+            return self.learning_rate
+        return LEARNING_RATES[optimizer]
+
+    def train_settings(self, train_overrides: dict) -> dict:
         """``TrainConfig`` settings of a new model (the user's flags are laid over them)."""
-        return {"optimizer": self.optimizer, "learning_rate": self.learning_rate}
+        return {"optimizer": train_overrides.get("optimizer", self.optimizer),
+                "learning_rate": self.base_learning_rate(train_overrides)}
 
 
-# What a new model trains with: the llama block under Muon at 2e-3 (README "Block and optimizer":
-# at equal wall time, 0.15 bits/byte below the GPT-2 block with AdamW at 1e-3, and 0.017
-# below the llama block with AdamW at its best rate; QK-norm bought nothing for its time).
-NEW_MODEL_RECIPE = Recipe(arch="llama", optimizer="muon", learning_rate=2e-3)
+# What a new model trains with: the llama block under Muon (README "Block and optimizer": at
+# equal wall time, 0.17 bits/byte below the GPT-2 block with AdamW, and 0.017 below the llama
+# block with AdamW at its best rate; QK-norm bought nothing for its time).
+NEW_MODEL_RECIPE = Recipe(arch="llama", optimizer="muon")
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:

@@ -140,7 +140,7 @@ class Planner:
         batch = self.measure(minutes, vocab_size, config)
         plan = budget.plan_budget(minutes, self.flop_rate, int(data_tokens * (1 - config.val_fraction)),
                                   vocab_size, batch * self.world_size, self.context(), self.pinned_shape(),
-                                  self.recipe.learning_rate)
+                                  self.recipe.base_learning_rate(self.train_overrides))
         return replace(plan, learning_rate=self.train_overrides.get("learning_rate", plan.learning_rate),
                        dropout=self.model_overrides.get("dropout", plan.dropout), vocabulary=self.vocabulary)
 

@@ -112,7 +112,7 @@ class Trainer:
             del self.train_overrides["optimizer"]
         # A new model starts from the recipe (``config.NEW_MODEL_RECIPE``), an existing one from
         # what its folder saved (an old folder reads as gpt2 + AdamW: ``records._upgrade_meta``).
-        base = saved if self.meta else training_config.NEW_MODEL_RECIPE.train_settings()
+        base = saved if self.meta else training_config.NEW_MODEL_RECIPE.train_settings(self.train_overrides)
         self.config = TrainConfig.from_dict({**base, **self.train_overrides})
         self.state: TrainingState | None = None  # the model and what trains it, once built or loaded
         self.tokenizer: BaseTokenizer | None = None
