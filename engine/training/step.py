@@ -367,6 +367,12 @@ class StepRunner:
             try:
                 loss, _ = backing_off(lambda micro: self._accumulate(x, y, micro, segments), run.micro_batches,
                                       most, self.optimizer, self.runtime, give_up, backed_off)
+                if self.compiled is not None and not math.isfinite(float(loss)):
+                    # Seen when inductor reused kernels its on-disk cache kept from a run under
+                    # another ATEN_CPU_CAPABILITY: NaN from the first step, where the eager model
+                    # is fine. Retried eagerly; a loss that is NaN there too is the model's own,
+                    # and checked_loss says so.
+                    raise FloatingPointError("the compiled model's loss is not finite")
                 break
             except Exception as error:
                 if self.compiled is None or isinstance(error, MemoryError):  # MemoryError: backing_off gave up
