@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchlib.llama_race import plain_cpu_buffers
 from engine.data.chat_format import Message, render
 from engine.export.gguf_file import fallback_note, gguf_name, gguf_tensors
 from engine.export.model_export import DestinationInUse, check_destination, dtype_in_force, export_model
@@ -238,14 +239,8 @@ def without_amx_repacking(llama_cpp, monkeypatch) -> None:
     kernels read the same file fine; ggml-org/llama.cpp#11115, #20824). Load models without
     those extra buffer types, where the library lets us."""
     module = llama_cpp.llama_cpp
-    defaults = module.llama_model_default_params
-
-    def plain_cpu_params():
-        params = defaults()
-        if hasattr(params, "use_extra_bufts"):
-            params.use_extra_bufts = False
-        return params
-
+    with plain_cpu_buffers(llama_cpp, True):  # the bench's loader, held for the whole test
+        plain_cpu_params = module.llama_model_default_params
     monkeypatch.setattr(module, "llama_model_default_params", plain_cpu_params)
 
 
