@@ -244,6 +244,38 @@ def without_amx_repacking(llama_cpp, monkeypatch) -> None:
     monkeypatch.setattr(module, "llama_model_default_params", plain_cpu_params)
 
 
+def greedy_ids(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Our greedy continuation through the full forward pass, and each step's top-two margin."""
+    out, margins, visible = [], [], list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([visible]))[0][0, -1]
+            top2 = torch.topk(logits, 2)
+            margins.append(float(top2.values[0] - top2.values[1]))
+            out.append(int(top2.indices[0]))
+            visible.append(out[-1])
+    return out, margins
+
+
+def assert_llama_cpp_continues_like(model, tok, llm) -> None:
+    """llama.cpp's greedy continuation of each prompt is ours up to the first near-tie
+    (``NEAR_TIE``), over at least 10 tokens in all. Prompt and answer stay inside the
+    context: llama.cpp aborts the whole process past it."""
+    compared = 0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        expected, margins = greedy_ids(model, ids, model.config.context - len(ids))
+        theirs = []
+        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            if len(theirs) == len(expected):
+                break
+            theirs.append(token)
+        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
+        assert theirs[:sure] == expected[:sure], prompt
+        compared += sure
+    assert compared >= 10
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_llama_cpp_continues_like_ours(trained_once, tmp_path, monkeypatch, dtype):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra "
@@ -257,29 +289,7 @@ def test_llama_cpp_continues_like_ours(trained_once, tmp_path, monkeypatch, dtyp
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=context, n_threads=1, verbose=False)
     assert llm.n_ctx() >= context
     assert llm.tokenize(MULTILINGUAL.encode(), add_bos=False, special=False) == tok.encode(MULTILINGUAL)
-    compared = 0
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        # llama.cpp aborts the whole process past its context: prompt + answer stay inside ours.
-        n = context - len(ids)
-        expected, margins = [], []
-        visible = list(ids)
-        for next_id in ours.generate_ids(ids, greedy(n)):
-            with torch.no_grad():
-                logits = ours.model(torch.tensor([visible]))[0][0, -1]
-            top2 = torch.topk(logits, 2).values
-            margins.append(float(top2[0] - top2[1]))
-            expected.append(next_id)
-            visible.append(next_id)
-        theirs = []
-        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if len(theirs) == len(expected) or token == tok.eot_id:
-                break
-            theirs.append(token)
-        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
-        assert theirs[:sure] == expected[:sure], prompt
-        compared += sure
-    assert compared >= 10
+    assert_llama_cpp_continues_like(ours.model, tok, llm)
 
 
 def test_where_an_export_may_go(trained_once, tmp_path):

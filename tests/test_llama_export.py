@@ -12,7 +12,14 @@ from engine.runtime import storage
 from trainer import Trainer
 
 from conftest import SAMPLE_TEXT, TINY_MODEL, TINY_TRAIN
-from test_export import CONVERSATION, MULTILINGUAL, NEAR_TIE, PROMPTS, without_amx_repacking
+from test_export import (
+    CONVERSATION,
+    MULTILINGUAL,
+    PROMPTS,
+    assert_llama_cpp_continues_like,
+    greedy_ids,
+    without_amx_repacking,
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +31,6 @@ def llama_folder(tmp_path_factory):
     meta = storage.read_json(folder / "config.json")
     storage.write_json(folder / "config.json", dict(meta, chat_tuned=True))
     return folder
-
-
-def greedy_ids(model, ids: list[int], n: int) -> tuple[list[int], list[float]]:
-    """Our greedy continuation through the full forward pass, and each step's top-two margin."""
-    out, margins, visible = [], [], list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([visible]))[0][0, -1]
-            top2 = torch.topk(logits, 2)
-            margins.append(float(top2.values[0] - top2.values[1]))
-            out.append(int(top2.indices[0]))
-            visible.append(out[-1])
-    return out, margins
 
 
 def test_hf_export_is_our_model_as_llama_in_transformers(llama_folder, tmp_path):
@@ -128,16 +122,4 @@ def test_llama_cpp_continues_like_ours(llama_folder, tmp_path, monkeypatch, dtyp
     ours_from_gguf(model, dtype)
     context = model.config.context
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=context, n_threads=1, verbose=False)
-    compared = 0
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        expected, margins = greedy_ids(model, ids, context - len(ids))
-        theirs = []
-        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if len(theirs) == len(expected):
-                break
-            theirs.append(token)
-        sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))
-        assert theirs[:sure] == expected[:sure], prompt
-        compared += sure
-    assert compared >= 10
+    assert_llama_cpp_continues_like(model, tok, llm)
