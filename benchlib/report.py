@@ -147,8 +147,8 @@ def print_server(sv: dict) -> None:
     rows = [("requests", f"{sum(r['succeeded'] for r in sv['levels'])} of {sum(r['requests'] for r in sv['levels'])} "
              "succeeded" + (f"  !! FAILED: {'; '.join(failed[:5])}" if failed else "")),
             ("machine", f"{sv['cpu']}; load average {sv['load_average']} at the end" + load_note(sv["other_load"])),
-            ("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same model and "
-                                          f"{sv['threads']} thread(s), as the server uses)")]
+            ("in-process, one at a time", f"{sv['direct_tokens_per_s']:,.0f} tokens/s (the same requests one after "
+                                          f"another, {sv['threads']} thread(s), as the server uses)")]
     _table(f"Server under load ({sv['clients'] * sv['per_client']} streamed requests at each level on 127.0.0.1, "
            f"up to {sv['max_tokens']} tokens each, {sv['params'] / 1e6:.2f}M parameters)", rows)
     print(f"  {'streams':>7} {'tokens/s':>9} {'vs 1 stream':>11} {'first token p50':>15} {'p95':>7} {'errors':>6}")

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import torch
 
 from benchlib.machine import OtherLoad, _cpu_ticks
+from engine.data.chat_format import Message
 from engine.data.sources import source_from_text
 from engine.runtime import hardware
 from model import ModelConfig
@@ -48,10 +49,15 @@ def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> P
     return folder
 
 
+def _request_kind(index: int) -> tuple[bool, str]:
+    """Request ``index``'s kind and prompt: (whether it is a chat, the prompt or user message)."""
+    return index % 4 < 2, SERVER_PROMPTS[index % len(SERVER_PROMPTS)]
+
+
 def _server_request(host: str, port: int, index: int, max_tokens: int, stream: bool | None = None) -> dict:
     """One client's request (chat or completion, streamed or not, by ``index``): latency and tokens."""
-    stream, chat = index % 2 == 1 if stream is None else stream, index % 4 < 2
-    prompt = SERVER_PROMPTS[index % len(SERVER_PROMPTS)]
+    chat, prompt = _request_kind(index)
+    stream = index % 2 == 1 if stream is None else stream
     body: dict = {"max_tokens": max_tokens, "seed": index, "stream": stream}
     if chat:
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
@@ -82,6 +88,20 @@ def _server_request(host: str, port: int, index: int, max_tokens: int, stream: b
     if usage is None:
         return {"error": "no usage in the answer"}
     return {"latency_s": time.perf_counter() - t0, "first_token_s": first, "tokens": usage["completion_tokens"]}
+
+
+def _in_process(gen: ResponseGenerator, requests: int, max_tokens: int) -> float:
+    """Completion tokens/s of the levels' ``requests`` requests made in this process one after
+    another, each of the same kind, prompt and seed as the server gets (a chat-tuned model
+    may end a plain completion at once, so timing completions alone can measure nothing)."""
+    tokens, began = 0, time.perf_counter()
+    for index in range(requests):
+        chat, prompt = _request_kind(index)
+        cfg = GenerationConfig(max_new_tokens=max_tokens, seed=index)
+        for _ in gen.chat([Message("user", prompt)], cfg) if chat else gen.complete(prompt, cfg):
+            pass
+        tokens += gen.last_stats.completion_tokens
+    return tokens / (time.perf_counter() - began)
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -161,11 +181,8 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     threads = torch.get_num_threads()
     gen = ResponseGenerator(str(model_dir))
     serving_threads = hardware.configure_cpu_threads_for_serving()
-    for _ in range(2):  # the first run warms up
-        t0 = time.perf_counter()
-        for _ in gen.complete(SERVER_PROMPTS[0], GenerationConfig(max_new_tokens=max_tokens, seed=0)):
-            pass
-        direct = gen.last_stats.completion_tokens / (time.perf_counter() - t0)
+    _in_process(gen, 4, max_tokens)  # warms up
+    direct = _in_process(gen, clients * per_client, max_tokens)
     torch.set_num_threads(threads)
     params = gen.model.num_params()
     del gen
