@@ -243,12 +243,16 @@ def test_rms_norm_rows_are_f_rms_norm_up_to_the_factor_and_each_row_by_itself():
 
 @needs_half_kernel
 @pytest.mark.parametrize("block", BLOCKS)
-def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block):
+def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block, monkeypatch):
     """With fp16 weights every part of a step is row-wise (decoder.py's docstring): a
     sequence's logits are bit-identical whether it steps alone or beside others, in
-    prefill chunks or single tokens, whatever the others are doing."""
+    prefill chunks or single tokens, whatever the others are doing. Steps where every
+    sequence feeds one token take their own path (``Decoder._generating``): it must run."""
     model = model_of(block, d_model=64, n_head=4, context=40)
     decoder = Decoder(model, matrix_dtype=torch.float16)
+    generating = []
+    monkeypatch.setattr(decoder, "_generating", lambda feeds: generating.append(len(feeds))
+                        or Decoder._generating(decoder, feeds))
     seqs = [torch.randint(0, 97, (n,)).tolist() for n in (30, 7, 1, 18, 25)]
     alone = []
     for s in seqs:
@@ -271,6 +275,8 @@ def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block):
             assert torch.equal(logits[row], alone[b][steps[b]]), (block, b, steps[b])
             steps[b] += 1
     assert fed == [len(s) for s in seqs]
+    if decoder.qk_norm is None:  # QK-norm's per-head norm keeps to the general path
+        assert max(generating) >= 3, generating  # several sequences generating at once went this way
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])

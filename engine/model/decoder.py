@@ -21,7 +21,9 @@ default where the kernel exists). Each part of the step is row-wise there:
   thread's share (d_ff is 4 x d_model, or a multiple of 64 for llama; so: d_model a
   multiple of 16, one or two generation threads, as the server has on machines up to
   three cores). Measured: bit-identical for 1 to 300 rows, one and two threads.
-- The single-row paths (``_gpt2_row``, ``_llama_row``) make the same operations on the same rows.
+- The single-row paths (``_gpt2_row``, ``_llama_row``) make the same operations on the same rows,
+  and so does ``_generating`` (every sequence feeding one token), which rotates all the
+  rows' q and k in one multiplication: element by element, as each would be alone.
 
 Not guaranteed: fp32 weights (MKL takes a matrix-vector kernel for one row and picks
 its blocking and threading by the number of rows: a row moves by ~1e-6 between 1 and 2
@@ -314,9 +316,12 @@ class Decoder:
         """One pass for several sequences: fp32 logits (B, vocab), row b for the token after
         ``feeds[b].ids``. Each sequence brings its own cache; their new rows share the
         matrix products, and each attends to its own cache alone."""
-        if self.row is not None and len(feeds) == 1 and len(feeds[0].ids) == 1 \
-                and feeds[0].cache.pos < feeds[0].cache.context:
-            return self.row(feeds[0].ids[0], feeds[0].cache)
+        if self.row is not None and all(len(feed.ids) == 1 and feed.cache.pos < feed.cache.context
+                                        for feed in feeds):
+            if len(feeds) == 1:
+                return self.row(feeds[0].ids[0], feeds[0].cache)
+            if self.qk_norm is None and (not self.rotary or feeds[0].cache.pairs is not None):
+                return self._generating(feeds)
         spans = self._spans(feeds)
         rows = spans[-1].first + spans[-1].end - spans[-1].start
         x = self._embed(feeds, spans, rows)  # the residual stream, in stream_dtype
@@ -342,6 +347,42 @@ class Decoder:
                                                     device=self.device)]
         logits = self.head(self._low(self.norm(x, *self.ln_f)))
         return logits if logits.dtype == torch.float32 else logits.float()
+
+    def _generating(self, feeds: Sequence[Feed]) -> torch.Tensor:
+        """``step_many`` when every sequence feeds one token (a server's steady state), on the
+        row path's terms (CPU, fp32 stream and cache, no QK-norm): logits (B, vocab).
+
+        The general path spends a few tensor operations per sequence per layer beyond its
+        attention (a span, a rotation, a copy); at 16 sequences those were most of a step.
+        Here the rows are rotated in the product's output, all at once (each pair by its
+        own position's turn, element by element as in the cache), and each sequence's
+        layer costs one copy into its cache and its attention. The values are the general
+        path's (``test_a_sequence_gets_the_same_logits_alone_and_in_any_batch``).
+        """
+        C, H = self.config.d_model, self.config.n_head
+        B = len(feeds)
+        positions = [feed.cache.pos for feed in feeds]
+        ats = [feed.cache.at(pos) for feed, pos in zip(feeds, positions)]  # per sequence, per layer
+        x = self.wte[torch.tensor([feed.ids[0] for feed in feeds], device=self.device)]
+        where = torch.tensor(positions, device=self.device)
+        if self.wpe is not None:
+            x = x + self.wpe[where]
+        turns = self.turns[where] if self.rotary else None  # (B, 1, D/2)
+        sdpa = F.scaled_dot_product_attention
+        for layer, blk in enumerate(self.layers):
+            h = blk.qkv(self.norm(x, blk.ln_1_weight, blk.ln_1_bias))  # (B, 3C)
+            if turns is not None:  # q|k of every row as (B, 2H, D/2) pairs, rotated in place
+                torch.view_as_complex(h[:, :2 * C].view(B, 2 * H, -1, 2)).mul_(turns)
+            ys = []
+            for at, new in zip(ats, h.unbind()):
+                views = at[layer]
+                views.row.copy_(new)
+                ys.append(sdpa(views.q, views.k, views.v).view(1, C))
+            x = x + blk.proj(torch.cat(ys))
+            x = x + self._mlp(blk, self.norm(x, blk.ln_2_weight, blk.ln_2_bias))
+        for feed, pos in zip(feeds, positions):
+            feed.cache.pos = pos + 1
+        return self.head(self.norm(x, *self.ln_f))
 
     def _low(self, h: torch.Tensor) -> torch.Tensor:
         """Rows in the products' dtype (a pass only where it differs from the stream's)."""
