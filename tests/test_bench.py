@@ -53,6 +53,7 @@ def test_the_server_load_run_answers_every_request(trained_once, tmp_path):
     assert 0 < result["completion_tokens"] <= 8 * 8 and result["tokens_per_s"] > 0
     assert result["latency_s"]["p50"] <= result["latency_s"]["p95"] <= result["latency_s"]["max"]
     assert result["first_token_s"], "half the requests stream"
+    assert result["direct_tokens_per_s"] > 0  # the in-process yardstick made the same requests
 
 
 def test_the_training_breakdown_accounts_for_the_step_and_names_the_kernels():
@@ -125,3 +126,39 @@ def test_the_llama_cpp_race_alternates_rounds_on_each_export(trained_once):
         assert len(row["theirs"]["all"]) == len(row["ratio"]["all"]) == 2
         assert 0 < row["tokens"] <= 6
     assert race["files"]["f32"]["bytes"] > race["files"]["f16"]["bytes"]
+
+
+def test_the_character_baseline_scores_held_out_text_in_bits_per_byte(tmp_path):
+    """scripts/char_baseline.py, the yardstick of the time budget: a model with all weights 0
+    predicts every character with 1/V, so an ASCII text scores exactly log2(V) bits per byte;
+    a short run reports its steps and a held-out score near that (how far below depends on
+    how many steps this machine makes in the time)."""
+    import importlib.util
+    import json
+    import math
+    import subprocess
+    import sys
+
+    import torch
+
+    from conftest import ROOT, SAMPLE_TEXT
+    spec = importlib.util.spec_from_file_location("char_baseline", ROOT / "scripts" / "char_baseline.py")
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
+    text = "abcab" * 60
+    model = GPT(ModelConfig(vocab_size=3, context=baseline.CONTEXT, d_model=32, n_layer=1, n_head=2, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ids = torch.tensor(["abc".index(c) for c in text])
+    assert math.isclose(baseline.held_out_bits_per_byte(model, ids, text), math.log2(3), rel_tol=1e-5)
+    assert baseline.learning_rate(0, 0.0) == baseline.PEAK_LR / baseline.WARMUP
+    assert math.isclose(baseline.learning_rate(10_000, 1.0), baseline.MIN_LR)
+    data = tmp_path / "text.txt"
+    data.write_text(SAMPLE_TEXT * 4, encoding="utf-8")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "char_baseline.py"), "--seconds", "2", "--data",
+                          str(data), "--json", str(tmp_path / "row.json")], capture_output=True, text=True,
+                         check=True, timeout=300)
+    row = json.loads((tmp_path / "row.json").read_text())
+    assert json.loads(out.stdout) == row and row["steps"] > 0
+    assert 0 < row["bpb"] < 1.5 * math.log2(row["chars"])  # bits (not nats) per byte: near a uniform guess at worst
