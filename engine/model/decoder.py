@@ -353,11 +353,11 @@ class Decoder:
         row path's terms (CPU, fp32 stream and cache, no QK-norm): logits (B, vocab).
 
         The general path spends a few tensor operations per sequence per layer beyond its
-        attention (a span, a rotation, a copy); at 16 sequences those were most of a step.
-        Here the rows are rotated in the product's output, all at once (each pair by its
-        own position's turn, element by element as in the cache), and each sequence's
-        layer costs one copy into its cache and its attention. The values are the general
-        path's (``test_a_sequence_gets_the_same_logits_alone_and_in_any_batch``).
+        attention (a span, a rotation, a copy). Here the rows are rotated in the product's
+        output, all at once (each pair by its own position's turn, element by element as
+        in the cache), and each sequence's layer costs one copy into its cache and its
+        attention: the server made 1.12x the tokens/s at 8 streams (README, Server). The
+        values are the general path's (``test_a_sequence_gets_the_same_logits_alone_and_in_any_batch``).
         """
         C, H = self.config.d_model, self.config.n_head
         B = len(feeds)
