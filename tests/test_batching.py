@@ -153,6 +153,32 @@ def test_sixteen_requests_together_get_what_each_gets_alone(generator):
         assert "".join(menu) == job.text
 
 
+def test_steps_on_two_threads_give_each_request_what_it_gets_alone(generator, monkeypatch):
+    # The server's StepThreads moves big steps to every core; a request's tokens must not
+    # notice: the products of 16 rows and more take FBGEMM's threaded call, the top-k
+    # and the attention split their rows and heads over the threads.
+    import torch
+
+    from engine.serving.step_threads import StepThreads
+
+    reqs = requests()
+    solo = alone(generator, reqs)
+    calls = []
+    real = torch.ops.quantized.linear_dynamic_fp16
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic_fp16", lambda *a: calls.append(1) or real(*a))
+    threads = torch.get_num_threads()
+    policy = StepThreads(few=1, many=2, min_rows=2, interval=4)
+    try:
+        scheduler = BatchScheduler(generator, WorkerCounts(), threads=policy)
+        together = [job_for(*r) for r in reqs]
+        run_all(scheduler, together, join_at=[i // 3 for i in range(16)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(solo, together):
+        assert b.events == a.events
+    assert policy.steps[2] > 0 and policy.steps[1] > 0 and calls  # both settings ran, and the threaded call
+
+
 def test_a_cancelled_request_leaves_without_disturbing_the_others(generator):
     reqs = requests()[:6]
     solo = alone(generator, reqs)

@@ -168,6 +168,34 @@ def test_big_half_products_use_the_threaded_operator(monkeypatch):
 
 
 @needs_half_kernel
+@pytest.mark.parametrize("bias", [True, False])
+def test_many_rows_on_two_threads_take_the_threaded_call_with_the_same_bits(monkeypatch, bias):
+    # A server's batch of 16 rows or more on two threads goes through the threaded call;
+    # each row must come out as the plain call makes it alone, or a request's tokens
+    # would depend on its company.
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 200, bias=bias)
+    product = HalfProduct(layer)
+    assert product.plain_tensors
+    x = torch.randn(40, 96)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            alone = torch.cat([product(row.view(1, -1)) for row in x])
+        calls = []
+        real = torch.ops.quantized.linear_dynamic_fp16
+        monkeypatch.setattr(torch.ops.quantized, "linear_dynamic_fp16", lambda *a: calls.append(1) or real(*a))
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            for rows in (1, 3, 15, 16, 17, 33, 40):
+                assert torch.equal(product(x[:rows]), alone[:rows]), rows
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 4  # the batches of 16 rows and more, and only those
+
+
+@needs_half_kernel
 def test_packing_never_changes_the_models_weights():
     layer = torch.nn.Linear(8, 4)
     with torch.no_grad():
@@ -242,18 +270,21 @@ def test_rms_norm_rows_are_f_rms_norm_up_to_the_factor_and_each_row_by_itself():
 
 
 @needs_half_kernel
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block, monkeypatch):
+def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block, monkeypatch, threads):
     """With fp16 weights every part of a step is row-wise (decoder.py's docstring): a
     sequence's logits are bit-identical whether it steps alone or beside others, in
     prefill chunks or single tokens, whatever the others are doing. Steps where every
-    sequence feeds one token take their own path (``Decoder._generating``): it must run."""
+    sequence feeds one token take their own path (``Decoder._generating``): it must run.
+    The batches also run on two threads, as a server's big steps may (its products of
+    16 rows and more then take FBGEMM's threaded call), the sequences alone on one."""
     model = model_of(block, d_model=64, n_head=4, context=40)
     decoder = Decoder(model, matrix_dtype=torch.float16)
     generating = []
     monkeypatch.setattr(decoder, "_generating", lambda feeds: generating.append(len(feeds))
                         or Decoder._generating(decoder, feeds))
-    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (30, 7, 1, 18, 25)]
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (30, 7, 1, 18, 25, 22, 16, 28)]
     alone = []
     for s in seqs:
         cache = decoder.new_cache()
@@ -261,9 +292,26 @@ def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block, monkeypat
                      + [decoder.step([t], cache) for t in s[12:]])
     caches = [decoder.new_cache() for _ in seqs]
     fed, steps = [0] * len(seqs), [0] * len(seqs)
+    rows = []
+    real = torch.ops.quantized.linear_dynamic_fp16
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic_fp16", lambda x, w: rows.append(len(x)) or real(x, w))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        batched(decoder, seqs, caches, alone, fed, steps, block)
+    finally:
+        torch.set_num_threads(before)
+    assert fed == [len(s) for s in seqs]
+    assert bool(rows) == (threads > 1) and all(n >= HalfProduct.THREADED_ROWS for n in rows)
+    if decoder.qk_norm is None:  # QK-norm's per-head norm keeps to the general path
+        assert max(generating) >= 3, generating  # several sequences generating at once went this way
+
+
+def batched(decoder, seqs, caches, alone, fed, steps, block) -> None:
+    """Step the sequences together in a changing company, checking each row against ``alone``."""
     for round_ in range(40):
         # a changing company: a sequence joins late, another skips rounds
-        live = [b for b in range(len(seqs)) if fed[b] < len(seqs[b]) and round_ >= 2 * b and (b != 3 or round_ % 3)]
+        live = [b for b in range(len(seqs)) if fed[b] < len(seqs[b]) and round_ >= b and (b != 3 or round_ % 3)]
         if not live and all(f == len(s) for f, s in zip(fed, seqs)):
             break
         if not live:
@@ -274,9 +322,6 @@ def test_a_sequence_gets_the_same_logits_alone_and_in_any_batch(block, monkeypat
             fed[b] += len(feeds[row].ids)
             assert torch.equal(logits[row], alone[b][steps[b]]), (block, b, steps[b])
             steps[b] += 1
-    assert fed == [len(s) for s in seqs]
-    if decoder.qk_norm is None:  # QK-norm's per-head norm keeps to the general path
-        assert max(generating) >= 3, generating  # several sequences generating at once went this way
 
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])

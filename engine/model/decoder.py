@@ -14,7 +14,12 @@ default where the kernel exists). Each part of the step is row-wise there:
   threads, both of ``HalfProduct``'s entry points: bit-identical).
 - LayerNorm and RMSNorm (``llama_layout.RowRMSNorm``) normalise each row by itself.
 - Rotation, attention and writing the cache run per sequence, with the very calls
-  that sequence makes alone.
+  that sequence makes alone (on several threads, SDPA gives each head to one thread).
+- A server's steps of many rows may run on more threads than the sequence alone did
+  (``engine.serving.step_threads``); none of the above depends on it, and products of
+  ``HalfProduct.THREADED_ROWS`` rows or more then take FBGEMM's threaded call, which
+  gives the same bits (``test_a_sequence_gets_the_same_logits_alone_and_in_any_batch``
+  runs its batches on two threads too).
 - Element-wise passes (GELU, the gate's sigmoid, additions) compute each value alone;
   GELU and the sigmoid take a vector and a scalar route that may round differently,
   and a value's route is the same in any batch when d_ff is a multiple of 32 per

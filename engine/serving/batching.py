@@ -27,12 +27,16 @@ differ in the rare case that a draw falls within rounding of a boundary).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+
+import torch
 
 from engine.generation.generator import ResponseGenerator
 from engine.generation.token_loop import PREFILL_CHUNK, FinishReason, Reply, take_all
 from engine.model.decoder import KVCache
 from engine.serving.jobs import Failed, Finished, Job, Piece, Started, WorkerCounts
+from engine.serving.step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +55,13 @@ class BatchScheduler:
     """The requests being answered on the loaded model, and one step of all of them at a time.
 
     Runs on the generation worker's thread only. ``counts`` is the worker's: the
-    scheduler adds every request that finishes, is cancelled or fails.
+    scheduler adds every request that finishes, is cancelled or fails. ``threads``
+    (the server's) sets PyTorch's threads before each step; None leaves them alone.
     """
 
     def __init__(self, generator: ResponseGenerator, counts: WorkerCounts, max_batch: int = MAX_BATCH,
-                 prefill_budget: int = PREFILL_CHUNK, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_budget: int = PREFILL_CHUNK, prefill_chunk: int = PREFILL_CHUNK,
+                 threads: StepThreads | None = None) -> None:
         self.decoder = generator.decoder()
         self.prompts = generator.prompts
         self.tokenizer = generator.tokenizer
@@ -64,6 +70,7 @@ class BatchScheduler:
         self.max_batch = max_batch
         self.prefill_budget = prefill_budget
         self.prefill_chunk = prefill_chunk  # the menu's too by default, so both cut a prompt alike
+        self.threads = threads
         self.active: list[Active] = []
         self._spare: list[KVCache] = []  # caches of replies that have left, for the next to join
 
@@ -100,8 +107,15 @@ class BatchScheduler:
         if not carried:
             return
         try:
-            logits = self.decoder.step_many([a.reply.feed() for a in carried])
-            for active, text in zip(carried, take_all([a.reply for a in carried], logits)):
+            feeds = [a.reply.feed() for a in carried]
+            rows = sum(len(feed.ids) for feed in feeds)
+            threads = self._set_threads(rows)
+            began = time.perf_counter()
+            logits = self.decoder.step_many(feeds)
+            texts = take_all([a.reply for a in carried], logits)
+            if self.threads is not None:
+                self.threads.record(threads, rows, time.perf_counter() - began)
+            for active, text in zip(carried, texts):
                 if text:
                     active.job.emit(Piece(text))
         except Exception:  # a bug in the step: every reply in it is lost, the worker carries on
@@ -118,6 +132,15 @@ class BatchScheduler:
         """Cancel every reply still running (the server is stopping)."""
         for active in list(self.active):
             self._leave(active, FinishReason.CANCELLED)
+
+    def _set_threads(self, rows: int) -> int:
+        """PyTorch's threads for a step of ``rows`` rows, as ``self.threads`` chooses."""
+        if self.threads is None:
+            return torch.get_num_threads()
+        threads = self.threads.threads(rows)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # a fraction of a microsecond: per step is cheap enough
+        return threads
 
     def _carried(self) -> list[Active]:
         """Every reply that is generating, and, in the order they came, those feeding a

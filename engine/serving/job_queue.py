@@ -23,6 +23,7 @@ from typing import Any, Callable
 from engine.generation.token_loop import FinishReason
 from engine.serving.batching import MAX_BATCH, BatchScheduler
 from engine.serving.jobs import Event, Failed, Finished, Job, Piece, Started, WorkerCounts
+from engine.serving.step_threads import StepThreads
 
 # The names the endpoints take from here; the jobs and their events live in ``jobs``.
 __all__ = ["Event", "Failed", "Finished", "FinishReason", "GenerationWorker", "Job", "Piece", "QueueFull", "Started",
@@ -53,12 +54,15 @@ class GenerationWorker:
 
     ``load`` returns a ``ResponseGenerator``. ``state`` is LOADING, then READY, or
     FAILED (``error`` says why). ``on_loaded(error)`` is called once from the worker
-    thread, with None on success.
+    thread, with None on success. ``threads``: how many threads each step uses
+    (``BatchScheduler``; None keeps PyTorch's setting).
     """
 
     def __init__(self, load: Callable[[], Any], max_waiting: int,
-                 on_loaded: Callable[[str | None], None] | None = None, max_batch: int = MAX_BATCH) -> None:
+                 on_loaded: Callable[[str | None], None] | None = None, max_batch: int = MAX_BATCH,
+                 threads: StepThreads | None = None) -> None:
         self._load = load
+        self.threads = threads
         self._on_loaded = on_loaded
         self.max_waiting = max_waiting
         self.max_batch = max_batch
@@ -121,7 +125,7 @@ class GenerationWorker:
         """Load the model and make its scheduler; on failure, FAILED (and None)."""
         began = time.perf_counter()
         try:
-            scheduler = BatchScheduler(self._load(), self.counts, self.max_batch)
+            scheduler = BatchScheduler(self._load(), self.counts, self.max_batch, threads=self.threads)
         except Exception as exc:  # any failure must end in FAILED, never a silent dead thread
             log.debug("loading the model failed", exc_info=True)
             self.state, self.error = WorkerState.FAILED, str(exc) or type(exc).__name__

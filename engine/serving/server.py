@@ -36,6 +36,7 @@ from engine.serving.api_guard import Gate, install_error_handlers
 from engine.serving.job_queue import GenerationWorker, WorkerState
 from engine.serving.listening import exposure_warning, open_socket, start_line
 from engine.serving.routes import ClientWatch, Routes, chat_messages, generation_config
+from engine.serving.step_threads import StepThreads
 
 # The names other modules take from here; the routes and the request -> settings helpers
 # live in ``engine.serving.routes`` and are re-exported for the callers that import them here.
@@ -145,7 +146,8 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
         output_fn(f"Error: {exc}")
         return 2
     model_id = model_dir.resolve().name
-    log.info("generation uses %d thread(s)", hardware.configure_cpu_threads_for_serving())
+    few = hardware.configure_cpu_threads_for_serving()
+    log.info("generation uses %d thread(s), %d for big batches while faster", few, hardware.usable_cpu_cores())
     server: uvicorn.Server | None = None
 
     def on_loaded(error: str | None) -> None:
@@ -154,7 +156,8 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
             if server is not None:
                 server.should_exit = True
 
-    worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), settings.max_waiting, on_loaded)
+    worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), settings.max_waiting, on_loaded,
+                              threads=StepThreads(few, hardware.usable_cpu_cores()))
     weights = model_dir / WEIGHTS_FILE
     created = int(weights.stat().st_mtime) if weights.exists() else 0
     app = create_app(worker, model_id, settings, gen_defaults or GenerationConfig(), created)
