@@ -180,6 +180,25 @@ def print_llama_race(r: dict) -> None:
               f"{row['ratio']['median']:>11.2f}x  {rounds}")
     if r.get("token_cost"):
         print_token_cost(r["token_cost"])
+    if r.get("batched"):
+        print_batched_race(r["batched"])
+
+
+def print_batched_race(b: dict) -> None:
+    """Both engines decoding several sequences at once: tokens/s and the gain over one sequence."""
+    if b.get("skipped"):
+        _note("Many sequences at once, against llama.cpp", f"skipped: {b['skipped']}")
+        return
+    print(f"\n== Many sequences at once ({b['threads']} thread(s) on both sides, {b['steps']} greedy steps after "
+          f"a {b['prompt_tokens']}-token prompt, {b['dtype']} GGUF, medians of {b['rounds']} alternating rounds)")
+    print("  ours: Decoder.step_many, the server's batched pass; llama.cpp: one llama_decode of every sequence's "
+          "token a step" + ("" if b["every_sequence_same"] else "; OURS GAVE SEQUENCES DIFFERENT TOKENS"))
+    print(f"  {'sequences':>9} {'ours tok/s':>11} {'vs one':>7} {'llama.cpp tok/s':>16} {'vs one':>7} {'ours/theirs':>12}")
+    for row in b["levels"]:
+        ours_gain = f"{row['ours_vs_one']:.2f}x" if row["ours_vs_one"] else ""
+        theirs_gain = f"{row['theirs_vs_one']:.2f}x" if row["theirs_vs_one"] else ""
+        print(f"  {row['sequences']:>9} {row['ours']:>11,.0f} {ours_gain:>7} {row['theirs']:>16,.0f} "
+              f"{theirs_gain:>7} {row['ours_vs_theirs']:>11.2f}x")
 
 
 def print_token_cost(c: dict) -> None:

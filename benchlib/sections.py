@@ -18,6 +18,7 @@ import torch
 
 from benchlib.data_path import bench_data
 from benchlib.generation import NoEndTokenizer, bench_generation
+from benchlib.batched_race import race_batched
 from benchlib.llama_race import RACE_PROMPT, RaceSampling, race_llama_cpp
 from benchlib.machine import bench_matmul, cpu_instruction_sets, measure_when_quiet, wait_until_idle
 from benchlib.quality import bench_quality
@@ -226,7 +227,8 @@ class Sections:
             model_dir, p.server_clients, p.server_requests, p.server_max_tokens, self.workdir), p.wait_idle)
 
     def llama_cpp_race(self) -> None:
-        """Ours against llama.cpp on the same model, alternating; then what one of our tokens costs."""
+        """Ours against llama.cpp on the same model, alternating; then what one of our tokens costs,
+        and both engines decoding 1 to 16 sequences at once."""
         p = self.plan
         model_dir = p.llama_cpp_model or self.served_model()
         if model_dir is None:
@@ -244,6 +246,8 @@ class Sections:
             race["token_cost"] = token_cost(gen, RACE_PROMPT, p.llama_cpp_sampling.ours(p.new_tokens, 0))
         finally:
             torch.set_num_threads(previous)
+        self.idle()
+        race["batched"] = race_batched(model_dir, race["threads"], rounds=p.rounds)
 
     def quality(self) -> None:
         p = self.plan

@@ -128,6 +128,24 @@ def test_the_llama_cpp_race_alternates_rounds_on_each_export(trained_once):
     assert race["files"]["f32"]["bytes"] > race["files"]["f16"]["bytes"]
 
 
+def test_both_engines_decode_several_sequences_at_once(trained_once, capsys):
+    import pytest
+
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is an optional extra (scripts/install_llama_cpp.sh)")
+    pytest.importorskip("gguf", reason="the gguf package is an optional extra (requirements-export.txt)")
+    from benchlib.batched_race import race_batched
+    from benchlib.report import print_batched_race
+
+    race = race_batched(trained_once("bpe", 1), threads=1, levels=(1, 3), steps=4, rounds=1)
+    assert race["every_sequence_same"]  # three copies of one greedy sequence, batch-invariant: equal tokens
+    assert [row["sequences"] for row in race["levels"]] == [1, 3] and race["steps"] == 4
+    for row in race["levels"]:
+        assert row["ours"] > 0 and row["theirs"] > 0 and len(row["ours_all"]) == len(row["theirs_all"]) == 1
+    assert race["levels"][0]["ours_vs_one"] == race["levels"][0]["theirs_vs_one"] == 1.0
+    print_batched_race(race)
+    assert "llama.cpp tok/s" in capsys.readouterr().out
+
+
 def test_the_character_baseline_scores_held_out_text_in_bits_per_byte(tmp_path):
     """scripts/char_baseline.py, the yardstick of the time budget: a model with all weights 0
     predicts every character with 1/V, so an ASCII text scores exactly log2(V) bits per byte;
