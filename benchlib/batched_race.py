@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from benchlib.llama_race import llama_cpp_missing
+from benchlib.llama_race import llama_cpp_missing, torch_threads
 from engine.export.model_export import export_model
 from engine.generation.generator import ResponseGenerator
 from engine.generation.sampling import GenerationConfig
@@ -113,34 +111,28 @@ def race_batched(model_dir: Path, threads: int | None = None, levels: tuple[int,
     missing = llama_cpp_missing()
     if missing:
         return {"skipped": missing}
-    previous = torch.get_num_threads()
-    threads = threads or previous
-    torch.set_num_threads(threads)
-    try:
+    ours: dict[int, list[float]] = {n: [] for n in levels}
+    theirs: dict[int, list[float]] = {n: [] for n in levels}
+    same = True
+    with torch_threads(threads) as threads, tempfile.TemporaryDirectory(prefix="custom-llm-batched-") as tmp:
         gen = ResponseGenerator(str(model_dir), hardware.detect_runtime("cpu"))
         decoder = gen.decoder()
         prompt_ids = gen.prompts.complete(PROMPT, GenerationConfig()).ids
         steps = min(steps, gen.context - len(prompt_ids))
-        with tempfile.TemporaryDirectory(prefix="custom-llm-batched-") as tmp:
-            path = Path(tmp) / f"model-{dtype}.gguf"
-            export_model(model_dir, "gguf", path, dtype)
-            theirs_engine = LlamaBatch(path, gen.context, threads)
-            try:
-                ours: dict[int, list[float]] = {n: [] for n in levels}
-                theirs: dict[int, list[float]] = {n: [] for n in levels}
-                same = True
-                for r in range(rounds + 1):  # round 0 warms both up
-                    for n in levels:
-                        rate, made = time_ours(decoder, prompt_ids, n, steps)
-                        same = same and all(row == made[0] for row in made)
-                        their_rate = theirs_engine.time(prompt_ids, n, steps)
-                        if r:
-                            ours[n].append(rate)
-                            theirs[n].append(their_rate)
-            finally:
-                theirs_engine.close()
-    finally:
-        torch.set_num_threads(previous)
+        path = Path(tmp) / f"model-{dtype}.gguf"
+        export_model(model_dir, "gguf", path, dtype)
+        theirs_engine = LlamaBatch(path, gen.context, threads)
+        try:
+            for r in range(rounds + 1):  # round 0 warms both up
+                for n in levels:
+                    rate, made = time_ours(decoder, prompt_ids, n, steps)
+                    same = same and all(row == made[0] for row in made)
+                    their_rate = theirs_engine.time(prompt_ids, n, steps)
+                    if r:
+                        ours[n].append(rate)
+                        theirs[n].append(their_rate)
+        finally:
+            theirs_engine.close()
     rows = []
     for n in levels:
         a, b = statistics.median(ours[n]), statistics.median(theirs[n])

@@ -177,12 +177,17 @@ def race_llama_cpp(model_dir: Path, dtypes: tuple[str, ...] = RACE_DTYPES, threa
     missing = llama_cpp_missing()
     if missing:
         return {"skipped": missing}
+    with torch_threads(threads) as threads, tempfile.TemporaryDirectory(prefix="custom-llm-race-") as tmp:
+        return _race(Path(model_dir), Path(tmp), dtypes, threads, rounds, new_tokens, prompt, sampling)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """PyTorch on ``threads`` threads for the block (None: as set); yields the number in force."""
     previous = torch.get_num_threads()
-    threads = threads or previous
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or previous)
     try:
-        with tempfile.TemporaryDirectory(prefix="custom-llm-race-") as tmp:
-            return _race(Path(model_dir), Path(tmp), dtypes, threads, rounds, new_tokens, prompt, sampling)
+        yield threads or previous
     finally:
         torch.set_num_threads(previous)
 
