@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from benchlib.batched_race import race_batched
 from benchlib.data_path import bench_data
 from benchlib.generation import NoEndTokenizer, bench_generation
-from benchlib.batched_race import race_batched
 from benchlib.llama_race import RACE_PROMPT, RaceSampling, race_llama_cpp
 from benchlib.machine import bench_matmul, cpu_instruction_sets, measure_when_quiet, wait_until_idle
 from benchlib.quality import bench_quality
