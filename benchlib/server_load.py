@@ -161,9 +161,12 @@ def _level(host: str, port: int, server_pid: int, streams: int, requests: int, m
         wall = time.perf_counter() - t0
     ok = [r for r in results if "error" not in r]
     tokens = sum(r["tokens"] for r in ok)
+    # How many requests were open on average: below ``streams`` when a client is between
+    # two requests, or when some have finished and the rest run on (chats that end early).
+    in_flight = sum(r["latency_s"] for r in ok) / wall
     return {"streams": streams, "requests": requests, "succeeded": len(ok),
             "errors": [r["error"] for r in results if "error" in r][:5], "completion_tokens": tokens,
-            "wall_s": wall, "tokens_per_s": tokens / wall, "results": ok,
+            "wall_s": wall, "tokens_per_s": tokens / wall, "in_flight": in_flight, "results": ok,
             "first_token_s": _percentiles([r["first_token_s"] for r in ok if r["first_token_s"] is not None]),
             "other_load": load.share}
 

@@ -54,6 +54,8 @@ def test_the_server_load_run_answers_every_request(trained_once, tmp_path):
     assert result["latency_s"]["p50"] <= result["latency_s"]["p95"] <= result["latency_s"]["max"]
     assert result["first_token_s"], "half the requests stream"
     assert result["direct_tokens_per_s"] > 0  # the in-process yardstick made the same requests
+    for row in result["levels"]:  # never more open at once than there are clients, and some always
+        assert 0 < row["in_flight"] <= row["streams"] + 1e-6, row
 
 
 def test_the_training_breakdown_accounts_for_the_step_and_names_the_kernels():

@@ -16,7 +16,7 @@ def drive(policy: StepThreads, steps: int, cost_per_row: dict[int, float], rows:
 
 def test_small_steps_keep_the_servers_threads_and_are_not_timed():
     policy = StepThreads(few=1, many=2)
-    assert drive(policy, 50, {1: 1.0, 2: 0.1}, rows=7) == [1] * 50
+    assert drive(policy, 50, {1: 1.0, 2: 0.1}, rows=6) == [1] * 50
     assert policy.steps == {}
 
 

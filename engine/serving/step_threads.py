@@ -38,7 +38,7 @@ class StepThreads:
 
     few: int
     many: int
-    min_rows: int = 8  # below this a second thread measured no faster (the weights' reading dominates)
+    min_rows: int = 7  # 7 rows: 2,327 us on two threads, 2,532 on one; 6 rows: 2,197 and 2,252 (in process)
     interval: int = 32  # big steps between two trials of the other setting, while the last trial won
     max_interval: int = 1024
     trial_steps: int = 3  # a trial's cost is the median of this many steps: the first one wakes the threads
