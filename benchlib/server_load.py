@@ -2,7 +2,8 @@
 
 ``bench_server`` starts ``interface.py serve`` as a child process on a free port and,
 at each level of concurrency, sends it the same number of streamed chat and completion
-requests from that many client threads, each sending its share one after another.
+requests from that many client threads, each sending the next request as soon as its
+last one is answered.
 Per level: the aggregate completion tokens/s (continuous batching answers the streams
 together, so this grows with the streams), the time to first token (p50, p95) and
 the errors. Beside it, the same model in this process, one request at a time, as the
@@ -14,6 +15,7 @@ import http.client
 import json
 import math
 import os
+import queue
 import sys
 import threading
 import time
@@ -143,15 +145,24 @@ class _ServerLoad:
 
 
 def _level(host: str, port: int, server_pid: int, streams: int, requests: int, max_tokens: int) -> dict:
-    """``requests`` streamed requests from ``streams`` client threads at once, each sending
-    its share back to back: aggregate tokens/s, time to first token, errors."""
+    """``requests`` streamed requests from ``streams`` client threads at once, each taking
+    the next request not yet sent as soon as its last one is answered (so ``streams`` stay
+    open until the last ones: a client whose replies ended early does not sit idle while
+    another works through a fixed share): aggregate tokens/s, time to first token, errors."""
     results: list[dict] = []
+    waiting: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for r in range(requests):
+        waiting.put(r)
 
-    def client(c: int) -> None:
-        for r in range(c, requests, streams):
+    def client() -> None:
+        while True:
+            try:
+                r = waiting.get_nowait()
+            except queue.Empty:
+                return
             results.append(_server_request(host, port, r, max_tokens, stream=True))
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(streams)]
+    threads = [threading.Thread(target=client) for _ in range(streams)]
     with _ServerLoad(server_pid) as load:
         t0 = time.perf_counter()
         for t in threads:
