@@ -88,7 +88,14 @@ class GenerationWorker:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def answering(self) -> int:
+        """How many requests are being answered now (read from any thread: a list's length)."""
+        scheduler = self._scheduler
+        return len(scheduler.active) if scheduler is not None else 0
+
     def submit(self, job: Job) -> None:
+        job.answering = lambda: self.answering  # paces the job's text (jobs.text_interval)
         with self._wakeup:
             if len(self._jobs) >= self.max_waiting:
                 raise QueueFull(f"{len(self._jobs)} requests are already waiting")

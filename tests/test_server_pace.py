@@ -1,6 +1,10 @@
-"""The server's choice of threads per step: every core while measured faster, one core when not."""
+"""How the server spends its two kinds of work: threads per step (every core while measured
+faster, one when not) and how often a stream's text is handed to the event loop."""
 from __future__ import annotations
 
+import asyncio
+
+from engine.serving.jobs import TEXT_INTERVAL_S, Job, Piece, Started, text_interval
 from engine.serving.step_threads import StepThreads
 
 
@@ -46,3 +50,34 @@ def test_one_core_means_nothing_to_choose():
     policy = StepThreads(few=1, many=1)
     assert drive(policy, 20, {1: 1.0}) == [1] * 20
     assert policy.steps == {}
+
+
+def test_text_is_handed_over_less_often_the_more_streams_there_are():
+    assert text_interval(0) == text_interval(1) == text_interval(4) == TEXT_INTERVAL_S == 0.02
+    assert text_interval(8) == 0.04 and text_interval(16) == 0.08
+    assert text_interval(32) == text_interval(1000) == 0.1  # never choppier than 10 updates a second
+
+
+def test_a_job_among_sixteen_streams_waits_the_longer_interval_between_pieces():
+    async def run() -> list[tuple[float, object]]:
+        loop = asyncio.get_running_loop()
+        job = Job(lambda prompts: None)
+        job.answering = lambda: 16
+        got = []
+
+        async def take() -> None:
+            event = await asyncio.wait_for(job.events.get(), 5)
+            got.append((loop.time(), event))
+
+        job.emit(Started([]))
+        await take()
+        job.emit(Piece("a"))  # the first text goes at once
+        await take()
+        job.emit(Piece("b"))  # waits for the interval; "c" joins it meanwhile
+        job.emit(Piece("c"))
+        await take()
+        return got
+
+    (t0, started), (t1, first), (t2, rest) = asyncio.run(run())
+    assert (started, first, rest) == (Started([]), Piece("a"), Piece("bc"))
+    assert t2 - t1 >= text_interval(16) - 1e-3  # a timer never fires early: the wait is at least the interval
