@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import uvicorn
 from fastapi import FastAPI
 
@@ -146,8 +147,9 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
         output_fn(f"Error: {exc}")
         return 2
     model_id = model_dir.resolve().name
+    many = torch.get_num_threads()  # the machine's, or what OMP_NUM_THREADS asked for
     few = hardware.configure_cpu_threads_for_serving()
-    log.info("generation uses %d thread(s), %d for big batches while faster", few, hardware.usable_cpu_cores())
+    log.info("generation uses %d thread(s), %d for big batches while faster", few, many)
     server: uvicorn.Server | None = None
 
     def on_loaded(error: str | None) -> None:
@@ -157,7 +159,7 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
                 server.should_exit = True
 
     worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), settings.max_waiting, on_loaded,
-                              threads=StepThreads(few, hardware.usable_cpu_cores()))
+                              threads=StepThreads(few, many))
     weights = model_dir / WEIGHTS_FILE
     created = int(weights.stat().st_mtime) if weights.exists() else 0
     app = create_app(worker, model_id, settings, gen_defaults or GenerationConfig(), created)
