@@ -3,7 +3,10 @@ faster, one when not) and how often a stream's text is handed to the event loop.
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 
+from engine.serving.job_queue import GenerationWorker
 from engine.serving.jobs import TEXT_INTERVAL_S, Job, Piece, Started, text_interval
 from engine.serving.step_threads import StepThreads
 
@@ -81,3 +84,27 @@ def test_a_job_among_sixteen_streams_waits_the_longer_interval_between_pieces():
     (t0, started), (t1, first), (t2, rest) = asyncio.run(run())
     assert (started, first, rest) == (Started([]), Piece("a"), Piece("bc"))
     assert t2 - t1 >= text_interval(16) - 1e-3  # a timer never fires early: the wait is at least the interval
+
+
+def test_the_servers_worker_hides_what_it_loaded_from_the_garbage_collector():
+    class Loaded:  # what the scheduler reads of a ResponseGenerator
+        prompts = tokenizer = None
+        context = 16
+
+        def decoder(self):
+            return None
+
+    assert gc.get_freeze_count() == 0
+    counts = []
+    try:
+        for freeze in (False, True):
+            loaded = threading.Event()
+            worker = GenerationWorker(Loaded, max_waiting=1, on_loaded=lambda error: loaded.set(),
+                                      freeze_loaded=freeze)
+            worker.start()
+            assert loaded.wait(30) and worker.error is None
+            counts.append(gc.get_freeze_count())
+            worker.close()
+    finally:
+        gc.unfreeze()  # this test process goes on loading and dropping models
+    assert counts[0] == 0 and counts[1] > 1000  # the modules loaded so far, at the least

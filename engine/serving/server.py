@@ -159,7 +159,7 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
                 server.should_exit = True
 
     worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), settings.max_waiting, on_loaded,
-                              threads=StepThreads(few, many))
+                              threads=StepThreads(few, many), freeze_loaded=True)
     weights = model_dir / WEIGHTS_FILE
     created = int(weights.stat().st_mtime) if weights.exists() else 0
     app = create_app(worker, model_id, settings, gen_defaults or GenerationConfig(), created)
