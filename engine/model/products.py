@@ -59,7 +59,9 @@ class HalfProduct:
     threads to give it. So a small matrix is packed for both calls, which holds its
     fp16 weights twice. Measured on the 2-core Xeon, the compact gpt2's 17 products: at
     16 rows 1,024 us with the plain call against 785 us threaded on two threads; at 8
-    rows 522 us either way (so not from 8). Both calls give the same values, bit for bit.
+    rows 522 us either way (so not from 8). The menu's prompts, fed 64 ids a step on two
+    threads, go 1.3x faster (192 ids: 14.4 ms against 19.4 on the first session's
+    llama). Both calls give the same values, bit for bit.
     """
 
     THREADED_FROM = 1 << 20  # weights (4 MB in fp32) from which threads beat the cheaper call
