@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import sys
@@ -121,6 +122,13 @@ def test_models_lists_the_folder(client, server):
     assert client.models.retrieve(server.model).id == server.model
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
+
+
+def test_health_says_what_is_answered_and_on_how_many_threads(server):
+    body = health(server)
+    assert body["status"] == "ok" and body["answering"] >= 0 and body["waiting"] >= 0
+    threads = body["threads"]  # small steps leave a core to the event loop; big ones may take it
+    assert 1 <= threads["small_steps"] <= threads["big_steps"] <= (os.cpu_count() or 1)
 
 
 def test_a_completion_matches_the_generator_in_process(client, server, local):

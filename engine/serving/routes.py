@@ -197,9 +197,11 @@ class Routes:
         worker, counts = self.worker, self.worker.counts
         ready = worker.state is WorkerState.READY
         body = {"status": "ok" if ready else worker.state.value, "model": self.model_id,
-                "waiting": worker.waiting, "busy": worker.busy, "finished": counts.finished,
-                "cancelled": counts.cancelled, "failed": counts.failed,
+                "waiting": worker.waiting, "busy": worker.busy, "answering": worker.answering,
+                "finished": counts.finished, "cancelled": counts.cancelled, "failed": counts.failed,
                 "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens}
+        if worker.threads is not None:  # what big steps run on now: all cores, or one when another program holds one
+            body["threads"] = {"small_steps": worker.threads.few, "big_steps": worker.threads.chosen}
         return JSONResponse(body, 200 if ready else 503)
 
     async def list_models(self) -> dict:
