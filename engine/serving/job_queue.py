@@ -87,7 +87,7 @@ class GenerationWorker:
     @property
     def busy(self) -> bool:
         """Whether any request is being answered."""
-        return self._scheduler is not None and bool(self._scheduler.active)
+        return self.answering > 0
 
     def start(self) -> None:
         self._thread.start()
