@@ -65,7 +65,7 @@ class LlamaBatch:
     def close(self) -> None:
         self.api.llama_model_free(self.model)
 
-    def time(self, prompt_ids: list[int], n: int, steps: int) -> float:
+    def rate(self, prompt_ids: list[int], n: int, steps: int) -> float:
         """Tokens/s of ``steps`` greedy steps of ``n`` sequences in one context."""
         import numpy as np
 
@@ -127,7 +127,7 @@ def race_batched(model_dir: Path, threads: int | None = None, levels: tuple[int,
                 for n in levels:
                     rate, made = time_ours(decoder, prompt_ids, n, steps)
                     same = same and all(row == made[0] for row in made)
-                    their_rate = theirs_engine.time(prompt_ids, n, steps)
+                    their_rate = theirs_engine.rate(prompt_ids, n, steps)
                     if r:
                         ours[n].append(rate)
                         theirs[n].append(their_rate)

@@ -62,7 +62,7 @@ class StepThreads:
 
     def threads(self, rows: int) -> int:
         """The threads the next step, of ``rows`` rows, should use."""
-        if rows < self.min_rows or self.many <= self.few:
+        if not self._chosen_here(rows):
             return self.few
         if self._best not in self._cost:
             return self._best
@@ -72,7 +72,7 @@ class StepThreads:
 
     def record(self, threads: int, rows: int, seconds: float) -> None:
         """What a step that ``threads(rows)`` chose cost, start to end."""
-        if rows < self.min_rows or self.many <= self.few or threads not in (self.few, self.many):
+        if not self._chosen_here(rows) or threads not in (self.few, self.many):
             return
         self.steps[threads] = self.steps.get(threads, 0) + 1
         per_row = seconds / rows
@@ -93,6 +93,10 @@ class StepThreads:
             self._best, self._wait = threads, self.interval
         else:
             self._wait = min(self.max_interval, 2 * self._wait)
+
+    def _chosen_here(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows is one whose threads this policy chooses and times."""
+        return rows >= self.min_rows and self.many > self.few
 
     @property
     def _other(self) -> int:
