@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import sys
 import threading
 
+import pytest
+import torch
+
+from engine.runtime import hardware
 from engine.serving.job_queue import GenerationWorker
 from engine.serving.jobs import TEXT_INTERVAL_S, Job, Piece, Started, text_interval
 from engine.serving.step_threads import StepThreads
@@ -112,3 +118,54 @@ def test_the_servers_worker_hides_what_it_loaded_from_the_garbage_collector():
     finally:
         gc.unfreeze()  # this test process goes on loading and dropping models
     assert counts[0] == 0 and counts[1] > 1000  # the modules loaded so far, at the least
+
+
+def _os_threads() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
+
+
+def _helpers_of_a_parallel_operation() -> set[str]:
+    """Run one two-thread tensor operation on this thread: the OS threads it started."""
+    before = _os_threads()
+    big = torch.ones(1 << 20)
+    torch.add(big, big)  # a million elements: split over the threads by OpenMP
+    return _os_threads() - before
+
+
+@pytest.fixture
+def openmp_helpers():
+    """This thread's OpenMP helpers, started by a parallel operation on two threads."""
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("OpenMP helper threads are released only for Linux's GNU OpenMP")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        hardware.release_cpu_threads_of_this_thread()  # whatever this thread had before
+        helpers = _helpers_of_a_parallel_operation()
+        if not helpers:
+            pytest.skip("this PyTorch ran the operation without starting an OpenMP helper")
+        yield helpers
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_thread_can_let_go_of_its_openmp_helpers(openmp_helpers):
+    assert openmp_helpers <= _os_threads()
+    assert hardware.release_cpu_threads_of_this_thread()
+    assert not openmp_helpers & _os_threads(), "the helpers still run"
+    # Parallel work on this thread afterwards starts a team again, and computes as before.
+    again = _helpers_of_a_parallel_operation()
+    assert again and torch.equal(torch.ones(1 << 20) * 2, torch.ones(1 << 20) + torch.ones(1 << 20))
+
+
+def test_starting_the_worker_lets_go_of_the_callers_openmp_helpers(openmp_helpers):
+    # Two teams on a 2-core machine make every parallel operation of the worker wake its
+    # helpers from sleep (hardware.release_cpu_threads_of_this_thread says how much that cost).
+    def broken():
+        raise ValueError("no model here")
+
+    worker = GenerationWorker(broken, max_waiting=1)
+    worker.start()
+    worker.close()
+    assert worker.state.value == "failed"
+    assert not openmp_helpers & _os_threads(), "the caller's helpers outlived the worker's start"

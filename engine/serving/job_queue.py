@@ -22,6 +22,7 @@ from enum import Enum
 from typing import Any, Callable
 
 from engine.generation.token_loop import FinishReason
+from engine.runtime import hardware
 from engine.serving.batching import MAX_BATCH, BatchScheduler
 from engine.serving.jobs import Event, Failed, Finished, Job, Piece, Started, WorkerCounts
 from engine.serving.step_threads import StepThreads
@@ -90,6 +91,11 @@ class GenerationWorker:
         return self.answering > 0
 
     def start(self) -> None:
+        """Start the thread; the caller's thread (the event loop's) hands it all tensor work."""
+        # Helpers left from the caller's own parallel work (a menu that trained before it
+        # served) would make every parallel operation of the worker wake its helpers from
+        # sleep: see ``release_cpu_threads_of_this_thread``.
+        hardware.release_cpu_threads_of_this_thread()
         self._thread.start()
 
     @property
