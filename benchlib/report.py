@@ -152,14 +152,16 @@ def print_server(sv: dict) -> None:
     _table(f"Server under load ({sv['clients'] * sv['per_client']} streamed requests at each level on 127.0.0.1, "
            f"up to {sv['max_tokens']} tokens each, {sv['params'] / 1e6:.2f}M parameters)", rows)
     print(f"  {'streams':>7} {'in flight':>9} {'tokens/s':>9} {'vs 1 stream':>11} {'first token p50':>15} {'p95':>7} "
-          f"{'errors':>6}")
+          f"{'errors':>6} {'no HTTP':>8} {'vs 1':>6}")
     for row in sv["levels"]:
-        first, gain = row["first_token_s"], row["vs_one_stream"]
+        first, gain, alone_gain = row["first_token_s"], row["vs_one_stream"], row["worker_vs_one"]
         p50, p95 = (f"{first['p50']:.3f} s", f"{first['p95']:.3f} s") if first else ("-", "-")
         print(f"  {row['streams']:>7} {row['in_flight']:>9.1f} {row['tokens_per_s']:>9,.0f} "
-              f"{f'{gain:.2f}x' if gain else '':>11} {p50:>15} {p95:>7} {row['requests'] - row['succeeded']:>6}"
+              f"{f'{gain:.2f}x' if gain else '':>11} {p50:>15} {p95:>7} {row['requests'] - row['succeeded']:>6} "
+              f"{row['worker_tokens_per_s']:>8,.0f} {f'{alone_gain:.2f}x' if alone_gain else '':>6}"
               + load_note(row["other_load"]))
-    print("  (in flight: requests open at once on average, the sum of their durations over the level's time)")
+    print("  (in flight: requests open at once on average, the sum of their durations over the level's time;"
+          "\n   no HTTP: the same requests and clients through the server's worker in this process)")
 
 
 def print_llama_race(r: dict) -> None:

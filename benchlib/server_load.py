@@ -6,8 +6,10 @@ requests from that many client threads, each sending the next request as soon as
 last one is answered.
 Per level: the aggregate completion tokens/s (continuous batching answers the streams
 together, so this grows with the streams), the time to first token (p50, p95) and
-the errors. Beside it, the same model in this process, one request at a time, as the
-yardstick for what serving costs. The traffic is bounded and the server stops after.
+the errors; beside them, the same levels through the server's worker in this process,
+without HTTP (``worker_load``). And the same model in this process, one request at a
+time, as the yardstick for what serving costs. The traffic is bounded and the server
+stops after.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 import torch
 
 from benchlib.machine import OtherLoad, _cpu_ticks
+from benchlib.worker_load import request_kind, worker_levels
 from engine.data.chat_format import Message
 from engine.data.sources import source_from_text
 from engine.runtime import hardware
@@ -51,14 +54,9 @@ def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> P
     return folder
 
 
-def _request_kind(index: int) -> tuple[bool, str]:
-    """Request ``index``'s kind and prompt: (whether it is a chat, the prompt or user message)."""
-    return index % 4 < 2, SERVER_PROMPTS[index % len(SERVER_PROMPTS)]
-
-
 def _server_request(host: str, port: int, index: int, max_tokens: int, stream: bool | None = None) -> dict:
     """One client's request (chat or completion, streamed or not, by ``index``): latency and tokens."""
-    chat, prompt = _request_kind(index)
+    chat, prompt = request_kind(index, SERVER_PROMPTS)
     stream = index % 2 == 1 if stream is None else stream
     body: dict = {"max_tokens": max_tokens, "seed": index, "stream": stream}
     if chat:
@@ -98,7 +96,7 @@ def _in_process(gen: ResponseGenerator, requests: int, max_tokens: int) -> float
     may end a plain completion at once, so timing completions alone can measure nothing)."""
     tokens, began = 0, time.perf_counter()
     for index in range(requests):
-        chat, prompt = _request_kind(index)
+        chat, prompt = request_kind(index, SERVER_PROMPTS)
         cfg = GenerationConfig(max_new_tokens=max_tokens, seed=index)
         for _ in gen.chat([Message("user", prompt)], cfg) if chat else gen.complete(prompt, cfg):
             pass
@@ -202,6 +200,9 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     del gen
     levels = sorted({n for n in LEVELS if n <= clients} | {clients})
     requests = clients * per_client
+    # The same levels through the server's worker in this process, without HTTP: how far
+    # batching alone goes, and so what serving over HTTP costs at each level.
+    engine = worker_levels(model_dir, levels, requests, max_tokens, SERVER_PROMPTS)
     command = [sys.executable, str(ROOT / "interface.py"), "serve", "--model-dir", str(model_dir), "--port", "0",
                "--max-waiting", str(requests)]
     with OtherLoad() as load, serving_subprocess(command, workdir / "server.log") as child:
@@ -213,8 +214,10 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     for row in rows:
         row.pop("results")
     one = rows[0]["tokens_per_s"] if rows[0]["streams"] == 1 else None
-    for row in rows:
+    for row, alone in zip(rows, engine):
         row["vs_one_stream"] = row["tokens_per_s"] / one if one else None
+        row["worker_tokens_per_s"], row["worker_completion_tokens"] = alone.tokens_per_s, alone.completion_tokens
+        row["worker_vs_one"] = alone.tokens_per_s / engine[0].tokens_per_s if one else None
     return {"clients": clients, "per_client": per_client, "max_tokens": max_tokens, "params": params,
             "levels": rows, "requests": top["requests"], "succeeded": top["succeeded"], "errors": top["errors"],
             "latency_s": _percentiles([r["latency_s"] for r in results]),

@@ -56,6 +56,11 @@ def test_the_server_load_run_answers_every_request(trained_once, tmp_path):
     assert result["direct_tokens_per_s"] > 0  # the in-process yardstick made the same requests
     for row in result["levels"]:  # never more open at once than there are clients, and some always
         assert 0 < row["in_flight"] <= row["streams"] + 1e-6, row
+        # The same requests through the worker without HTTP got the same tokens: a request's
+        # draws do not depend on the others in its batch, nor on the way it came in.
+        assert row["worker_completion_tokens"] == row["completion_tokens"], row
+        assert row["worker_tokens_per_s"] > 0
+    assert result["levels"][0]["worker_vs_one"] == 1.0
 
 
 def test_the_training_breakdown_accounts_for_the_step_and_names_the_kernels():
