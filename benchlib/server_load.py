@@ -6,13 +6,19 @@ requests from that many client threads, each sending the next request as soon as
 last one is answered.
 Per level: the aggregate completion tokens/s (continuous batching answers the streams
 together, so this grows with the streams), the time to first token (p50, p95) and
-the errors; beside them, the same levels through the server's worker in this process,
-without HTTP (``worker_load``). And the same model in this process, one request at a
-time, as the yardstick for what serving costs. The traffic is bounded and the server
-stops after.
+the errors. The traffic is bounded and the server stops after.
+
+Two yardsticks beside it, in this process. The same levels through the server's own
+worker (``GenerationWorker`` with the same ``StepThreads`` and frozen loaded objects):
+the same requests, seeds and clients, no sockets and no JSON. The gap between the two
+is what serving over HTTP costs at that level; the gain over one stream there is as
+far as batching alone takes this model on this machine. And the same requests one at
+a time through the menu's generation.
 """
 from __future__ import annotations
 
+import asyncio
+import gc
 import http.client
 import json
 import math
@@ -21,16 +27,18 @@ import queue
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
 
 from benchlib.machine import OtherLoad, _cpu_ticks
-from benchlib.worker_load import request_kind, worker_levels
 from engine.data.chat_format import Message
 from engine.data.sources import source_from_text
 from engine.runtime import hardware
+from engine.serving.job_queue import Failed, Finished, GenerationWorker, Job
+from engine.serving.step_threads import StepThreads
 from model import ModelConfig
 from response_generator import GenerationConfig, ResponseGenerator
 
@@ -54,9 +62,14 @@ def server_model(corpus: Path, cfg: ModelConfig, batch: int, workdir: Path) -> P
     return folder
 
 
+def _request_kind(index: int) -> tuple[bool, str]:
+    """Request ``index``'s kind and prompt: (whether it is a chat, the prompt or user message)."""
+    return index % 4 < 2, SERVER_PROMPTS[index % len(SERVER_PROMPTS)]
+
+
 def _server_request(host: str, port: int, index: int, max_tokens: int, stream: bool | None = None) -> dict:
     """One client's request (chat or completion, streamed or not, by ``index``): latency and tokens."""
-    chat, prompt = request_kind(index, SERVER_PROMPTS)
+    chat, prompt = _request_kind(index)
     stream = index % 2 == 1 if stream is None else stream
     body: dict = {"max_tokens": max_tokens, "seed": index, "stream": stream}
     if chat:
@@ -96,12 +109,81 @@ def _in_process(gen: ResponseGenerator, requests: int, max_tokens: int) -> float
     may end a plain completion at once, so timing completions alone can measure nothing)."""
     tokens, began = 0, time.perf_counter()
     for index in range(requests):
-        chat, prompt = request_kind(index, SERVER_PROMPTS)
+        chat, prompt = _request_kind(index)
         cfg = GenerationConfig(max_new_tokens=max_tokens, seed=index)
         for _ in gen.chat([Message("user", prompt)], cfg) if chat else gen.complete(prompt, cfg):
             pass
         tokens += gen.last_stats.completion_tokens
     return tokens / (time.perf_counter() - began)
+
+
+@dataclass(frozen=True)
+class WorkerLevel:
+    """One level through the worker: ``clients`` at once, the completion tokens they got, and how fast."""
+
+    clients: int
+    completion_tokens: int
+    tokens_per_s: float
+
+
+def worker_levels(model_dir: Path, levels: list[int], requests: int, max_tokens: int) -> list[WorkerLevel]:
+    """Each level of ``levels`` clients through the server's worker, the server levels'
+    ``requests`` requests a level (request i as ``_request_kind(i)``, seed i)."""
+    many = torch.get_num_threads()
+    few = hardware.configure_cpu_threads_for_serving()
+    try:
+        return asyncio.run(_worker_levels(model_dir, levels, requests, max_tokens, StepThreads(few, many)))
+    finally:
+        gc.unfreeze()  # the worker froze this process's objects, as the server does its own
+        torch.set_num_threads(many)
+
+
+async def _worker_levels(model_dir: Path, levels: list[int], requests: int, max_tokens: int,
+                         threads: StepThreads) -> list[WorkerLevel]:
+    loop = asyncio.get_running_loop()
+    loaded: asyncio.Future[str | None] = loop.create_future()
+    worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir)), requests,
+                              lambda error: loop.call_soon_threadsafe(loaded.set_result, error),
+                              threads=threads, freeze_loaded=True)
+    worker.start()
+    try:
+        error = await loaded
+        if error is not None:
+            raise RuntimeError(f"the worker could not load {model_dir}: {error}")
+        await _worker_answer(worker, 0, max_tokens)  # warms up, as the server level's first request
+        return [await _worker_level(worker, n, requests, max_tokens) for n in levels]
+    finally:
+        worker.close()
+
+
+async def _worker_level(worker: GenerationWorker, clients: int, requests: int, max_tokens: int) -> WorkerLevel:
+    waiting = list(range(requests))[::-1]  # popped from the end: request 0 first
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while waiting:
+            made = await _worker_answer(worker, waiting.pop(), max_tokens)
+            tokens += made  # after the await: ``tokens += await ...`` would read it before
+
+    began = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return WorkerLevel(clients, tokens, tokens / (time.perf_counter() - began))
+
+
+async def _worker_answer(worker: GenerationWorker, index: int, max_tokens: int) -> int:
+    """Request ``index`` through the worker, as the server's endpoints make it: its completion tokens."""
+    chat, prompt = _request_kind(index)
+    cfg = GenerationConfig(max_new_tokens=max_tokens, seed=index)
+    job = Job((lambda builder: builder.chat([Message("user", prompt)], cfg)) if chat
+              else (lambda builder: builder.complete(prompt, cfg)))
+    worker.submit(job)
+    while True:
+        event = await job.events.get()
+        if isinstance(event, Finished):
+            return event.completion_tokens
+        if isinstance(event, Failed):
+            raise RuntimeError(f"request {index} failed in the worker: {event.message}")
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -202,7 +284,7 @@ def bench_server(model_dir: Path, clients: int, per_client: int, max_tokens: int
     requests = clients * per_client
     # The same levels through the server's worker in this process, without HTTP: how far
     # batching alone goes, and so what serving over HTTP costs at each level.
-    engine = worker_levels(model_dir, levels, requests, max_tokens, SERVER_PROMPTS)
+    engine = worker_levels(model_dir, levels, requests, max_tokens)
     command = [sys.executable, str(ROOT / "interface.py"), "serve", "--model-dir", str(model_dir), "--port", "0",
                "--max-waiting", str(requests)]
     with OtherLoad() as load, serving_subprocess(command, workdir / "server.log") as child:
