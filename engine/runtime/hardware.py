@@ -352,8 +352,8 @@ def release_cpu_threads_of_this_thread() -> bool:
     in all against 2,952-3,076 with the helpers let go (three alternating runs; the
     llama model, whose big steps gain little from a second thread, was unchanged). The
     team comes back by itself if this thread runs parallel work again. Returns whether
-    the OpenMP runtime took the request: False where it has no such call (macOS's and
-    Windows' runtimes are left alone) or nothing was found to release.
+    GNU OpenMP took the request: False where it is not loaded (macOS's and Windows'
+    runtimes are left alone) or too old to have the call (before GCC 9).
     """
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
