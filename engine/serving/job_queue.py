@@ -93,8 +93,8 @@ class GenerationWorker:
     def start(self) -> None:
         """Start the thread; the caller's thread (the event loop's) hands it all tensor work."""
         # Helpers left from the caller's own parallel work (a menu that trained or
-        # generated before it served) would make every parallel operation of the worker wake its helpers from
-        # sleep: see ``release_cpu_threads_of_this_thread``.
+        # generated before it served) would make every parallel operation of the
+        # worker wake its helpers from sleep: see ``release_cpu_threads_of_this_thread``.
         hardware.release_cpu_threads_of_this_thread()
         self._thread.start()
 
