@@ -348,7 +348,7 @@ def release_cpu_threads_of_this_thread() -> bool:
     cores; past that, every parallel operation wakes its helpers from sleep. So once
     the menu had generated on two threads, a server started from it ran each two-thread
     operation of its worker far slower on the 2-core Xeon (adding two tensors of 64K
-    values: 5 us -> 70-85), and 16 streams on the bench's gpt2 made 2,321-2,370 tokens/s
+    values: 5 us -> 66-85), and 16 streams on the bench's gpt2 made 2,321-2,370 tokens/s
     in all against 2,952-3,076 with the helpers let go (three alternating runs; the
     llama model, whose big steps gain little from a second thread, was unchanged). The
     team comes back by itself if this thread runs parallel work again. Returns whether
