@@ -9,7 +9,7 @@ together, so this grows with the streams), the time to first token (p50, p95) an
 the errors. The traffic is bounded and the server stops after.
 
 Two yardsticks beside it, in this process. The same levels through the server's own
-worker (``GenerationWorker`` with the same ``StepThreads`` and frozen loaded objects):
+worker (``serving_worker``: its threads, its frozen loaded objects):
 the same requests, seeds and clients, no sockets and no JSON. The gap between the two
 is what serving over HTTP costs at that level; the gain over one stream there is as
 far as batching alone takes this model on this machine. And the same requests one at
@@ -38,7 +38,6 @@ from engine.data.chat_format import Message
 from engine.data.sources import source_from_text
 from engine.runtime import hardware
 from engine.serving.job_queue import Failed, Finished, GenerationWorker, Job
-from engine.serving.step_threads import StepThreads
 from model import ModelConfig
 from response_generator import GenerationConfig, ResponseGenerator
 
@@ -129,22 +128,20 @@ class WorkerLevel:
 def worker_levels(model_dir: Path, levels: list[int], requests: int, max_tokens: int) -> list[WorkerLevel]:
     """Each level of ``levels`` clients through the server's worker, the server levels'
     ``requests`` requests a level (request i as ``_request_kind(i)``, seed i)."""
-    many = torch.get_num_threads()
-    few = hardware.configure_cpu_threads_for_serving()
+    threads = torch.get_num_threads()
     try:
-        return asyncio.run(_worker_levels(model_dir, levels, requests, max_tokens, StepThreads(few, many)))
+        return asyncio.run(_worker_levels(model_dir, levels, requests, max_tokens))
     finally:
         gc.unfreeze()  # the worker froze this process's objects, as the server does its own
-        torch.set_num_threads(many)
+        torch.set_num_threads(threads)
 
 
-async def _worker_levels(model_dir: Path, levels: list[int], requests: int, max_tokens: int,
-                         threads: StepThreads) -> list[WorkerLevel]:
+async def _worker_levels(model_dir: Path, levels: list[int], requests: int, max_tokens: int) -> list[WorkerLevel]:
+    from engine.serving.server import serving_worker  # the web stack loads only for this section, as in bench_server
+
     loop = asyncio.get_running_loop()
     loaded: asyncio.Future[str | None] = loop.create_future()
-    worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir)), requests,
-                              lambda error: loop.call_soon_threadsafe(loaded.set_result, error),
-                              threads=threads, freeze_loaded=True)
+    worker = serving_worker(model_dir, None, requests, lambda error: loop.call_soon_threadsafe(loaded.set_result, error))
     worker.start()
     try:
         error = await loaded

@@ -42,7 +42,7 @@ from engine.serving.step_threads import StepThreads
 # The names other modules take from here; the routes and the request -> settings helpers
 # live in ``engine.serving.routes`` and are re-exported for the callers that import them here.
 __all__ = ["API_KEY_ENV", "ClientWatch", "ServeSettings", "add_serve_arguments", "chat_messages", "create_app",
-           "generation_config", "run_serve"]
+           "generation_config", "run_serve", "serving_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,18 @@ def _prepare(model_dir: Path, settings: ServeSettings | argparse.Namespace,
     return settings, runtime, sock
 
 
+def serving_worker(model_dir: Path, runtime: hardware.Runtime | None, max_waiting: int,
+                   on_loaded: Callable[[str | None], None]) -> GenerationWorker:
+    """The server's generation worker for the model in ``model_dir`` (not started): small
+    steps on all cores but one (the event loop's), big ones on all while measured faster,
+    and the loaded objects frozen. Sets PyTorch's threads for serving."""
+    many = torch.get_num_threads()  # the machine's, or what OMP_NUM_THREADS asked for
+    few = hardware.configure_cpu_threads_for_serving()
+    log.info("generation uses %d thread(s), %d for big batches while faster", few, many)
+    return GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), max_waiting, on_loaded,
+                            threads=StepThreads(few, many), freeze_loaded=True)
+
+
 def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespace,
               gen_defaults: GenerationConfig | None = None, runtime: hardware.Runtime | None = None,
               output_fn: Callable[[str], None] = print, verbose: bool = False) -> int:
@@ -147,9 +159,6 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
         output_fn(f"Error: {exc}")
         return 2
     model_id = model_dir.resolve().name
-    many = torch.get_num_threads()  # the machine's, or what OMP_NUM_THREADS asked for
-    few = hardware.configure_cpu_threads_for_serving()
-    log.info("generation uses %d thread(s), %d for big batches while faster", few, many)
     server: uvicorn.Server | None = None
 
     def on_loaded(error: str | None) -> None:
@@ -158,8 +167,7 @@ def run_serve(model_dir: str | Path, settings: ServeSettings | argparse.Namespac
             if server is not None:
                 server.should_exit = True
 
-    worker = GenerationWorker(lambda: ResponseGenerator(str(model_dir), runtime), settings.max_waiting, on_loaded,
-                              threads=StepThreads(few, many), freeze_loaded=True)
+    worker = serving_worker(model_dir, runtime, settings.max_waiting, on_loaded)
     weights = model_dir / WEIGHTS_FILE
     created = int(weights.stat().st_mtime) if weights.exists() else 0
     app = create_app(worker, model_id, settings, gen_defaults or GenerationConfig(), created)
